@@ -1,0 +1,43 @@
+"""One exception tree for the whole project.
+
+    PersonaPlexError
+    ├── AudioError              input audio is empty, undecodable, too long or silent
+    ├── UnknownVoiceError       a voice prompt that is neither in the catalog nor a readable file
+    ├── ModelNotAvailableError  weights missing, gated, or not downloadable (says what to do)
+    ├── CheckpointError         a checkpoint whose keys or shapes do not match the config
+    └── CancelledError          a job was cancelled between frames
+
+Each error's message is written for the person who has to fix the problem.
+"""
+
+from __future__ import annotations
+
+
+class PersonaPlexError(Exception):
+    """Base of every error the project raises on purpose."""
+
+
+class AudioError(PersonaPlexError, ValueError):
+    """The input audio cannot be used."""
+
+
+class UnknownVoiceError(PersonaPlexError, ValueError):
+    """The voice prompt is not in the catalog and is not a readable file."""
+
+    def __init__(self, voice: str, valid: list[str] | None = None) -> None:
+        self.voice = voice
+        self.valid = valid or []
+        hint = f" Valid voices: {', '.join(self.valid)}." if self.valid else ""
+        super().__init__(f"Unknown voice prompt {voice!r}.{hint}")
+
+
+class ModelNotAvailableError(PersonaPlexError, RuntimeError):
+    """The model's files cannot be found or downloaded."""
+
+
+class CheckpointError(PersonaPlexError, RuntimeError):
+    """A checkpoint does not match the layout its config describes."""
+
+
+class CancelledError(PersonaPlexError):
+    """The job was cancelled; raised between frames by the engine."""

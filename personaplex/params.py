@@ -1,0 +1,97 @@
+"""Generation parameters and results: plain data, no torch, shared by web, worker and engine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_VOICE
+
+SAMPLE_RATE = 24_000
+FRAME_RATE = 12.5
+FRAME_SIZE = 1920  # samples per frame at 24 kHz
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What a caller chooses for one job. Defaults follow the reference CLI."""
+
+    voice_prompt: str = DEFAULT_VOICE
+    text_prompt: str = DEFAULT_PROMPT
+    seed: int = DEFAULT_SEED
+    greedy: bool = False
+    temp_audio: float = 0.8
+    temp_text: float = 0.7
+    topk_audio: int = 250
+    topk_text: int = 25
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed < -1 or self.seed >= 2**63:
+            raise ValueError(f"seed must be -1 (random) or in [0, 2**63), got {self.seed}")
+        for name in ("temp_audio", "temp_text"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 10.0:
+                raise ValueError(f"{name} must be between 0 and 10, got {value}")
+        for name in ("topk_audio", "topk_text"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Timings:
+    """Seconds spent per phase of one job; rtf is processing time over audio duration."""
+
+    load_s: float = 0.0
+    prompt_s: float = 0.0
+    encode_s: float = 0.0
+    generate_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    rtf: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 6) for k, v in asdict(self).items()}
+
+
+@dataclass
+class EngineResult:
+    """One job's output. `audio` is float32 mono at SAMPLE_RATE, as long as the input."""
+
+    audio: Any  # numpy.ndarray [samples]
+    text_frames: list[str]
+    tokens: list[list[int]]  # per output frame: text token then 8 agent audio codes
+    input_duration_s: float
+    timings: Timings = field(default_factory=Timings)
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def text(self) -> str:
+        """The generated words, without the PAD/EPAD markers."""
+        words = [t for t in self.text_frames if t not in ("PAD", "EPAD", "BOS", "EOS")]
+        return "".join(words).strip()
+
+    @property
+    def frames(self) -> int:
+        return len(self.text_frames)
+
+    def text_document(self) -> dict[str, Any]:
+        """The JSON written next to the output WAV."""
+        return {
+            "text": self.text,
+            "frames": self.text_frames,
+            "tokens": self.tokens,
+            "duration_s": self.input_duration_s,
+            "sample_rate": self.sample_rate,
+            "timings": self.timings.to_dict(),
+        }
