@@ -1,0 +1,125 @@
+"""Audio input and output: decode whatever soundfile reads, downmix, resample to 24 kHz with soxr.
+
+No torch here: the web tier validates uploads with these functions too.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from personaplex.errors import AudioError
+from personaplex.params import SAMPLE_RATE
+
+AudioSource = str | os.PathLike | bytes
+
+DEFAULT_MAX_SECONDS = 600.0
+"""Longest input accepted unless configured otherwise (seconds)."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    duration_s: float
+    sample_rate: int
+    channels: int
+    frames: int
+    format: str
+
+
+def _open(source: AudioSource) -> sf.SoundFile:
+    if isinstance(source, bytes):
+        if not source:
+            raise AudioError("The audio file is empty.")
+        handle: object = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise AudioError(f"Audio file not found: {path}")
+        if path.stat().st_size == 0:
+            raise AudioError(f"The audio file is empty: {path}")
+        handle = str(path)
+    try:
+        return sf.SoundFile(handle)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioError(
+            f"Could not decode the audio ({exc}). Send WAV, FLAC or OGG audio."
+        ) from exc
+
+
+def probe(source: AudioSource, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> AudioInfo:
+    """Read the header only and check the duration; raises AudioError on anything unusable."""
+    with _open(source) as f:
+        info = AudioInfo(
+            duration_s=f.frames / f.samplerate if f.samplerate else 0.0,
+            sample_rate=f.samplerate,
+            channels=f.channels,
+            frames=f.frames,
+            format=f.format,
+        )
+    _check_duration(info.frames, info.duration_s, max_seconds)
+    return info
+
+
+def _check_duration(frames: int, duration_s: float, max_seconds: float | None) -> None:
+    if frames <= 0:
+        raise AudioError("The audio holds no samples.")
+    if max_seconds is not None and duration_s > max_seconds:
+        raise AudioError(
+            f"The audio is {duration_s:.1f} s long; the limit is {max_seconds:.0f} s. "
+            "Split it or raise PERSONAPLEX_MAX_AUDIO_SECONDS."
+        )
+
+
+def load(
+    source: AudioSource,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+) -> np.ndarray:
+    """Decode, downmix to mono and resample: float32 samples [T] at `sample_rate`."""
+    with _open(source) as f:
+        _check_duration(f.frames, f.frames / max(f.samplerate, 1), max_seconds)
+        try:
+            data = f.read(dtype="float32", always_2d=True)  # [T, C]
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioError(f"The audio is truncated or corrupt ({exc}).") from exc
+        source_rate = f.samplerate
+    if data.shape[0] == 0:
+        raise AudioError("The audio holds no samples.")
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if source_rate != sample_rate:
+        mono = soxr.resample(mono, source_rate, sample_rate, quality="VHQ").astype(np.float32)
+    if not np.all(np.isfinite(mono)):
+        raise AudioError("The audio contains NaN or infinite samples.")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def encode_wav(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, subtype: str = "FLOAT") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.asarray(samples, dtype=np.float32), sample_rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def write_wav_atomic(path: str | os.PathLike, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Write a WAV next to its final name and rename it into place, so readers never see half a file."""
+    return write_bytes_atomic(path, encode_wav(samples, sample_rate))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
