@@ -1,0 +1,379 @@
+"""Job records in Redis: the one source of truth clients read, written by web and worker alike.
+
+A job is a Redis hash `personaplex:job:<id>` whose fields hold JSON values, so one field (progress,
+status) can change without rewriting the others. Status changes go through named `JobStore` methods that
+run a small Lua script: the change happens only from an allowed status, atomically, so a cancel from the
+web and a start or finish in the worker can never overwrite each other. Every change is also published
+as a JSON event on `personaplex:events:<id>` for WebSocket clients.
+
+Retention: when a job becomes final its hash gets a TTL of `retention_s`, and its id goes into an expiry
+index; `expire_old()` returns the ids whose time is up, so a cleanup can delete their blobs too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+"""A job id is a uuid4 hex; anything else is "not found" and never becomes a key or a path."""
+
+CANCEL_FLAG_TTL_S = 24 * 3600
+"""How long a cancel request stays readable (seconds), long enough for any queued job to be picked up."""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_valid_job_id(job_id: object) -> bool:
+    return isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) is not None
+
+
+def check_job_id(job_id: object) -> str:
+    """Return the id if it is well formed; raise ValueError otherwise (a guard before building keys)."""
+    if not is_valid_job_id(job_id):
+        raise ValueError(f"Invalid job id {job_id!r}")
+    return job_id  # type: ignore[return-value]
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+FINAL_STATUSES = tuple(s for s in JobStatus if s.is_final)
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class Keys:
+    """Every Redis key the service uses, built in one place from a validated id."""
+
+    PREFIX = "personaplex:"
+    INDEX = PREFIX + "jobs"  # zset: job id -> created_at, newest last
+    QUEUED = PREFIX + "jobs:queued"  # zset: ids still queued, for queue_length()
+    EXPIRY = PREFIX + "jobs:expiry"  # zset: final job id -> time its retention ends
+    WORKER_PATTERN = PREFIX + "worker:*"
+
+    @classmethod
+    def job(cls, job_id: str) -> str:
+        return f"{cls.PREFIX}job:{check_job_id(job_id)}"
+
+    @classmethod
+    def cancel(cls, job_id: str) -> str:
+        return f"{cls.PREFIX}job:{check_job_id(job_id)}:cancel"
+
+    @classmethod
+    def events(cls, job_id: str) -> str:
+        return f"{cls.PREFIX}events:{check_job_id(job_id)}"
+
+    @classmethod
+    def blob(cls, job_id: str, name: str) -> str:
+        return f"{cls.PREFIX}blob:{check_job_id(job_id)}:{name}"
+
+    @classmethod
+    def worker(cls, name: str) -> str:
+        return f"{cls.PREFIX}worker:{name}"
+
+
+@dataclass
+class Job:
+    """One job as clients see it. `progress` is {} until the worker reports {phase, done, total}."""
+
+    id: str = field(default_factory=new_job_id)
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    worker: str | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    input_name: str = "input.wav"
+    input_duration_s: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    batch_id: str | None = None
+
+    def __post_init__(self) -> None:
+        self.status = JobStatus(self.status)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (status as its string value)."""
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_hash(self) -> dict[str, str]:
+        return _encode(self.to_dict())
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes | str, bytes | str]) -> Job:
+        return cls.from_dict({_text(k): json.loads(v) for k, v in raw.items()})
+
+
+def _encode(values: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v.value if isinstance(v, JobStatus) else v) for k, v in values.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# KEYS: job hash, queued zset, expiry zset, cancel flag.
+# ARGV: job id, allowed statuses (JSON-encoded, comma separated; '' = any), new status JSON ('' = none),
+#       increment attempts ('1'/'0'), ttl seconds ('0' = none), expiry score, then field/value pairs.
+# Returns -1 if the job is missing, 0 if its status is not allowed, 1 if updated.
+_TRANSITION_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if ARGV[2] ~= '' then
+  local current = redis.call('HGET', KEYS[1], 'status')
+  local allowed = false
+  for s in string.gmatch(ARGV[2], '[^,]+') do
+    if s == current then allowed = true end
+  end
+  if not allowed then return 0 end
+end
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+if ARGV[3] ~= '' and ARGV[3] ~= '"queued"' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
+  if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ttl) end
+end
+return 1
+"""
+
+
+class JobStore:
+    """Reads and changes job records; `retention_s` is how long a finished job is kept."""
+
+    def __init__(self, redis_client: redis.Redis, retention_s: float = 24 * 3600.0) -> None:
+        self.redis = redis_client
+        self.retention_s = retention_s
+        self._transition = redis_client.register_script(_TRANSITION_LUA)
+
+    # -- records -------------------------------------------------------------------------------
+
+    def create(self, job: Job) -> Job:
+        """Store a new queued job, index it and publish "queued"."""
+        check_job_id(job.id)
+        pipe = self.redis.pipeline()
+        pipe.hset(Keys.job(job.id), mapping=job.to_hash())
+        pipe.zadd(Keys.INDEX, {job.id: job.created_at})
+        if job.status is JobStatus.QUEUED:
+            pipe.zadd(Keys.QUEUED, {job.id: job.created_at})
+        pipe.execute()
+        self.publish(job.id, {"type": "queued", "status": job.status.value})
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job, or None if the id is malformed, unknown or expired."""
+        if not is_valid_job_id(job_id):
+            return None
+        raw = self.redis.hgetall(Keys.job(job_id))
+        return Job.from_hash(raw) if raw else None
+
+    def get_many(self, job_ids: Iterable[str]) -> list[Job]:
+        """The jobs that exist among `job_ids`, in the given order, in one round trip."""
+        ids = [j for j in job_ids if is_valid_job_id(j)]
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hgetall(Keys.job(job_id))
+        return [Job.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def save(self, job: Job) -> None:
+        """Overwrite every field of an existing or new job (no status check; prefer named methods)."""
+        self.redis.hset(Keys.job(job.id), mapping=job.to_hash())
+
+    def update(self, job_id: str, **values: Any) -> bool:
+        """Set some fields of an existing job; False if it does not exist (an expired job stays gone)."""
+        unknown = set(values) - {f.name for f in fields(Job)}
+        if unknown:
+            raise TypeError(f"unknown job fields: {', '.join(sorted(unknown))}")
+        return self._apply(job_id, values) == 1
+
+    # -- status transitions ---------------------------------------------------------------------
+
+    def mark_running(self, job_id: str, worker: str) -> Job | None:
+        """Start (or restart, on redelivery) a job: count the attempt and record the worker.
+
+        Returns the job afterwards; if it was already final it comes back unchanged, so the caller
+        sees that status and does nothing. None if the job does not exist.
+        """
+        values = {"status": JobStatus.RUNNING, "worker": worker, "started_at": time.time(), "error": None}
+        if self._apply(job_id, values, allowed=ACTIVE_STATUSES, incr_attempts=True) == -1:
+            return None
+        job = self.get(job_id)
+        if job is not None and job.status is JobStatus.RUNNING and job.worker == worker:
+            self.publish(job_id, {"type": "started", "worker": worker, "attempts": job.attempts})
+        return job
+
+    def mark_succeeded(self, job_id: str, result: dict[str, Any]) -> bool:
+        return self._finish(job_id, JobStatus.SUCCEEDED, {"result": result}, {"result": result})
+
+    def mark_failed(self, job_id: str, error: str) -> bool:
+        return self._finish(job_id, JobStatus.FAILED, {"error": error}, {"error": error})
+
+    def mark_cancelled(self, job_id: str) -> bool:
+        return self._finish(job_id, JobStatus.CANCELLED, {}, {})
+
+    def _finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        values: dict[str, Any],
+        event: dict[str, Any],
+        allowed: Iterable[JobStatus] = ACTIVE_STATUSES,
+    ) -> bool:
+        now = time.time()
+        changed = self._apply(
+            job_id,
+            {"status": status, "finished_at": now, **values},
+            allowed=allowed,
+            ttl_s=self.retention_s,
+            expires_at=now + self.retention_s,
+        )
+        if changed == 1:
+            self.publish(job_id, {"type": status.value, "status": status.value, **event})
+        return changed == 1
+
+    def _apply(
+        self,
+        job_id: str,
+        values: dict[str, Any],
+        allowed: Iterable[JobStatus] = (),
+        incr_attempts: bool = False,
+        ttl_s: float = 0,
+        expires_at: float = 0,
+    ) -> int:
+        if not is_valid_job_id(job_id):
+            return -1
+        encoded = _encode(values)
+        pairs = [item for kv in encoded.items() for item in kv]
+        args = [
+            job_id,
+            ",".join(json.dumps(s.value) for s in allowed),
+            encoded.get("status", ""),
+            "1" if incr_attempts else "0",
+            str(max(int(ttl_s), 1) if ttl_s else 0),
+            repr(expires_at),
+            *pairs,
+        ]
+        keys = [Keys.job(job_id), Keys.QUEUED, Keys.EXPIRY, Keys.cancel(job_id)]
+        return int(self._transition(keys=keys, args=args))
+
+    # -- progress, cancel, events ----------------------------------------------------------------
+
+    def set_progress(self, job_id: str, phase: str, done: int, total: int) -> bool:
+        """Record and publish progress of a running job; False if it is not running (any more)."""
+        progress = {"phase": phase, "done": int(done), "total": int(total)}
+        if self._apply(job_id, {"progress": progress}, allowed=(JobStatus.RUNNING,)) != 1:
+            return False
+        self.publish(job_id, {"type": "progress", **progress})
+        return True
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Ask for a job to stop. A queued job is cancelled at once; a running one at its next frame.
+
+        Returns the job afterwards (a final job is left as it is), or None if it does not exist.
+        """
+        job = self.get(job_id)
+        if job is None:
+            return None
+        if job.status.is_final:
+            return job
+        self.redis.set(Keys.cancel(job_id), "1", ex=CANCEL_FLAG_TTL_S)
+        if job.status is JobStatus.QUEUED:
+            self._finish(job_id, JobStatus.CANCELLED, {}, {}, allowed=(JobStatus.QUEUED,))
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return is_valid_job_id(job_id) and bool(self.redis.exists(Keys.cancel(job_id)))
+
+    def publish(self, job_id: str, event: dict[str, Any]) -> int:
+        """Send one JSON event {"type", "job_id", ...} to the job's channel; returns subscribers reached."""
+        payload = {"job_id": job_id, **event, "timestamp": time.time()}
+        return int(self.redis.publish(Keys.events(job_id), json.dumps(payload)))
+
+    # -- listing and retention -------------------------------------------------------------------
+
+    def list_recent(self, status: JobStatus | str | None = None, limit: int = 50) -> list[Job]:
+        """Newest jobs first, optionally only those in one status."""
+        wanted = JobStatus(status) if status is not None else None
+        found: list[Job] = []
+        for chunk in self._index_chunks(max(limit, 1) * 2):
+            found.extend(j for j in self.get_many(chunk) if wanted is None or j.status is wanted)
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    def _index_chunks(self, size: int) -> Iterator[list[str]]:
+        start = 0
+        while True:
+            ids = [_text(i) for i in self.redis.zrevrange(Keys.INDEX, start, start + size - 1)]
+            if not ids:
+                return
+            yield ids
+            start += size
+
+    def queue_length(self) -> int:
+        """How many jobs wait to start (the 429 check reads this)."""
+        return int(self.redis.zcard(Keys.QUEUED))
+
+    def expire_old(self, now: float | None = None) -> list[str]:
+        """Drop jobs whose retention has ended from the indexes and return their ids (to delete blobs)."""
+        cutoff = time.time() if now is None else now
+        ids = [_text(i) for i in self.redis.zrangebyscore(Keys.EXPIRY, "-inf", cutoff)]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline()
+        pipe.zrem(Keys.EXPIRY, *ids)
+        pipe.zrem(Keys.INDEX, *ids)
+        pipe.zrem(Keys.QUEUED, *ids)
+        for job_id in ids:
+            pipe.delete(Keys.job(job_id), Keys.cancel(job_id))
+        pipe.execute()
+        return ids
+
+
+class WorkerRegistry:
+    """Worker heartbeats: each live worker keeps a JSON record with a TTL; a dead one drops out."""
+
+    def __init__(self, redis_client: redis.Redis) -> None:
+        self.redis = redis_client
+
+    def beat(self, name: str, record: dict[str, Any], ttl_s: float) -> None:
+        payload = {**record, "worker": name, "timestamp": time.time()}
+        self.redis.set(Keys.worker(name), json.dumps(payload), px=max(int(ttl_s * 1000), 1))
+
+    def forget(self, name: str) -> None:
+        self.redis.delete(Keys.worker(name))
+
+    def live(self) -> list[dict[str, Any]]:
+        """Every worker whose heartbeat has not expired, sorted by name."""
+        keys = sorted(_text(k) for k in self.redis.scan_iter(match=Keys.WORKER_PATTERN, count=100))
+        values = self.redis.mget(keys) if keys else []
+        return [json.loads(v) for v in values if v]

@@ -1,0 +1,145 @@
+"""One settings object for web and worker, read from the environment when asked, never at import.
+
+Every setting is declared once, as a `Settings` field whose metadata holds its environment variable,
+parser and meaning; `Settings.from_env` and the README table (`Settings.describe()`) both derive from
+those fields, so there is one place to read what can be configured.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+def parse_bool(text: str) -> bool:
+    """Read 1/true/yes/on as True and 0/false/no/off/empty as False; anything else is an error."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected one of 1/true/yes/on or 0/false/no/off, got {text!r}")
+
+
+def _optional_str(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = cast(text)
+        if value <= 0:
+            raise ValueError(f"must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
+def _blob_store(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("fs", "redis"):
+        raise ValueError(f"must be 'fs' or 'redis', got {text!r}")
+    return value
+
+
+def option(env: str, default: Any, parse: Callable[[str], Any], meaning: str) -> Any:
+    """Declare one setting: a dataclass field whose metadata says where it comes from and what it means."""
+    return field(default=default, metadata={"env": env, "parse": parse, "meaning": meaning})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service configuration. Build it with `Settings.from_env()`, never at import time."""
+
+    redis_url: str = option(
+        "REDIS_URL", "redis://localhost:6379/0", str, "Redis: broker, job records, events"
+    )
+    model: str = option("PERSONAPLEX_MODEL", "nvidia/personaplex-7b-v1", str, "HF repo id or checkpoint dir")
+    data_dir: Path = option(
+        "PERSONAPLEX_DATA_DIR", Path("./data"), Path, "Shared directory of job blobs (fs)"
+    )
+    blob_store: str = option("PERSONAPLEX_BLOB_STORE", "fs", _blob_store, "Where audio lives: fs or redis")
+    gpu_idle_timeout: float = option(
+        "GPU_IDLE_TIMEOUT", 300.0, float, "Idle seconds before the model offloads (0: never)"
+    )
+    visibility_timeout: float = option(
+        "PERSONAPLEX_VISIBILITY_TIMEOUT",
+        21600.0,
+        _positive(float),
+        "Seconds before an unacked job is redelivered; must exceed the longest job",
+    )
+    api_key: str | None = option("PERSONAPLEX_API_KEY", None, _optional_str, "Bearer token for /api if set")
+    max_upload_mb: float = option("PERSONAPLEX_MAX_UPLOAD_MB", 200.0, _positive(float), "Largest upload, MB")
+    max_audio_seconds: float = option(
+        "PERSONAPLEX_MAX_AUDIO_SECONDS", 600.0, _positive(float), "Longest input audio, seconds"
+    )
+    retention_hours: float = option(
+        "PERSONAPLEX_RETENTION_HOURS", 24.0, _positive(float), "Hours a finished job and its blobs are kept"
+    )
+    device: str | None = option(
+        "DEVICE", None, _optional_str, "Torch device (cuda, cuda:1, cpu); unset: auto"
+    )
+    cpu_offload: bool = option("CPU_OFFLOAD", False, parse_bool, "Keep weights in CPU memory, stream to GPU")
+    hf_token: str | None = option("HF_TOKEN", None, _optional_str, "Hugging Face token for the gated weights")
+    max_attempts: int = option(
+        "PERSONAPLEX_MAX_ATTEMPTS", 3, _positive(int), "Deliveries of a job before it fails"
+    )
+    max_queue: int = option(
+        "PERSONAPLEX_MAX_QUEUE", 1000, _positive(int), "Queued jobs before POST answers 429"
+    )
+    offline_timeout: float = option(
+        "PERSONAPLEX_OFFLINE_TIMEOUT", 600.0, _positive(float), "Seconds POST /api/offline waits, then 504"
+    )
+    heartbeat_ttl: float = option(
+        "PERSONAPLEX_HEARTBEAT_TTL", 15.0, _positive(float), "Seconds a worker heartbeat lives"
+    )
+    port: int = option("PORT", 8998, _positive(int), "Port of the development web server")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every option from `environ` (default `os.environ`), then apply keyword overrides.
+
+        A malformed value raises ValueError naming the variable, so a bad deployment fails at start.
+        """
+        env = os.environ if environ is None else environ
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values = {f.name: _parse(f, env[f.metadata["env"]]) for f in fields(cls) if f.metadata["env"] in env}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, meaning) rows, one per setting, for the README table."""
+        return [(f.metadata["env"], _show(f.default), f.metadata["meaning"]) for f in fields(cls)]
+
+    @property
+    def retention_s(self) -> float:
+        """Retention in seconds: the TTL of finished job records and Redis blobs."""
+        return self.retention_hours * 3600.0
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def _parse(setting: Field, text: str) -> Any:
+    try:
+        return setting.metadata["parse"](text)
+    except ValueError as exc:
+        raise ValueError(f"{setting.metadata['env']}: {exc}") from None
+
+
+def _show(default: Any) -> str:
+    if default is None:
+        return "(unset)"
+    if isinstance(default, Path) and not default.is_absolute():
+        return f"./{default}"
+    return str(default)

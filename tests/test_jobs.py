@@ -1,0 +1,237 @@
+"""Job records against a real private redis-server: transitions, events, listing and retention."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from personaplex.jobs import (
+    Job,
+    JobStatus,
+    JobStore,
+    Keys,
+    WorkerRegistry,
+    check_job_id,
+    is_valid_job_id,
+    new_job_id,
+)
+from personaplex.params import GenerationParams
+
+
+def make_job(store: JobStore, **fields: object) -> Job:
+    job = Job(params=GenerationParams().to_dict(), input_name="talk.wav", input_duration_s=2.0, **fields)
+    return store.create(job)
+
+
+@pytest.fixture
+def events(redis_client: redis.Redis) -> Iterator[list[dict]]:
+    """Every event published on any job channel while the test runs, in order."""
+    received: list[dict] = []
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(Keys.PREFIX + "events:*")
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            message = pubsub.get_message(timeout=0.05)
+            if message:
+                received.append(json.loads(message["data"]))
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    yield received
+    time.sleep(0.1)
+    stop.set()
+    thread.join()
+    pubsub.close()
+
+
+# -- ids and keys ----------------------------------------------------------------------------
+
+
+def test_ids_are_uuid4_hex() -> None:
+    job_id = new_job_id()
+    assert is_valid_job_id(job_id) and len(job_id) == 32
+
+
+@pytest.mark.parametrize("bad", ["", "../etc/passwd", "A" * 32, "0" * 31, "0" * 33, None, "0" * 31 + "/"])
+def test_bad_ids_never_become_keys(bad: object, job_store: JobStore) -> None:
+    assert not is_valid_job_id(bad)
+    with pytest.raises(ValueError):
+        check_job_id(bad)
+    with pytest.raises(ValueError):
+        Keys.job(bad)  # type: ignore[arg-type]
+    assert job_store.get(bad) is None  # type: ignore[arg-type]
+    assert job_store.mark_failed(bad, "x") is False  # type: ignore[arg-type]
+    assert job_store.cancel_requested(bad) is False  # type: ignore[arg-type]
+
+
+def test_keys_share_one_prefix() -> None:
+    job_id = new_job_id()
+    assert Keys.job(job_id) == f"personaplex:job:{job_id}"
+    assert Keys.cancel(job_id) == f"personaplex:job:{job_id}:cancel"
+    assert Keys.events(job_id) == f"personaplex:events:{job_id}"
+    assert Keys.worker("gpu0@host") == "personaplex:worker:gpu0@host"
+    assert Keys.INDEX == "personaplex:jobs"
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def test_status_is_final() -> None:
+    assert [s.value for s in JobStatus if s.is_final] == ["succeeded", "failed", "cancelled"]
+    assert JobStatus("queued") is JobStatus.QUEUED
+
+
+def test_job_round_trips_through_dict_and_redis(job_store: JobStore) -> None:
+    job = make_job(job_store, batch_id="b1")
+    assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    stored = job_store.get(job.id)
+    assert stored == job
+    assert stored.status is JobStatus.QUEUED and stored.progress == {} and stored.attempts == 0
+
+
+def test_unknown_job_is_none(job_store: JobStore) -> None:
+    assert job_store.get(new_job_id()) is None
+    assert job_store.mark_running(new_job_id(), "w") is None
+    assert job_store.update(new_job_id(), error="x") is False
+
+
+def test_update_sets_only_named_fields(job_store: JobStore) -> None:
+    job = make_job(job_store)
+    assert job_store.update(job.id, input_duration_s=3.5)
+    assert job_store.get(job.id).input_duration_s == 3.5
+    with pytest.raises(TypeError):
+        job_store.update(job.id, colour="red")
+
+
+# -- transitions -----------------------------------------------------------------------------
+
+
+def test_lifecycle_success(job_store: JobStore, events: list[dict]) -> None:
+    job = make_job(job_store)
+    running = job_store.mark_running(job.id, "gpu0@h")
+    assert running.status is JobStatus.RUNNING and running.attempts == 1 and running.worker == "gpu0@h"
+    assert running.started_at >= job.created_at
+    assert job_store.set_progress(job.id, "generate", 5, 10)
+    assert job_store.get(job.id).progress == {"phase": "generate", "done": 5, "total": 10}
+    assert job_store.mark_succeeded(job.id, {"text": "hi", "duration_s": 2.0})
+    done = job_store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED and done.result["text"] == "hi" and done.finished_at
+    time.sleep(0.1)
+    assert [e["type"] for e in events] == ["queued", "started", "progress", "succeeded"]
+    assert all(e["job_id"] == job.id for e in events)
+    assert events[2]["done"] == 5 and events[3]["result"]["text"] == "hi"
+
+
+def test_redelivery_counts_attempts(job_store: JobStore) -> None:
+    job = make_job(job_store)
+    job_store.mark_running(job.id, "a")
+    again = job_store.mark_running(job.id, "b")
+    assert again.attempts == 2 and again.worker == "b"
+
+
+def test_final_jobs_do_not_change(job_store: JobStore) -> None:
+    job = make_job(job_store)
+    job_store.mark_running(job.id, "a")
+    assert job_store.mark_failed(job.id, "boom")
+    assert not job_store.mark_succeeded(job.id, {})
+    assert not job_store.mark_cancelled(job.id)
+    assert not job_store.set_progress(job.id, "generate", 1, 2)
+    after = job_store.mark_running(job.id, "b")
+    assert after.status is JobStatus.FAILED and after.attempts == 1 and after.error == "boom"
+
+
+def test_final_job_gets_retention_ttl(job_store: JobStore, redis_client: redis.Redis) -> None:
+    job = make_job(job_store)
+    assert redis_client.ttl(Keys.job(job.id)) == -1
+    job_store.mark_running(job.id, "a")
+    job_store.mark_succeeded(job.id, {})
+    assert 3590 <= redis_client.ttl(Keys.job(job.id)) <= 3600
+
+
+# -- cancel ----------------------------------------------------------------------------------
+
+
+def test_cancel_queued_job_is_immediate(job_store: JobStore, events: list[dict]) -> None:
+    job = make_job(job_store)
+    cancelled = job_store.request_cancel(job.id)
+    assert cancelled.status is JobStatus.CANCELLED
+    assert job_store.cancel_requested(job.id)
+    assert job_store.mark_running(job.id, "w").status is JobStatus.CANCELLED
+    time.sleep(0.1)
+    assert events[-1]["type"] == "cancelled"
+
+
+def test_cancel_running_job_sets_the_flag_only(job_store: JobStore) -> None:
+    job = make_job(job_store)
+    job_store.mark_running(job.id, "w")
+    assert not job_store.cancel_requested(job.id)
+    assert job_store.request_cancel(job.id).status is JobStatus.RUNNING
+    assert job_store.cancel_requested(job.id)
+    assert job_store.mark_cancelled(job.id)
+    assert job_store.get(job.id).status is JobStatus.CANCELLED
+
+
+def test_cancel_final_or_missing_job(job_store: JobStore) -> None:
+    assert job_store.request_cancel(new_job_id()) is None
+    job = make_job(job_store)
+    job_store.mark_running(job.id, "w")
+    job_store.mark_succeeded(job.id, {})
+    assert job_store.request_cancel(job.id).status is JobStatus.SUCCEEDED
+    assert not job_store.cancel_requested(job.id)
+
+
+# -- listing, queue length, retention -----------------------------------------------------------
+
+
+def test_list_recent_newest_first_and_by_status(job_store: JobStore) -> None:
+    jobs = [make_job(job_store, created_at=1000.0 + i) for i in range(5)]
+    job_store.mark_running(jobs[1].id, "w")
+    job_store.mark_failed(jobs[1].id, "x")
+    assert [j.id for j in job_store.list_recent()] == [j.id for j in reversed(jobs)]
+    assert [j.id for j in job_store.list_recent(limit=2)] == [jobs[4].id, jobs[3].id]
+    assert [j.id for j in job_store.list_recent(status="failed")] == [jobs[1].id]
+    assert len(job_store.list_recent(status=JobStatus.QUEUED, limit=3)) == 3
+
+
+def test_queue_length_counts_queued_only(job_store: JobStore) -> None:
+    jobs = [make_job(job_store) for _ in range(3)]
+    assert job_store.queue_length() == 3
+    job_store.mark_running(jobs[0].id, "w")
+    job_store.request_cancel(jobs[1].id)
+    assert job_store.queue_length() == 1
+
+
+def test_expire_old_returns_each_id_once(job_store: JobStore, redis_client: redis.Redis) -> None:
+    old, fresh = make_job(job_store), make_job(job_store)
+    for job in (old, fresh):
+        job_store.mark_running(job.id, "w")
+        job_store.mark_succeeded(job.id, {})
+    assert job_store.expire_old() == []
+    now = time.time() + 3601
+    assert sorted(job_store.expire_old(now=now)) == sorted([old.id, fresh.id])
+    assert job_store.expire_old(now=now) == []
+    assert job_store.get(old.id) is None and job_store.list_recent() == []
+    assert not redis_client.exists(Keys.job(old.id))
+
+
+# -- worker heartbeats --------------------------------------------------------------------------
+
+
+def test_heartbeats_expire(redis_client: redis.Redis) -> None:
+    registry = WorkerRegistry(redis_client)
+    registry.beat("gpu0@a", {"model_loaded": False}, ttl_s=0.3)
+    registry.beat("gpu1@a", {"model_loaded": True}, ttl_s=30)
+    live = registry.live()
+    assert [w["worker"] for w in live] == ["gpu0@a", "gpu1@a"] and live[1]["model_loaded"] is True
+    time.sleep(0.4)
+    assert [w["worker"] for w in registry.live()] == ["gpu1@a"]
+    registry.forget("gpu1@a")
+    assert registry.live() == []
