@@ -48,9 +48,7 @@ def _open(source: AudioSource) -> sf.SoundFile:
     try:
         return sf.SoundFile(handle)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise AudioError(
-            f"Could not decode the audio ({exc}). Send WAV, FLAC or OGG audio."
-        ) from exc
+        raise AudioError(f"Could not decode the audio ({exc}). Send WAV, FLAC or OGG audio.") from exc
 
 
 def probe(source: AudioSource, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> AudioInfo:
