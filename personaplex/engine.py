@@ -266,9 +266,10 @@ class Engine:
             path = self._voices_dir / catalog_name
             if path.is_file():
                 return path
-        candidates = [Path(name)] if Path(name).is_absolute() else []
+        # Files outside the catalog are for local callers (the CLI); the web tier sends catalog names only.
+        candidates = [Path(name)]
         if self.voice_prompt_dir is not None:
-            candidates.append(self.voice_prompt_dir / name)
+            candidates.insert(0, self.voice_prompt_dir / name)
         for path in candidates:
             if path.suffix in (".pt", ".wav") and path.is_file():
                 return path
