@@ -1,0 +1,31 @@
+"""GET /api/voices and GET /api/prompts: the catalog of voices and example persona prompts."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_VOICE, PROMPTS, VOICES
+
+bp = Blueprint("catalog", __name__, url_prefix="/api")
+
+
+@bp.get("/voices")
+def list_voices() -> Response:
+    return jsonify(
+        {
+            "voices": [voice.to_dict() for voice in VOICES],
+            "default": DEFAULT_VOICE,
+            "count": len(VOICES),
+        }
+    )
+
+
+@bp.get("/prompts")
+def list_prompts() -> Response:
+    return jsonify(
+        {
+            "prompts": [prompt.to_dict() for prompt in PROMPTS],
+            "default": DEFAULT_PROMPT,
+            "default_seed": DEFAULT_SEED,
+        }
+    )

@@ -1,0 +1,97 @@
+"""GET /api/gpu/status and POST /api/gpu/offload: the fleet of GPU workers.
+
+Status merges two sources: each live worker's heartbeat record in Redis and, fresher, the replies
+to a `gpu_status` control broadcast (answered within ~25 ms even mid-job; we wait at most 1 s).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from web.errors import ApiError
+from web.services import Services, services
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("gpu", __name__, url_prefix="/api/gpu")
+
+CONTROL_TIMEOUT_S = 1.0
+"""Seconds to wait for workers to answer a control command."""
+
+_OFFLOAD_RANK = {"offloaded": 2, "deferred": 1, "not_loaded": 0}
+_MEMORY_FIELDS = ("memory_total", "memory_allocated", "memory_reserved")
+
+
+def broadcast(svc: Services, command: str, worker: str | None, expected: int) -> list[dict[str, Any]]:
+    """Replies to a control command, one dict per worker, each with its "worker" name."""
+    limit = 1 if worker else (expected or None)
+    replies = svc.celery.control.broadcast(
+        command,
+        reply=True,
+        timeout=CONTROL_TIMEOUT_S,
+        limit=limit,
+        destination=[worker] if worker else None,
+    )
+    return [{"worker": name, **(body or {})} for reply in replies or [] for name, body in reply.items()]
+
+
+def fleet(svc: Services) -> list[dict[str, Any]]:
+    """One record per live worker: the heartbeat, overlaid by a fresh control reply when one came."""
+    records = {w.get("worker"): {**w, "source": "heartbeat"} for w in svc.workers.live()}
+    try:
+        replies = broadcast(svc, "gpu_status", None, len(records))
+    except Exception as exc:  # kombu errors vary; heartbeats still describe the fleet
+        log.warning("gpu_status broadcast failed: %s", exc)
+        replies = []
+    for reply in replies:
+        name = reply.get("worker")
+        records[name] = {**records.get(name, {}), **reply, "source": "live"}
+    return [records[name] for name in sorted(records, key=str)]
+
+
+def summarize(workers: list[dict[str, Any]], idle_timeout: float) -> dict[str, Any]:
+    """The seed's single-GPU fields, computed over the fleet (memory summed over workers)."""
+    gpus = [w.get("gpu") or {} for w in workers]
+    names = sorted({g["name"] for g in gpus if g.get("name")})
+    return {
+        "model_loaded": any(bool(w.get("model_loaded")) for w in workers),
+        "active_connections": sum(1 for w in workers if w.get("running_job")),
+        "idle_timeout": idle_timeout,
+        "gpu": {
+            "name": ", ".join(names) or None,
+            **{f: round(sum(float(g.get(f) or 0.0) for g in gpus), 1) for f in _MEMORY_FIELDS},
+        },
+        "worker_count": len(workers),
+        "workers": workers,
+    }
+
+
+@bp.get("/status")
+def gpu_status() -> Response:
+    svc = services()
+    return jsonify(summarize(fleet(svc), svc.settings.gpu_idle_timeout))
+
+
+@bp.post("/offload")
+def offload() -> Response:
+    svc = services()
+    worker = request.args.get("worker") or None
+    replies = broadcast(svc, "offload", worker, len(svc.workers.live()))
+    if worker and not replies:
+        raise ApiError(404, f"Worker {worker[:128]!r} did not answer within {CONTROL_TIMEOUT_S:g} s.")
+    return jsonify(
+        {
+            "status": max(
+                (r.get("status", "not_loaded") for r in replies), key=_offload_rank, default="not_loaded"
+            ),
+            "memory_allocated": round(sum(float(r.get("memory_allocated") or 0.0) for r in replies), 1),
+            "workers": replies,
+        }
+    )
+
+
+def _offload_rank(status: str) -> int:
+    return _OFFLOAD_RANK.get(status, -1)

@@ -1,0 +1,123 @@
+"""The job resource: submit, list, read, download outputs, cancel."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import PurePath
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, send_file
+
+from personaplex.jobs import Job, JobStatus
+from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV
+from web.errors import ApiError
+from web.services import Services, services
+from web.submit import accept, job_urls
+from web.validation import parse_upload
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix="/api/jobs")
+
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 500
+
+
+def load_job(svc: Services, job_id: str) -> Job:
+    """The job, or 404 (a malformed id is simply not found)."""
+    job = svc.jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, f"Job {job_id[:64]!r} doesn't exist (or has expired).")
+    return job
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    return {**job.to_dict(), "job_id": job.id, "urls": job_urls(job.id)}
+
+
+@bp.post("")
+def submit_job() -> tuple[Response, int, dict[str, str]]:
+    svc = services()
+    upload = parse_upload(request.files, request.form, svc.settings.max_audio_seconds)
+    job = accept(svc, upload)
+    urls = job_urls(job.id)
+    body = {"job_id": job.id, "status": job.status.value, "urls": urls, "job": job_view(job)}
+    return jsonify(body), 202, {"Location": urls["self"]}
+
+
+@bp.get("")
+def list_jobs() -> Response:
+    status = request.args.get("status") or None
+    if status is not None and status not in {s.value for s in JobStatus}:
+        valid = ", ".join(s.value for s in JobStatus)
+        raise ApiError(400, f"Unknown status {status[:32]!r}; use one of {valid}.")
+    limit = _parse_limit(request.args.get("limit"))
+    jobs = services().jobs.list_recent(status=status, limit=limit)
+    return jsonify({"jobs": [job_view(job) for job in jobs], "count": len(jobs)})
+
+
+def _parse_limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LIST_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ApiError(400, f"limit must be an integer, got {raw[:32]!r}.") from None
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ApiError(400, f"limit must be between 1 and {MAX_LIST_LIMIT}.")
+    return limit
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str) -> Response:
+    return jsonify(job_view(load_job(services(), job_id)))
+
+
+def _require_output(svc: Services, job_id: str, name: str) -> tuple[Job, bytes]:
+    job = load_job(svc, job_id)
+    if job.status is not JobStatus.SUCCEEDED:
+        raise ApiError(
+            409,
+            f"Job {job_id} is {job.status.value}; its output exists only once it has succeeded.",
+            status=job.status.value,
+        )
+    try:
+        return job, svc.blobs.get(job_id, name)
+    except FileNotFoundError:
+        raise ApiError(410, f"The output of job {job_id} is gone (retention ended).") from None
+
+
+@bp.get("/<job_id>/audio")
+def get_audio(job_id: str) -> Response:
+    job, data = _require_output(services(), job_id, OUTPUT_WAV)
+    name = f"{PurePath(job.input_name).stem or 'output'}_personaplex.wav"
+    return send_file(io.BytesIO(data), mimetype="audio/wav", download_name=name, max_age=0)
+
+
+@bp.get("/<job_id>/text")
+def get_text(job_id: str) -> Response:
+    _, data = _require_output(services(), job_id, OUTPUT_JSON)
+    return jsonify({"job_id": job_id, **json.loads(data)})
+
+
+@bp.delete("/<job_id>")
+def cancel_job(job_id: str) -> tuple[Response, int]:
+    svc = services()
+    job = load_job(svc, job_id)
+    if job.status.is_final:
+        raise ApiError(409, f"Job {job_id} is already {job.status.value}.", status=job.status.value)
+    job = svc.jobs.request_cancel(job_id) or job
+    if job.status is JobStatus.CANCELLED:
+        _revoke_quietly(svc, job_id)
+        return jsonify({**job_view(job), "cancel_requested": True}), 200
+    return jsonify({**job_view(job), "cancel_requested": True}), 202
+
+
+def _revoke_quietly(svc: Services, job_id: str) -> None:
+    """Tell workers to drop the queued message; the worker also skips cancelled jobs on its own."""
+    try:
+        svc.celery.control.revoke(job_id)
+    except Exception as exc:  # the record already says cancelled: a lost revoke costs a no-op delivery
+        log.warning("Could not revoke job %s: %s", job_id, exc)

@@ -1,0 +1,53 @@
+"""The application factory: defaults, then the environment, then test overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from personaplex.settings import Settings
+from web import auth, errors, services
+from web.api_catalog import bp as catalog_bp
+from web.api_events import bp as events_bp
+from web.api_gpu import bp as gpu_bp
+from web.api_jobs import bp as jobs_bp
+from web.api_offline import bp as offline_bp
+from web.health import bp as health_bp
+from web.openapi import bp as openapi_bp
+from web.static_page import bp as page_bp
+
+BLUEPRINTS = (health_bp, openapi_bp, catalog_bp, gpu_bp, jobs_bp, events_bp, offline_bp, page_bp)
+
+DEFAULTS: dict[str, Any] = {
+    "JSON_SORT_KEYS": False,
+    "SOCK_SERVER_OPTIONS": {"ping_interval": 25},
+}
+
+
+def create_app(
+    test_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Flask:
+    """Build the Flask app.
+
+    `test_config` keys in lower case override Settings fields (`redis_url`, `api_key`, ...);
+    upper-case keys are Flask config. `environ` defaults to os.environ.
+    """
+    overrides = dict(test_config or {})
+    settings = Settings.from_env(environ, **{k: v for k, v in overrides.items() if k.islower()})
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        MAX_FORM_MEMORY_SIZE=1024 * 1024,
+        PERSONAPLEX_SETTINGS=settings,
+    )
+    app.config.update({k: v for k, v in overrides.items() if k.isupper()})
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    services.init_app(app, settings)
+    errors.init_app(app)
+    auth.init_app(app)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    return app

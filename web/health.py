@@ -1,0 +1,56 @@
+"""GET /health: Redis reachable, workers alive, queue length. 503 within 2 s when Redis is down."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from redis.exceptions import RedisError
+
+from personaplex.jobs import JobStore, WorkerRegistry
+from web.services import services
+
+bp = Blueprint("health", __name__)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+@bp.get("/health")
+def health() -> tuple[Response, int]:
+    client = services().health_redis  # short socket timeouts: never hangs
+    try:
+        client.ping()
+        workers = WorkerRegistry(client).live()
+        queue_length = JobStore(client).queue_length()
+    except RedisError as exc:
+        return jsonify(_unhealthy(exc)), 503
+    return jsonify(_report(workers, queue_length)), 200
+
+
+def _report(workers: list[dict[str, Any]], queue_length: int) -> dict[str, Any]:
+    return {
+        "status": "healthy" if workers else "degraded",
+        "gpu_available": any(str(w.get("device") or "").startswith("cuda") for w in workers),
+        "model_loaded": any(bool(w.get("model_loaded")) for w in workers),
+        "timestamp": _now(),
+        "redis": "ok",
+        "workers": len(workers),
+        "queue_length": queue_length,
+        **({} if workers else {"detail": "No worker is alive: jobs wait until one starts."}),
+    }
+
+
+def _unhealthy(exc: Exception) -> dict[str, Any]:
+    return {
+        "status": "unhealthy",
+        "error": f"Redis is unreachable ({exc}).",
+        "gpu_available": False,
+        "model_loaded": False,
+        "timestamp": _now(),
+        "redis": "unreachable",
+        "workers": 0,
+        "queue_length": None,
+    }

@@ -1,0 +1,427 @@
+"""GET /openapi.json: an OpenAPI 3.1 description of the API, checked against the routes by a test."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from personaplex import __version__
+from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_VOICE, voice_filenames
+from personaplex.jobs import JobStatus
+
+bp = Blueprint("openapi", __name__)
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def _wav(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}},
+    }
+
+
+JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    "description": "The job id (32 lower-case hex digits); anything else is 404.",
+}
+
+UPLOAD_FIELDS: dict[str, Any] = {
+    "file": {"type": "string", "format": "binary", "description": "Input speech: WAV, FLAC or OGG."},
+    "voice_prompt": {
+        "type": "string",
+        "default": DEFAULT_VOICE,
+        "enum": voice_filenames(),
+        "description": "Voice file name; 'NATF2' and 'natf2' work too.",
+    },
+    "text_prompt": {"type": "string", "default": DEFAULT_PROMPT, "maxLength": 8000},
+    "seed": {"type": "integer", "default": DEFAULT_SEED, "minimum": -1, "description": "-1: random."},
+    "greedy": {"type": "boolean", "default": False},
+    "temp_audio": {"type": "number", "default": 0.8, "minimum": 0, "maximum": 10},
+    "temp_text": {"type": "number", "default": 0.7, "minimum": 0, "maximum": 10},
+    "topk_audio": {"type": "integer", "default": 250, "minimum": 1},
+    "topk_text": {"type": "integer", "default": 25, "minimum": 1},
+}
+
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"], "properties": UPLOAD_FIELDS}
+        }
+    },
+}
+
+SUBMIT_ERRORS = {
+    "400": _error("Bad input: not audio, empty, truncated, too long, unknown voice, bad seed or parameter."),
+    "401": _error("Missing or wrong API key."),
+    "413": _error("Upload larger than PERSONAPLEX_MAX_UPLOAD_MB."),
+    "429": _error("The queue is full; see the Retry-After header."),
+    "503": _error("Redis or the broker is unreachable."),
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}},
+        "additionalProperties": True,
+    },
+    "Progress": {
+        "type": "object",
+        "properties": {
+            "phase": {"type": "string"},
+            "done": {"type": "integer"},
+            "total": {"type": "integer"},
+        },
+    },
+    "Job": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "job_id": {"type": "string"},
+            "status": {"type": "string", "enum": [s.value for s in JobStatus]},
+            "created_at": {"type": "number"},
+            "started_at": {"type": ["number", "null"]},
+            "finished_at": {"type": ["number", "null"]},
+            "attempts": {"type": "integer"},
+            "worker": {"type": ["string", "null"]},
+            "progress": _ref("Progress"),
+            "params": {"type": "object"},
+            "input_name": {"type": "string"},
+            "input_duration_s": {"type": ["number", "null"]},
+            "result": {"type": ["object", "null"], "description": "duration, text, frames, timings"},
+            "error": {"type": ["string", "null"]},
+            "batch_id": {"type": ["string", "null"]},
+            "urls": _ref("JobUrls"),
+        },
+    },
+    "JobUrls": {
+        "type": "object",
+        "properties": {k: {"type": "string"} for k in ("self", "audio", "text", "events")},
+    },
+    "JobAccepted": {
+        "type": "object",
+        "properties": {
+            "job_id": {"type": "string"},
+            "status": {"type": "string"},
+            "urls": _ref("JobUrls"),
+            "job": _ref("Job"),
+        },
+    },
+    "JobList": {
+        "type": "object",
+        "properties": {"jobs": {"type": "array", "items": _ref("Job")}, "count": {"type": "integer"}},
+    },
+    "TextOutput": {
+        "type": "object",
+        "properties": {
+            "job_id": {"type": "string"},
+            "text": {"type": "string"},
+            "frames": {"type": "array", "items": {"type": "string"}},
+            "tokens": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+            "duration_s": {"type": "number"},
+            "sample_rate": {"type": "integer"},
+            "timings": {"type": "object"},
+        },
+    },
+    "Gpu": {
+        "type": "object",
+        "properties": {
+            "name": {"type": ["string", "null"]},
+            **{
+                f: {"type": "number", "description": "MB"}
+                for f in ("memory_total", "memory_allocated", "memory_reserved")
+            },
+        },
+    },
+    "Worker": {
+        "type": "object",
+        "properties": {
+            "worker": {"type": "string"},
+            "model_loaded": {"type": "boolean"},
+            "device": {"type": ["string", "null"]},
+            "gpu": _ref("Gpu"),
+            "running_job": {"type": ["string", "null"]},
+            "progress": {"type": ["object", "null"]},
+            "idle_timeout": {"type": "number"},
+            "idle_deadline": {"type": ["number", "null"]},
+            "last_used": {"type": ["number", "null"]},
+            "source": {"type": "string", "enum": ["heartbeat", "live"]},
+        },
+    },
+    "GpuStatus": {
+        "type": "object",
+        "properties": {
+            "model_loaded": {"type": "boolean"},
+            "active_connections": {"type": "integer", "description": "Running jobs."},
+            "idle_timeout": {"type": "number"},
+            "gpu": _ref("Gpu"),
+            "worker_count": {"type": "integer"},
+            "workers": {"type": "array", "items": _ref("Worker")},
+        },
+    },
+    "OffloadResult": {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["offloaded", "deferred", "not_loaded"]},
+            "memory_allocated": {"type": "number"},
+            "workers": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["healthy", "degraded", "unhealthy"]},
+            "gpu_available": {"type": "boolean"},
+            "model_loaded": {"type": "boolean"},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "redis": {"type": "string"},
+            "workers": {"type": "integer"},
+            "queue_length": {"type": ["integer", "null"]},
+        },
+    },
+    "Event": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {
+                "type": "string",
+                "enum": [
+                    "state",
+                    "queued",
+                    "started",
+                    "progress",
+                    "succeeded",
+                    "failed",
+                    "cancelled",
+                    "error",
+                ],
+            },
+            "job_id": {"type": "string"},
+            "status": {"type": "string"},
+        },
+        "additionalProperties": True,
+    },
+}
+
+
+def _paths() -> dict[str, Any]:
+    job_ops = {"parameters": [JOB_ID]}
+    return {
+        "/health": {
+            "get": {
+                "summary": "Service health",
+                "security": [],
+                "tags": ["service"],
+                "responses": {
+                    "200": _json(_ref("Health"), "Redis reachable ('degraded' when no worker is alive)."),
+                    "503": _json(_ref("Health"), "Redis unreachable (answered within 2 s)."),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "tags": ["service"],
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document.")},
+            }
+        },
+        "/api/voices": {
+            "get": {
+                "summary": "The 18 voices",
+                "tags": ["catalog"],
+                "responses": {"200": _json({"type": "object"}, "Voices and the default.")},
+            }
+        },
+        "/api/prompts": {
+            "get": {
+                "summary": "Example persona prompts",
+                "tags": ["catalog"],
+                "responses": {"200": _json({"type": "object"}, "Prompts and defaults.")},
+            }
+        },
+        "/api/gpu/status": {
+            "get": {
+                "summary": "GPU fleet status",
+                "tags": ["gpu"],
+                "responses": {"200": _json(_ref("GpuStatus"), "Fleet and per-worker view.")},
+            }
+        },
+        "/api/gpu/offload": {
+            "post": {
+                "summary": "Free GPU memory now (or after the running job)",
+                "tags": ["gpu"],
+                "parameters": [
+                    {
+                        "name": "worker",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Only this worker (Celery node name); default all.",
+                    }
+                ],
+                "responses": {
+                    "200": _json(_ref("OffloadResult"), "What the workers did."),
+                    "404": _error("The named worker did not answer."),
+                },
+            }
+        },
+        "/api/jobs": {
+            "post": {
+                "summary": "Submit a job",
+                "tags": ["jobs"],
+                "requestBody": UPLOAD_BODY,
+                "responses": {"202": _json(_ref("JobAccepted"), "Queued; see Location."), **SUBMIT_ERRORS},
+            },
+            "get": {
+                "summary": "Recent jobs, newest first",
+                "tags": ["jobs"],
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": [s.value for s in JobStatus]},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                    },
+                ],
+                "responses": {"200": _json(_ref("JobList"), "Jobs."), "400": _error("Bad filter.")},
+            },
+        },
+        "/api/jobs/{job_id}": {
+            **job_ops,
+            "get": {
+                "summary": "A job record",
+                "tags": ["jobs"],
+                "responses": {"200": _json(_ref("Job"), "The job."), "404": _error("Unknown job.")},
+            },
+            "delete": {
+                "summary": "Cancel a queued or running job",
+                "tags": ["jobs"],
+                "responses": {
+                    "200": _json(_ref("Job"), "Was queued: cancelled now."),
+                    "202": _json(_ref("Job"), "Is running: stops at its next frame."),
+                    "404": _error("Unknown job."),
+                    "409": _error("Already final."),
+                },
+            },
+        },
+        "/api/jobs/{job_id}/audio": {
+            **job_ops,
+            "get": {
+                "summary": "Output WAV",
+                "tags": ["jobs"],
+                "responses": {
+                    "200": _wav("24 kHz mono WAV."),
+                    "404": _error("Unknown job."),
+                    "409": _error("Not succeeded."),
+                    "410": _error("Output deleted."),
+                },
+            },
+        },
+        "/api/jobs/{job_id}/text": {
+            **job_ops,
+            "get": {
+                "summary": "Output text",
+                "tags": ["jobs"],
+                "responses": {
+                    "200": _json(_ref("TextOutput"), "Text, per-frame pieces, tokens, timings."),
+                    "404": _error("Unknown job."),
+                    "409": _error("Not succeeded."),
+                    "410": _error("Output deleted."),
+                },
+            },
+        },
+        "/api/jobs/{job_id}/events": {
+            **job_ops,
+            "get": {
+                "summary": "WebSocket of job events",
+                "description": "Upgrade to a WebSocket. The server sends the job's state at once "
+                '({"type": "state"}), then JSON events (queued, started, progress, succeeded, '
+                "failed, cancelled) until a final one, then closes. Browsers may pass the API key "
+                "as ?access_token=.",
+                "tags": ["jobs"],
+                "responses": {
+                    "101": {
+                        "description": "Switching protocols; messages follow the Event schema.",
+                        "content": {JSON: {"schema": _ref("Event")}},
+                    }
+                },
+            },
+        },
+        "/api/offline": {
+            "post": {
+                "summary": "Seed-compatible synchronous call",
+                "tags": ["jobs"],
+                "requestBody": UPLOAD_BODY,
+                "description": "Queues a job and waits up to PERSONAPLEX_OFFLINE_TIMEOUT seconds.",
+                "responses": {
+                    "200": {
+                        **_wav("The output WAV."),
+                        "headers": {
+                            "X-Text-Output": {
+                                "schema": {"type": "string"},
+                                "description": "JSON array of the generated text pieces (ASCII-escaped).",
+                            },
+                            "X-Job-Id": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **SUBMIT_ERRORS,
+                    "409": _error("The job was cancelled."),
+                    "500": _error("Processing failed."),
+                    "504": _error("Still running when the wait ran out; the body has job_id and urls."),
+                },
+            }
+        },
+    }
+
+
+def build_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "PersonaPlex Queue",
+            "version": __version__,
+            "description": "Offline PersonaPlex speech-to-speech as a queued service.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Needed on /api routes when PERSONAPLEX_API_KEY is set.",
+                }
+            },
+        },
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(build_document())

@@ -1,0 +1,111 @@
+"""The resources views share: settings, Redis, the job store, the blob store and the Celery producer.
+
+`init_app` attaches them to the app; Redis connects lazily on first use. The Celery client app is
+built from `worker`'s factory only when a view first needs it (it never imports torch).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+from flask import Flask, current_app
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from personaplex.jobs import JobStore, WorkerRegistry
+from personaplex.settings import Settings
+from personaplex.storage import BlobStore, delete_expired, open_blob_store
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+EXTENSION = "personaplex"
+
+REDIS_CONNECT_TIMEOUT_S = 1.0
+"""Seconds to wait for a TCP connection to Redis before answering 503."""
+
+REDIS_SOCKET_TIMEOUT_S = 10.0
+"""Seconds one Redis command may take (blobs can be tens of MB)."""
+
+HEALTH_SOCKET_TIMEOUT_S = 1.0
+"""Seconds the /health ping may take, so /health answers within 2 s even when Redis hangs."""
+
+CLEANUP_INTERVAL_S = 600.0
+"""Seconds between two sweeps of expired jobs and blobs from this web process."""
+
+
+def redis_client(url: str, socket_timeout: float = REDIS_SOCKET_TIMEOUT_S) -> redis.Redis:
+    """A client that fails fast when Redis is down: short timeouts, one immediate retry."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    health_redis: redis.Redis
+    jobs: JobStore
+    blobs: BlobStore
+    workers: WorkerRegistry
+    _celery: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _last_cleanup: float = 0.0
+
+    @property
+    def celery(self) -> Celery:
+        """The Celery app used to enqueue and to send control commands (imported lazily)."""
+        if self._celery is None:
+            with self._lock:
+                if self._celery is None:
+                    self._celery = celery_producer(self.settings)
+        return self._celery
+
+    def maybe_cleanup(self) -> None:
+        """Delete expired jobs and blobs, at most once per CLEANUP_INTERVAL_S."""
+        now = time.monotonic()
+        if now - self._last_cleanup < CLEANUP_INTERVAL_S:
+            return
+        self._last_cleanup = now
+        delete_expired(self.jobs, self.blobs)
+
+
+def celery_producer(settings: Settings) -> Celery:
+    """A Celery client app configured exactly like the workers, from this app's settings.
+
+    Built per web app rather than mutating the shared `worker.app`, so test overrides (another Redis)
+    and production (the environment) both get the right broker. Importing it loads no torch.
+    """
+    from worker.celery_app import create_celery_app
+
+    return create_celery_app(settings)
+
+
+def build_services(settings: Settings) -> Services:
+    client = redis_client(settings.redis_url)
+    return Services(
+        settings=settings,
+        redis=client,
+        health_redis=redis_client(settings.redis_url, HEALTH_SOCKET_TIMEOUT_S),
+        jobs=JobStore(client, retention_s=settings.retention_s),
+        blobs=open_blob_store(settings, client),
+        workers=WorkerRegistry(client),
+    )
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    app.extensions[EXTENSION] = build_services(settings)
+
+
+def services() -> Services:
+    """The current app's services."""
+    return current_app.extensions[EXTENSION]

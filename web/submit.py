@@ -1,0 +1,99 @@
+"""Accepting a job: check the queue, store the input and the record, then enqueue.
+
+Order matters so nothing accepted is lost: the blob and the job record are written before the task is
+sent; if sending fails, the job is marked failed with the reason and the client gets 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from flask import url_for
+
+from personaplex.jobs import Job
+from personaplex.storage import INPUT
+from web.errors import ApiError
+from web.services import Services
+from web.validation import Upload
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "personaplex.process_audio"
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.5}
+"""How hard Celery tries to publish before the enqueue counts as failed (about half a second)."""
+
+RETRY_AFTER_PER_JOB_S = 5
+"""Rough seconds per queued job, to suggest a Retry-After when the queue is full."""
+
+
+def check_capacity(svc: Services) -> None:
+    """429 with Retry-After when the queue is full."""
+    queued = svc.jobs.queue_length()
+    if queued >= svc.settings.max_queue:
+        retry_after = max(
+            1, min(3600, math.ceil(RETRY_AFTER_PER_JOB_S * (queued - svc.settings.max_queue + 1)))
+        )
+        raise ApiError(
+            429,
+            f"The queue is full ({queued} jobs waiting, limit {svc.settings.max_queue}); retry later.",
+            headers={"Retry-After": str(retry_after)},
+            queue_length=queued,
+        )
+
+
+def new_job(upload: Upload) -> Job:
+    """The queued job record for a validated upload (not stored yet)."""
+    return Job(
+        params=upload.params.to_dict(),
+        input_name=upload.input_name,
+        input_duration_s=round(upload.info.duration_s, 3),
+    )
+
+
+def accept(svc: Services, upload: Upload, job: Job | None = None) -> Job:
+    """Store and enqueue a validated upload (as `job` if given); returns the queued job."""
+    check_capacity(svc)
+    job = job or new_job(upload)
+    svc.blobs.put(job.id, INPUT, upload.data)
+    svc.jobs.create(job)
+    enqueue(svc, job.id)
+    _cleanup_quietly(svc)
+    return job
+
+
+def enqueue(svc: Services, job_id: str) -> None:
+    try:
+        svc.celery.send_task(
+            TASK_NAME, args=[job_id], task_id=job_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY
+        )
+    except Exception as exc:  # kombu raises many types when the broker is down
+        log.error("Could not enqueue job %s: %s", job_id, exc)
+        reason = f"Could not enqueue the job: the broker is unreachable ({exc})."
+        _mark_failed_quietly(svc, job_id, reason)
+        raise ApiError(503, reason, job_id=job_id) from exc
+
+
+def _mark_failed_quietly(svc: Services, job_id: str, reason: str) -> None:
+    try:
+        svc.jobs.mark_failed(job_id, reason)
+    except Exception as exc:
+        log.error("Could not mark job %s failed: %s", job_id, exc)
+
+
+def _cleanup_quietly(svc: Services) -> None:
+    try:
+        svc.maybe_cleanup()
+    except Exception as exc:
+        log.warning("Cleanup of expired jobs failed: %s", exc)
+
+
+def job_urls(job_id: str) -> dict[str, str]:
+    """Where a client finds the job, its outputs and its event stream."""
+    base = url_for("jobs.get_job", job_id=job_id)
+    return {
+        "self": base,
+        "audio": url_for("jobs.get_audio", job_id=job_id),
+        "text": url_for("jobs.get_text", job_id=job_id),
+        "events": f"{base}/events",  # a WebSocket (url_for would give an absolute ws:// URL)
+    }

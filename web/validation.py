@@ -1,0 +1,151 @@
+"""Checks on an uploaded job before anything is stored: the audio, its name and the parameters.
+
+Every failure raises ApiError(400) with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from typing import Any
+
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.utils import secure_filename
+
+from personaplex.audio import AudioInfo, probe
+from personaplex.catalog import DEFAULT_PROMPT, normalize_voice_name, voice_filenames
+from personaplex.errors import AudioError
+from personaplex.params import GenerationParams
+from web.errors import ApiError
+
+DEFAULT_INPUT_NAME = "input.wav"
+MAX_TEXT_PROMPT_CHARS = 8000
+"""Longest persona prompt accepted (characters)."""
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_CASTS: dict[str, type] = {
+    "seed": int,
+    "greedy": bool,
+    "temp_audio": float,
+    "temp_text": float,
+    "topk_audio": int,
+    "topk_text": int,
+}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A validated job submission: the audio bytes, what they hold, and the parameters."""
+
+    data: bytes
+    input_name: str
+    info: AudioInfo
+    params: GenerationParams
+
+
+def parse_upload(
+    files: MultiDict[str, FileStorage], form: MultiDict[str, str], max_audio_seconds: float | None
+) -> Upload:
+    """Validate a multipart submission (field `file` plus parameter fields)."""
+    storage = files.get("file")
+    if storage is None:
+        raise ApiError(400, "No audio uploaded: send it as the multipart field 'file'.")
+    data = storage.read()
+    info = check_audio(data, max_audio_seconds)
+    return Upload(
+        data=data, input_name=safe_input_name(storage.filename), info=info, params=parse_params(form)
+    )
+
+
+def safe_input_name(filename: str | None) -> str:
+    """The upload's name made safe for display; it is never used as a path."""
+    return secure_filename(filename or "") or DEFAULT_INPUT_NAME
+
+
+def check_audio(data: bytes, max_audio_seconds: float | None) -> AudioInfo:
+    if not data:
+        raise ApiError(400, "The uploaded file is empty.")
+    try:
+        info = probe(data, max_audio_seconds)
+    except AudioError as exc:
+        raise ApiError(400, _clean_audio_message(str(exc))) from exc
+    if info.format.upper() == "WAV":
+        _check_wav_complete(data)
+    return info
+
+
+def _clean_audio_message(message: str) -> str:
+    # libsndfile names the in-memory buffer ("<_io.BytesIO object at 0x...>"): drop that noise.
+    if "<_io.BytesIO" in message:
+        head, _, tail = message.partition("<_io.BytesIO")
+        message = head.rstrip(" ") + tail.partition(">")[2]
+    return message.replace("Error opening: ", "")
+
+
+def _check_wav_complete(data: bytes) -> None:
+    """Reject a RIFF/WAVE file whose data chunk declares more bytes than arrived."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk_id, size = data[offset : offset + 4], struct.unpack("<I", data[offset + 4 : offset + 8])[0]
+        if chunk_id == b"data":
+            available = len(data) - offset - 8
+            if 0 < size < 0xFFFFFFFF and size > available:
+                raise ApiError(
+                    400,
+                    f"The WAV file is truncated: its header declares {size} bytes of audio "
+                    f"but only {available} arrived.",
+                )
+            return
+        offset += 8 + size + (size & 1)
+
+
+def parse_params(form: MultiDict[str, str]) -> GenerationParams:
+    """Build GenerationParams from form fields; unknown fields are ignored."""
+    values: dict[str, Any] = {"voice_prompt": parse_voice(form.get("voice_prompt"))}
+    values["text_prompt"] = parse_text_prompt(form.get("text_prompt"))
+    known = {f.name for f in fields(GenerationParams)}
+    for name, cast in _CASTS.items():
+        raw = form.get(name)
+        if name in known and raw is not None and raw.strip() != "":
+            values[name] = _cast(name, raw.strip(), cast)
+    try:
+        return GenerationParams(**values)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
+def parse_voice(raw: str | None) -> str:
+    if raw is None or not raw.strip():
+        return GenerationParams().voice_prompt
+    voice = normalize_voice_name(raw)
+    if voice is None:
+        raise ApiError(
+            400,
+            f"Unknown voice prompt {raw[:64]!r}. See GET /api/voices.",
+            valid_voices=voice_filenames(),
+        )
+    return voice
+
+
+def parse_text_prompt(raw: str | None) -> str:
+    if raw is None:
+        return DEFAULT_PROMPT
+    if len(raw) > MAX_TEXT_PROMPT_CHARS:
+        raise ApiError(400, f"text_prompt is {len(raw)} characters; the limit is {MAX_TEXT_PROMPT_CHARS}.")
+    return raw.strip()
+
+
+def _cast(name: str, raw: str, cast: type) -> Any:
+    if cast is bool:
+        lowered = raw.lower()
+        if lowered in _TRUE | _FALSE:
+            return lowered in _TRUE
+        raise ApiError(400, f"{name} must be true or false, got {raw[:32]!r}.")
+    try:
+        return cast(raw)
+    except ValueError:
+        kind = "an integer" if cast is int else "a number"
+        raise ApiError(400, f"{name} must be {kind}, got {raw[:32]!r}.") from None
