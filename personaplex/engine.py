@@ -86,6 +86,13 @@ class Engine:
         self._voices_dir: Path | None = None
         self.last_used: float | None = None
 
+    @classmethod
+    def from_loaded(cls, models: LoadedModels, info: CheckpointInfo, voices_dir: Path) -> Engine:
+        """An engine around modules built elsewhere (benchmarks with random weights at real size)."""
+        engine = cls(info.root, device=models.device)
+        engine._models, engine._info, engine._voices_dir = models, info, voices_dir
+        return engine
+
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
     def is_loaded(self) -> bool:
@@ -311,4 +318,6 @@ class Engine:
     def _frame_text(models: LoadedModels, token: int) -> str:
         if token in TEXT_MARKERS:
             return TEXT_MARKERS[token]
+        if token >= models.tokenizer.vocab_size():  # random benchmark weights only
+            return f"<{token}>"
         return models.tokenizer.id_to_piece(token).replace("▁", " ")
