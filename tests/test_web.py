@@ -42,10 +42,10 @@ class Live:
         self.headers: dict[str, str] = {}
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return requests.get(self.url + path, headers=self.headers, timeout=30, **kwargs)
+        return requests.get(self.url + path, headers=self.headers, **{"timeout": 30, **kwargs})
 
     def post(self, path: str, **kwargs: Any) -> requests.Response:
-        return requests.post(self.url + path, headers=self.headers, timeout=30, **kwargs)
+        return requests.post(self.url + path, headers=self.headers, **{"timeout": 30, **kwargs})
 
     def delete(self, path: str) -> requests.Response:
         return requests.delete(self.url + path, headers=self.headers, timeout=30)
@@ -484,3 +484,77 @@ def test_job_record_round_trips_through_the_api(live: Live, clip: bytes) -> None
     body = live.get(f"/api/jobs/{job_id}").json()
     assert Job.from_dict(body).params["text_prompt"] == "Be brief."
     assert body["attempts"] == 0 and body["worker"] is None and body["result"] is None
+
+
+# -- end to end: a real `celery -A worker worker` subprocess on the tiny model ------------------------
+
+
+def _wav_seconds(data: bytes) -> float:
+    from personaplex.audio import probe
+
+    return probe(data, None).duration_s
+
+
+@pytest.mark.slow
+def test_end_to_end_with_a_real_worker(
+    serve: Callable[..., Live], start_worker: Callable[..., Any], speech: Any
+) -> None:
+    live = serve(max_audio_seconds=60.0, offline_timeout=120.0)
+    start_worker("gpu0")
+    clip = encode_wav(speech[: 3 * 24000], 24000, subtype="PCM_16")
+
+    job_id = _queued(live, clip, voice_prompt="NATM0", seed="1234")
+    events = _events_until_closed(live.ws(job_id), timeout=120)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "state" and kinds[-1] == "succeeded", kinds
+    assert "progress" in kinds and ("started" in kinds or events[0]["status"] != "queued")
+
+    job = live.get(f"/api/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["worker"] == "gpu0@test" and job["attempts"] == 1
+    assert {"queue_wait_s", "inference_s", "rtf"} <= set(job["result"]["timings"])
+    audio = live.get(f"/api/jobs/{job_id}/audio")
+    assert audio.headers["Content-Type"] == "audio/wav"
+    assert _wav_seconds(audio.content) == pytest.approx(3.0, abs=0.01)
+    text = live.get(f"/api/jobs/{job_id}/text").json()
+    assert len(text["frames"]) == job["result"]["frames"] > 0
+
+    offline = live.post("/api/offline", files={"file": ("q.wav", clip)}, data={"seed": "5"}, timeout=150)
+    assert offline.status_code == 200, offline.text
+    assert _wav_seconds(offline.content) == pytest.approx(3.0, abs=0.01)
+    assert isinstance(json.loads(offline.headers["X-Text-Output"]), list)
+
+    started = time.monotonic()
+    status = live.get("/api/gpu/status").json()
+    assert time.monotonic() - started < 1.0  # the heartbeat tells how many replies to wait for
+    (worker,) = status["workers"]
+    assert worker["worker"] == "gpu0@test" and worker["source"] == "live"
+    assert status["model_loaded"] is True
+    offload = live.post("/api/gpu/offload", params={"worker": "gpu0@test"}).json()
+    assert offload["status"] == "offloaded" and offload["workers"][0]["worker"] == "gpu0@test"
+    assert live.get("/api/gpu/status").json()["model_loaded"] is False
+    assert live.get("/health").json()["status"] == "healthy"
+
+
+@pytest.mark.slow
+def test_cancel_mid_job_with_a_real_worker(
+    serve: Callable[..., Live], start_worker: Callable[..., Any], speech: Any
+) -> None:
+    live = serve(max_audio_seconds=60.0)
+    start_worker("gpu0")
+    job_id = _queued(live, _long(speech))
+    ws = live.ws(job_id)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        message = ws.receive(timeout=1)
+        if message and json.loads(message).get("phase") == "generate":
+            break
+    response = live.delete(f"/api/jobs/{job_id}")
+    assert response.status_code == 202, response.text
+    events = _events_until_closed(ws, timeout=60)
+    assert events[-1]["type"] == "cancelled"
+    assert live.get(f"/api/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def _long(speech: Any) -> bytes:
+    """20 s of speech as 16-bit WAV (under the 1 MB upload limit)."""
+    return encode_wav(speech, 24000, subtype="PCM_16")

@@ -1,0 +1,147 @@
+"""personaplex.client against the real web server, a private redis-server and (at the end) a real worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fixtures import SPEECH_20S, RedisServer, free_port
+
+from personaplex.audio import encode_wav, load, probe
+from personaplex.client import ClientError, OfflineResult, PersonaPlexClient, WaitTimeoutError
+from personaplex.errors import PersonaPlexError
+from web import create_app
+from web.server_thread import ServerThread
+
+API_KEY = "client-key"
+
+
+@pytest.fixture(scope="module")
+def clip() -> bytes:
+    return encode_wav(load(SPEECH_20S)[: 2 * 24000], 24000, subtype="PCM_16")
+
+
+@pytest.fixture
+def serve(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[Callable[..., str]]:
+    """serve(**settings_overrides) -> base URL of a running server; all stopped after the test."""
+    servers: list[ServerThread] = []
+
+    def start(**overrides: Any) -> str:
+        config = {
+            "redis_url": redis_server.url,
+            "data_dir": tmp_path / "data",
+            "api_key": API_KEY,
+            **overrides,
+        }
+        servers.append(ServerThread(create_app(config, environ={})).start())
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def client(serve: Callable[..., str]) -> PersonaPlexClient:
+    return PersonaPlexClient(serve(), api_key=API_KEY, timeout=10)
+
+
+def test_catalog_and_service_calls(client: PersonaPlexClient) -> None:
+    assert len(client.voices()) == 18
+    assert any(p["id"] == "assistant" for p in client.prompts())
+    assert client.health()["status"] == "degraded"  # Redis up, no worker yet
+    assert client.gpu_status()["workers"] == []
+    assert client.offload()["status"] == "not_loaded"
+
+
+def test_submit_get_list_cancel(client: PersonaPlexClient, clip: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "question.wav"
+    path.write_bytes(clip)
+    from_path = client.submit_job(path, voice_prompt="NATF1", seed=3, greedy=True, text_prompt=None)
+    from_bytes = client.submit_job(clip, filename="bytes.wav")
+    job = client.get_job(from_path["job_id"])
+    assert job["input_name"] == "question.wav"
+    assert job["params"]["voice_prompt"] == "NATF1.pt" and job["params"]["greedy"] is True
+    assert [j["id"] for j in client.list_jobs(status="queued")] == [from_bytes["job_id"], from_path["job_id"]]
+    assert client.cancel_job(from_bytes["job_id"])["status"] == "cancelled"
+    assert [j["id"] for j in client.list_jobs(status="cancelled", limit=5)] == [from_bytes["job_id"]]
+
+
+def test_errors_carry_the_status_and_the_servers_text(client: PersonaPlexClient, clip: bytes) -> None:
+    with pytest.raises(ClientError) as bad_voice:
+        client.submit_job(clip, voice_prompt="NOBODY")
+    assert bad_voice.value.status == 400
+    assert "Unknown voice prompt 'NOBODY'" in str(bad_voice.value)
+    assert isinstance(bad_voice.value, PersonaPlexError)
+    with pytest.raises(ClientError) as missing:
+        client.get_job("0" * 32)
+    assert missing.value.status == 404 and "doesn't exist" in str(missing.value)
+    with pytest.raises(ClientError) as not_ready:
+        client.download_audio(client.submit_job(clip)["job_id"])
+    assert not_ready.value.status == 409
+
+
+def test_wrong_key_full_queue_and_unreachable_server(serve: Callable[..., str], clip: bytes) -> None:
+    url = serve(max_queue=1)
+    with pytest.raises(ClientError) as unauthorized:
+        PersonaPlexClient(url, api_key="wrong").voices()
+    assert unauthorized.value.status == 401
+    client = PersonaPlexClient(url, api_key=API_KEY)
+    client.submit_job(clip)
+    with pytest.raises(ClientError) as full:
+        client.submit_job(clip)
+    assert full.value.status == 429 and full.value.retry_after >= 1
+    with pytest.raises(ClientError) as unreachable:
+        PersonaPlexClient(f"http://127.0.0.1:{free_port()}", timeout=2).voices()
+    assert unreachable.value.status is None and "Cannot reach" in str(unreachable.value)
+
+
+def test_wait_times_out_while_the_job_goes_on(client: PersonaPlexClient, clip: bytes) -> None:
+    job_id = client.submit_job(clip)["job_id"]
+    seen: list[str] = []
+    with pytest.raises(WaitTimeoutError) as timeout:
+        client.wait(job_id, timeout=0.3, poll_interval=0.1, on_update=lambda job: seen.append(job["status"]))
+    assert timeout.value.job_id == job_id
+    assert seen and set(seen) == {"queued"}
+
+
+def test_health_reports_redis_down_without_raising(
+    client: PersonaPlexClient, redis_server: RedisServer
+) -> None:
+    redis_server.stop()
+    try:
+        report = client.health()
+    finally:
+        redis_server.start()
+    assert report["status"] == "unhealthy"
+    assert client.health()["status"] == "degraded"
+
+
+def test_from_env_reads_url_and_key(serve: Callable[..., str]) -> None:
+    url = serve()
+    client = PersonaPlexClient.from_env({"PERSONAPLEX_URL": url + "/", "PERSONAPLEX_API_KEY": API_KEY})
+    assert client.base_url == url
+    assert len(client.voices()) == 18
+
+
+@pytest.mark.slow
+def test_round_trip_with_a_real_worker(
+    client: PersonaPlexClient, start_worker: Callable[..., Any], clip: bytes, tmp_path: Path
+) -> None:
+    start_worker("gpu0")
+    job_id = client.submit_job(clip, seed=11)["job_id"]
+    job = client.wait(job_id, timeout=120, poll_interval=0.2)
+    assert job["status"] == "succeeded", job
+    path = client.download_audio(job_id, tmp_path / "out" / "answer.wav")
+    assert probe(path, None).duration_s == pytest.approx(2.0, abs=0.01)
+    assert client.download_text(job_id)["frames"]
+    result = client.offline(clip, voice_prompt="VARM2", timeout=120)
+    assert isinstance(result, OfflineResult) and result.audio[:4] == b"RIFF"
+    assert isinstance(result.text, list) and result.job_id
+    assert client.gpu_status()["workers"][0]["worker"] == "gpu0@test"
+    assert client.offload(worker="gpu0@test")["status"] in ("offloaded", "not_loaded")
