@@ -458,6 +458,21 @@ def test_health_is_503_within_2_s_while_redis_is_down_and_recovers(
     assert live.get("/api/jobs").status_code == 200
 
 
+def test_health_is_503_within_2_s_while_redis_hangs(live: Live, redis_server: RedisServer) -> None:
+    import signal
+
+    assert live.get("/health").status_code == 200
+    redis_server.process.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        started = time.monotonic()
+        response = live.get("/health")
+        elapsed = time.monotonic() - started
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert response.status_code == 503 and elapsed < 2.0
+    assert live.get("/health").status_code == 200
+
+
 def test_gpu_status_from_heartbeats(live: Live, redis_client: redis.Redis) -> None:
     gpu = {"name": "H100", "memory_total": 80000.0, "memory_allocated": 15000.0, "memory_reserved": 16000.0}
     _beat(redis_client, "gpu0@a", model_loaded=True, device="cuda:0", gpu=gpu, running_job=HEX_ID)
@@ -558,3 +573,38 @@ def test_cancel_mid_job_with_a_real_worker(
 def _long(speech: Any) -> bytes:
     """20 s of speech as 16-bit WAV (under the 1 MB upload limit)."""
     return encode_wav(speech, 24000, subtype="PCM_16")
+
+
+def test_python_dash_m_web_serves_on_port(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from fixtures import REPO_ROOT, free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "PORT": str(port),
+        "PERSONAPLEX_DATA_DIR": str(tmp_path),
+    }
+    log = open(tmp_path / "web.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [sys.executable, "-m", "web", "--host", "127.0.0.1"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+    )
+    try:
+
+        def answers() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, 20, interval=0.2, what="python -m web")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()

@@ -21,7 +21,6 @@ from web.static_page import bp as page_bp
 BLUEPRINTS = (health_bp, openapi_bp, catalog_bp, gpu_bp, jobs_bp, events_bp, offline_bp, page_bp)
 
 DEFAULTS: dict[str, Any] = {
-    "JSON_SORT_KEYS": False,
     "SOCK_SERVER_OPTIONS": {"ping_interval": 25},
 }
 

@@ -33,7 +33,7 @@ def health() -> tuple[Response, int]:
 def _report(workers: list[dict[str, Any]], queue_length: int) -> dict[str, Any]:
     return {
         "status": "healthy" if workers else "degraded",
-        "gpu_available": any(str(w.get("device") or "").startswith("cuda") for w in workers),
+        "gpu_available": any(_has_gpu(w) for w in workers),
         "model_loaded": any(bool(w.get("model_loaded")) for w in workers),
         "timestamp": _now(),
         "redis": "ok",
@@ -41,6 +41,10 @@ def _report(workers: list[dict[str, Any]], queue_length: int) -> dict[str, Any]:
         "queue_length": queue_length,
         **({} if workers else {"detail": "No worker is alive: jobs wait until one starts."}),
     }
+
+
+def _has_gpu(worker: dict[str, Any]) -> bool:
+    return bool(worker.get("gpu_available")) or str(worker.get("device") or "").startswith("cuda")
 
 
 def _unhealthy(exc: Exception) -> dict[str, Any]:

@@ -31,20 +31,26 @@ REDIS_CONNECT_TIMEOUT_S = 1.0
 REDIS_SOCKET_TIMEOUT_S = 10.0
 """Seconds one Redis command may take (blobs can be tens of MB)."""
 
-HEALTH_SOCKET_TIMEOUT_S = 1.0
-"""Seconds the /health ping may take, so /health answers within 2 s even when Redis hangs."""
+HEALTH_TIMEOUT_S = 0.5
+"""Seconds each /health Redis call may take (no retry), so /health answers within 2 s even when
+Redis hangs instead of refusing connections."""
 
 CLEANUP_INTERVAL_S = 600.0
 """Seconds between two sweeps of expired jobs and blobs from this web process."""
 
 
-def redis_client(url: str, socket_timeout: float = REDIS_SOCKET_TIMEOUT_S) -> redis.Redis:
-    """A client that fails fast when Redis is down: short timeouts, one immediate retry."""
+def redis_client(
+    url: str,
+    socket_timeout: float = REDIS_SOCKET_TIMEOUT_S,
+    connect_timeout: float = REDIS_CONNECT_TIMEOUT_S,
+    retries: int = 1,
+) -> redis.Redis:
+    """A client that fails fast when Redis is down: short timeouts, immediate retries only."""
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_connect_timeout=connect_timeout,
         socket_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), retries),
         health_check_interval=30,
     )
 
@@ -95,7 +101,7 @@ def build_services(settings: Settings) -> Services:
     return Services(
         settings=settings,
         redis=client,
-        health_redis=redis_client(settings.redis_url, HEALTH_SOCKET_TIMEOUT_S),
+        health_redis=redis_client(settings.redis_url, HEALTH_TIMEOUT_S, HEALTH_TIMEOUT_S, retries=0),
         jobs=JobStore(client, retention_s=settings.retention_s),
         blobs=open_blob_store(settings, client),
         workers=WorkerRegistry(client),

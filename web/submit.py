@@ -56,7 +56,11 @@ def accept(svc: Services, upload: Upload, job: Job | None = None) -> Job:
     check_capacity(svc)
     job = job or new_job(upload)
     svc.blobs.put(job.id, INPUT, upload.data)
-    svc.jobs.create(job)
+    try:
+        svc.jobs.create(job)
+    except Exception:
+        svc.blobs.delete(job.id)  # no record was written: the client gets an error, nothing is orphaned
+        raise
     enqueue(svc, job.id)
     _cleanup_quietly(svc)
     return job
