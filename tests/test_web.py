@@ -551,7 +551,7 @@ def test_end_to_end_with_a_real_worker(
 
 
 @pytest.mark.slow
-def test_cancel_mid_job_with_a_real_worker(
+def test_status_offload_and_cancel_while_a_real_worker_runs_a_job(
     serve: Callable[..., Live], start_worker: Callable[..., Any], speech: Any
 ) -> None:
     live = serve(max_audio_seconds=60.0)
@@ -563,6 +563,13 @@ def test_cancel_mid_job_with_a_real_worker(
         message = ws.receive(timeout=1)
         if message and json.loads(message).get("phase") == "generate":
             break
+    started = time.monotonic()
+    status = live.get("/api/gpu/status").json()
+    assert time.monotonic() - started < 1.0  # answered by the busy worker itself
+    assert status["active_connections"] == 1 and status["workers"][0]["running_job"] == job_id
+    assert status["workers"][0]["source"] == "live"
+    offload = live.post("/api/gpu/offload")
+    assert offload.json()["status"] == "deferred"
     response = live.delete(f"/api/jobs/{job_id}")
     assert response.status_code == 202, response.text
     events = _events_until_closed(ws, timeout=60)
