@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +49,13 @@ def _open(source: AudioSource) -> sf.SoundFile:
     try:
         return sf.SoundFile(handle)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise AudioError(f"Could not decode the audio ({exc}). Send WAV, FLAC or OGG audio.") from exc
+        reason = getattr(exc, "error_string", None) or str(exc)
+        raise AudioError(f"Could not decode the audio ({reason}). Send WAV, FLAC or OGG audio.") from exc
 
 
 def probe(source: AudioSource, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> AudioInfo:
     """Read the header only and check the duration; raises AudioError on anything unusable."""
+    header = source[:65536] if isinstance(source, bytes) else _head(source)
     with _open(source) as f:
         info = AudioInfo(
             duration_s=f.frames / f.samplerate if f.samplerate else 0.0,
@@ -62,7 +65,40 @@ def probe(source: AudioSource, max_seconds: float | None = DEFAULT_MAX_SECONDS) 
             format=f.format,
         )
     _check_duration(info.frames, info.duration_s, max_seconds)
+    if info.format.upper() == "WAV":
+        size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+        _check_wav_complete(header, size)
     return info
+
+
+def _head(path: str | os.PathLike) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(65536)
+    except OSError:
+        return b""  # _open() reports the missing file
+
+
+def _check_wav_complete(header: bytes, total_size: int) -> None:
+    """Refuse a RIFF/WAVE file whose data chunk declares more bytes than the file holds.
+
+    libsndfile silently reads what is there, so a cut-off upload would pass unnoticed.
+    """
+    if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        return
+    offset = 12
+    while offset + 8 <= len(header):
+        chunk_id = header[offset : offset + 4]
+        (size,) = struct.unpack("<I", header[offset + 4 : offset + 8])
+        if chunk_id == b"data":
+            available = total_size - offset - 8
+            if 0 < size < 0xFFFFFFFF and size > available:
+                raise AudioError(
+                    f"The WAV file is truncated: its header declares {size} bytes of audio "
+                    f"but only {available} arrived."
+                )
+            return
+        offset += 8 + size + (size & 1)
 
 
 def _check_duration(frames: int, duration_s: float, max_seconds: float | None) -> None:
@@ -81,8 +117,8 @@ def load(
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> np.ndarray:
     """Decode, downmix to mono and resample: float32 samples [T] at `sample_rate`."""
+    probe(source, max_seconds)
     with _open(source) as f:
-        _check_duration(f.frames, f.frames / max(f.samplerate, 1), max_seconds)
         try:
             data = f.read(dtype="float32", always_2d=True)  # [T, C]
         except (sf.LibsndfileError, RuntimeError) as exc:

@@ -5,7 +5,6 @@ Every failure raises ApiError(400) with a message that says what to change.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -67,39 +66,9 @@ def check_audio(data: bytes, max_audio_seconds: float | None) -> AudioInfo:
     if not data:
         raise ApiError(400, "The uploaded file is empty.")
     try:
-        info = probe(data, max_audio_seconds)
+        return probe(data, max_audio_seconds)
     except AudioError as exc:
-        raise ApiError(400, _clean_audio_message(str(exc))) from exc
-    if info.format.upper() == "WAV":
-        _check_wav_complete(data)
-    return info
-
-
-def _clean_audio_message(message: str) -> str:
-    # libsndfile names the in-memory buffer ("<_io.BytesIO object at 0x...>"): drop that noise.
-    if "<_io.BytesIO" in message:
-        head, _, tail = message.partition("<_io.BytesIO")
-        message = head.rstrip(" ") + tail.partition(">")[2]
-    return message.replace("Error opening: ", "")
-
-
-def _check_wav_complete(data: bytes) -> None:
-    """Reject a RIFF/WAVE file whose data chunk declares more bytes than arrived."""
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        return
-    offset = 12
-    while offset + 8 <= len(data):
-        chunk_id, size = data[offset : offset + 4], struct.unpack("<I", data[offset + 4 : offset + 8])[0]
-        if chunk_id == b"data":
-            available = len(data) - offset - 8
-            if 0 < size < 0xFFFFFFFF and size > available:
-                raise ApiError(
-                    400,
-                    f"The WAV file is truncated: its header declares {size} bytes of audio "
-                    f"but only {available} arrived.",
-                )
-            return
-        offset += 8 + size + (size & 1)
+        raise ApiError(400, str(exc)) from exc
 
 
 def parse_params(form: MultiDict[str, str]) -> GenerationParams:
