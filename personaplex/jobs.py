@@ -79,6 +79,10 @@ class Keys:
         return f"{cls.PREFIX}job:{check_job_id(job_id)}:cancel"
 
     @classmethod
+    def lease(cls, job_id: str) -> str:
+        return f"{cls.PREFIX}job:{check_job_id(job_id)}:lease"
+
+    @classmethod
     def events(cls, job_id: str) -> str:
         return f"{cls.PREFIX}events:{check_job_id(job_id)}"
 
@@ -136,6 +140,10 @@ def _encode(values: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v.value if isinstance(v, JobStatus) else v) for k, v in values.items()}
 
 
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -167,6 +175,14 @@ return 1
 """
 
 
+# KEYS: lease. ARGV: owner, ttl ms ('0' = release). Changes the lease only if `owner` holds it.
+_LEASE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+
 class JobStore:
     """Reads and changes job records; `retention_s` is how long a finished job is kept."""
 
@@ -174,6 +190,7 @@ class JobStore:
         self.redis = redis_client
         self.retention_s = retention_s
         self._transition = redis_client.register_script(_TRANSITION_LUA)
+        self._lease = redis_client.register_script(_LEASE_LUA)
 
     # -- records -------------------------------------------------------------------------------
 
@@ -318,6 +335,26 @@ class JobStore:
         payload = {"job_id": job_id, **event, "timestamp": time.time()}
         return int(self.redis.publish(Keys.events(job_id), json.dumps(payload)))
 
+    # -- run leases ------------------------------------------------------------------------------
+    # A job outliving the visibility timeout is redelivered while its first worker still runs it.
+    # The lease (owner token with a TTL the running worker keeps refreshing) makes the second delivery
+    # wait instead of running the job twice at once; a dead owner's lease simply expires.
+
+    def acquire_lease(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Take the job's run lease if nobody holds it."""
+        return bool(self.redis.set(Keys.lease(job_id), owner, nx=True, px=_ms(ttl_s)))
+
+    def refresh_lease(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Extend the lease; False if `owner` no longer holds it."""
+        return bool(self._lease(keys=[Keys.lease(job_id)], args=[owner, _ms(ttl_s)]))
+
+    def release_lease(self, job_id: str, owner: str) -> bool:
+        return bool(self._lease(keys=[Keys.lease(job_id)], args=[owner, 0]))
+
+    def lease_owner(self, job_id: str) -> str | None:
+        owner = self.redis.get(Keys.lease(job_id)) if is_valid_job_id(job_id) else None
+        return _text(owner) if owner is not None else None
+
     # -- listing and retention -------------------------------------------------------------------
 
     def list_recent(self, status: JobStatus | str | None = None, limit: int = 50) -> list[Job]:
@@ -354,7 +391,7 @@ class JobStore:
         pipe.zrem(Keys.INDEX, *ids)
         pipe.zrem(Keys.QUEUED, *ids)
         for job_id in ids:
-            pipe.delete(Keys.job(job_id), Keys.cancel(job_id))
+            pipe.delete(Keys.job(job_id), Keys.cancel(job_id), Keys.lease(job_id))
         pipe.execute()
         return ids
 
@@ -367,7 +404,7 @@ class WorkerRegistry:
 
     def beat(self, name: str, record: dict[str, Any], ttl_s: float) -> None:
         payload = {**record, "worker": name, "timestamp": time.time()}
-        self.redis.set(Keys.worker(name), json.dumps(payload), px=max(int(ttl_s * 1000), 1))
+        self.redis.set(Keys.worker(name), json.dumps(payload), px=_ms(ttl_s))
 
     def forget(self, name: str) -> None:
         self.redis.delete(Keys.worker(name))

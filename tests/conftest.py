@@ -3,6 +3,9 @@
 Sections (add new fixtures to the section they belong to, or start a new one):
   1. Redis: `redis_server` (session; .url, .stop(), .start()), `redis_client` (flushed per test)
   2. Settings and stores: `settings`, `job_store`, `blob_store`
+  3. Engine on the tiny model: `shared_dir`, `tiny_checkpoint` (session), `tiny_engine` (session)
+  4. Audio: `speech_wav` (path of 20 s of real speech)
+  5. Workers: `worker_env` (env for a worker subprocess), `start_worker` (factory; all stopped after)
 
 Helper classes and paths live in tests/fixtures.py (imported as `fixtures`: tests/ is on sys.path
 because it has no __init__.py).
@@ -11,7 +14,7 @@ because it has no __init__.py).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ import redis
 # The repository is not installed in the venv: make `personaplex`, `worker` and `web` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fixtures import RedisServer  # noqa: E402
+from fixtures import SPEECH_20S, RedisServer, WorkerProcess, stop_all, worker_environment  # noqa: E402
 
 from personaplex.jobs import JobStore
 from personaplex.settings import Settings
@@ -65,3 +68,75 @@ def job_store(redis_client: redis.Redis) -> JobStore:
 @pytest.fixture
 def blob_store(tmp_path: Path) -> FsBlobStore:
     return FsBlobStore(tmp_path / "blobs")
+
+
+# -- 3. Engine on the tiny model (owned by the engine tests) ----------------------------------------
+# torch and the engine are imported inside the fixtures, so tests that never use them stay fast.
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared test data beside the repository root (golden vectors, speech recordings)."""
+    from fixtures import SHARED_DIR
+
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DIR} (expected beside the repository root)")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random checkpoint (personaplex.tiny, seed 0) in the real hub layout, written once."""
+    from personaplex.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint: Path):
+    """One CPU Engine on the tiny checkpoint, loaded once for the session. Tests must not offload it."""
+    from personaplex.engine import Engine
+
+    engine = Engine(tiny_checkpoint, device="cpu")
+    engine.load()
+    return engine
+
+
+# -- 4. Audio ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def speech_wav() -> Path:
+    """20 s of real English speech (shared/testdata, laid beside the repository by CI)."""
+    if not SPEECH_20S.is_file():
+        pytest.fail(f"test data missing: {SPEECH_20S} (the shared/ directory belongs beside the repo)")
+    return SPEECH_20S
+
+
+# -- 5. Workers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker_env(settings: Settings, tiny_checkpoint: Path) -> dict[str, str]:
+    """Environment for a worker subprocess on the private Redis, the tiny model and the CPU."""
+    return worker_environment(settings, tiny_checkpoint)
+
+
+@pytest.fixture
+def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """start_worker(name="gpu0", **env_overrides) -> a ready WorkerProcess; all are stopped afterwards.
+
+    On failure the workers' logs are printed, since that is where a worker's traceback goes.
+    """
+    started: list[WorkerProcess] = []
+
+    def start(name: str = "gpu0", **env: str) -> WorkerProcess:
+        worker = WorkerProcess(name, {**worker_env, **env}, tmp_path / "logs").start()
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    stop_all(started)
+    for worker in started:
+        print(f"----- log of worker {worker.hostname} -----\n{worker.log()}")

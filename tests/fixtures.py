@@ -1,8 +1,10 @@
 """Helpers behind the fixtures in conftest.py: real processes, no mocks.
 
 - `RedisServer`: a private `redis-server` on a free loopback port that a test can stop and start.
-- Paths to the shared test data (the `shared/` directory beside the repository root).
+- Paths to the shared test data (the `shared/` directory beside the repository root) and
+  `speech_clip(seconds)`, the first seconds of real speech as WAV bytes.
 - `WorkerProcess`: a `celery -A worker worker` subprocess with its own environment.
+- `wait_for_job(store, job_id, ...)`: poll a job record until a condition holds.
 
 Plain classes and functions live here so tests can import them; conftest.py only wires fixtures.
 """
@@ -21,12 +23,23 @@ from pathlib import Path
 
 import redis
 
+from personaplex.jobs import Job, JobStore
+from personaplex.settings import Settings
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
 TESTDATA_DIR = SHARED_DIR / "testdata"
 SPEECH_20S = TESTDATA_DIR / "input_service.wav"
 SPEECH_40S = TESTDATA_DIR / "input_assistant.wav"
 CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def speech_clip(seconds: float) -> bytes:
+    """The first `seconds` of the 40 s speech recording, as 24 kHz float WAV bytes."""
+    from personaplex.audio import encode_wav, load
+
+    samples = load(SPEECH_40S)
+    return encode_wav(samples[: int(seconds * 24_000)])
 
 
 def free_port() -> int:
@@ -94,6 +107,33 @@ class RedisServer:
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
 
+def worker_environment(settings: Settings, model_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for a worker subprocess: `settings`' Redis and data dir, the model, the CPU.
+
+    A 3 s heartbeat TTL (also the job lease TTL) lets a killed worker's lease expire quickly;
+    one torch thread per worker keeps two workers from fighting over two cores.
+    """
+    return {
+        "REDIS_URL": settings.redis_url,
+        "PERSONAPLEX_MODEL": str(model_dir),
+        "PERSONAPLEX_DATA_DIR": str(settings.data_dir),
+        "PERSONAPLEX_BLOB_STORE": settings.blob_store,
+        "DEVICE": "cpu",
+        "PERSONAPLEX_HEARTBEAT_TTL": "3",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def stop_all(workers: list[WorkerProcess], timeout: float = 15.0) -> None:
+    """Warm-stop several workers at once (SIGTERM to all, then wait), SIGKILL any that hang."""
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.stop(timeout=max(deadline - time.monotonic(), 0.1))
+
+
 class WorkerProcess:
     """One `celery -A worker worker` subprocess; its output goes to `<logdir>/<name>.log`."""
 
@@ -102,13 +142,14 @@ class WorkerProcess:
     ) -> None:
         self.name = name
         self.hostname = f"{name}@test"
-        self.env = {**os.environ, **env}
+        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
         self.log_path = Path(logdir) / f"{name}.log"
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        args = [CELERY, "-A", "worker", "worker", "-n", self.hostname, "--loglevel", "INFO", *self.extra_args]
+        args = [CELERY, "-A", "worker", "worker", "-n", self.hostname, "--loglevel", "INFO"]
+        args += ["--without-mingle", "--without-gossip", *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -140,12 +181,30 @@ class WorkerProcess:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM): the running task finishes, then the worker exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 20.0) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL if it does not exit in time."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+def wait_for_job(
+    store: JobStore, job_id: str, predicate: Callable[[Job], bool] | None = None, timeout: float = 60.0
+) -> Job:
+    """Poll until the job satisfies `predicate` (default: it is final); returns the job then."""
+    check = predicate or (lambda job: job.status.is_final)
+
+    def matching() -> Job | None:
+        job = store.get(job_id)
+        return job if job is not None and check(job) else None
+
+    return wait_until(matching, timeout, what=f"job {job_id}")  # type: ignore[return-value]

@@ -235,3 +235,23 @@ def test_heartbeats_expire(redis_client: redis.Redis) -> None:
     assert [w["worker"] for w in registry.live()] == ["gpu1@a"]
     registry.forget("gpu1@a")
     assert registry.live() == []
+
+
+# -- run leases ---------------------------------------------------------------------------------
+
+
+def test_lease_has_one_owner_and_expires(job_store: JobStore) -> None:
+    job = make_job(job_store)
+    assert job_store.acquire_lease(job.id, "a", ttl_s=0.3)
+    assert not job_store.acquire_lease(job.id, "b", ttl_s=0.3)
+    assert job_store.lease_owner(job.id) == "a"
+    assert not job_store.refresh_lease(job.id, "b", ttl_s=5)
+    assert not job_store.release_lease(job.id, "b")
+    time.sleep(0.4)
+    assert job_store.lease_owner(job.id) is None
+    assert job_store.acquire_lease(job.id, "b", ttl_s=0.3)
+    assert job_store.refresh_lease(job.id, "b", ttl_s=5)
+    time.sleep(0.4)
+    assert job_store.lease_owner(job.id) == "b"
+    assert job_store.release_lease(job.id, "b")
+    assert job_store.lease_owner(job.id) is None

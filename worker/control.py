@@ -1,0 +1,61 @@
+"""Remote control commands, answered by each worker from the process that holds the model.
+
+They run on the worker's event-loop thread, so they only read state and never wait on the engine:
+`offload` while a job runs replies "deferred" and the model is freed when the job ends.
+
+Callers (the web) use the helpers at the bottom, which return {worker name: reply}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.worker.control import control_command, inspect_command
+
+from worker.runtime import get_runtime
+
+REPLY_TIMEOUT_S = 1.0
+"""How long callers wait for replies; workers answer in milliseconds even while a job runs."""
+
+
+def _hostname(state: Any) -> str:
+    return state.consumer.hostname
+
+
+@inspect_command()
+def gpu_status(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """Model, GPU memory, running job and its progress, and idle deadline of this worker."""
+    return get_runtime().status(_hostname(state))
+
+
+@control_command()
+def offload(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """Free the model's GPU memory now, or when the running job ends ("deferred")."""
+    return {**get_runtime().request_offload(), "worker": _hostname(state)}
+
+
+def query_gpu_status(
+    app: Celery, destination: list[str] | None = None, timeout: float = REPLY_TIMEOUT_S
+) -> dict[str, dict[str, Any]]:
+    """gpu_status of every live worker (or those named), keyed by worker name."""
+    return _broadcast(app, "gpu_status", destination, timeout)
+
+
+def request_offload(
+    app: Celery, destination: list[str] | None = None, timeout: float = REPLY_TIMEOUT_S
+) -> dict[str, dict[str, Any]]:
+    """Ask every live worker (or those named) to offload; replies keyed by worker name."""
+    return _broadcast(app, "offload", destination, timeout)
+
+
+def _broadcast(
+    app: Celery, command: str, destination: list[str] | None, timeout: float
+) -> dict[str, dict[str, Any]]:
+    # With named destinations, stop waiting once each has answered instead of always waiting `timeout`.
+    limit = len(destination) if destination else None
+    replies = app.control.broadcast(
+        command, reply=True, timeout=timeout, destination=destination, limit=limit
+    )
+    replies = replies or []
+    return {name: reply for item in replies for name, reply in item.items()}

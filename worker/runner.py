@@ -1,0 +1,214 @@
+"""One delivery of `process_audio(job_id)`: decide whether to run, run the engine, record the outcome.
+
+Celery may deliver a job more than once (a worker died, or a job outlived the visibility timeout), so
+every step is safe to repeat:
+- a job already final is left alone;
+- a delivery of a job that another live worker is running waits on the job's run lease (kept alive
+  by that worker's housekeeping) and then finds the job final; a dead worker's lease expires after
+  `heartbeat_ttl` and the waiting delivery takes the job over;
+- a job whose outputs are complete is finished from them without rerunning the model;
+- each start counts an attempt; past `max_attempts` the job fails with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from personaplex.audio import encode_wav
+from personaplex.errors import CancelledError, PersonaPlexError
+from personaplex.jobs import Job, JobStatus, JobStore
+from personaplex.params import EngineResult, GenerationParams
+from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, outputs_complete
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+PROGRESS_MIN_INTERVAL_S = 0.25
+"""Progress is published at most 4 times a second (plus every phase change and phase end)."""
+
+CANCEL_CHECK_INTERVAL_S = 0.2
+"""The Redis cancel flag is read at most 5 times a second, however fast frames go."""
+
+LEASE_POLL_S = 0.5
+"""How often a delivery waiting on another worker's lease checks it again (seconds)."""
+
+
+class ProgressReporter:
+    """The engine's progress callback: always updates gpu_status, publishes to Redis throttled."""
+
+    def __init__(self, runtime: WorkerRuntime, job_id: str) -> None:
+        self.runtime = runtime
+        self.job_id = job_id
+        self._last_phase: str | None = None
+        self._last_sent = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        progress = {"phase": phase, "done": int(done), "total": int(total)}
+        self.runtime.set_progress(progress)
+        now = time.monotonic()
+        if phase == self._last_phase and done < total and now - self._last_sent < PROGRESS_MIN_INTERVAL_S:
+            return
+        self._last_phase, self._last_sent = phase, now
+        self.runtime.jobs.set_progress(self.job_id, phase, done, total)
+
+
+class CancelCheck:
+    """The engine's should_cancel callback: reads the job's cancel flag, at most every 0.2 s."""
+
+    def __init__(self, jobs: JobStore, job_id: str) -> None:
+        self.jobs = jobs
+        self.job_id = job_id
+        self._next_check = 0.0
+        self._cancelled = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now >= self._next_check:
+            self._next_check = now + CANCEL_CHECK_INTERVAL_S
+            self._cancelled = self.jobs.cancel_requested(self.job_id)
+        return self._cancelled
+
+
+@dataclass
+class Outcome:
+    """What one delivery did: the job's status afterwards and whether the engine ran."""
+
+    status: str
+    ran: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "ran": self.ran}
+
+
+class JobRunner:
+    """Runs one delivery of one job on this worker."""
+
+    def __init__(self, runtime: WorkerRuntime, job_id: str, worker: str) -> None:
+        self.runtime = runtime
+        self.jobs = runtime.jobs
+        self.blobs = runtime.blobs
+        self.job_id = job_id
+        self.worker = worker
+
+    def run(self) -> Outcome:
+        job = self.jobs.get(self.job_id)
+        if job is None or job.status.is_final:
+            return self._skip(job)
+        if not self._take_lease():
+            return self._skip(self.jobs.get(self.job_id))
+        try:
+            with self.runtime.job_running(job.id):
+                return self._start(job)
+        finally:
+            self.jobs.release_lease(job.id, self.runtime.lease_owner)
+
+    def _skip(self, job: Job | None) -> Outcome:
+        if job is None:
+            log.warning("job %s does not exist (expired or never created): nothing to do", self.job_id)
+            return Outcome("missing")
+        log.info("job %s is already %s: not running it again", job.id, job.status.value)
+        return Outcome(job.status.value)
+
+    def _take_lease(self) -> bool:
+        """Wait for the run lease; False if the job became final (or vanished) meanwhile."""
+        ttl = self.runtime.settings.heartbeat_ttl
+        logged = False
+        while not self.jobs.acquire_lease(self.job_id, self.runtime.lease_owner, ttl):
+            job = self.jobs.get(self.job_id)
+            if job is None or job.status.is_final:
+                return False
+            if not logged:
+                owner = self.jobs.lease_owner(self.job_id)
+                log.info("job %s is being run by %s: waiting for it to end or expire", self.job_id, owner)
+                logged = True
+            time.sleep(LEASE_POLL_S)
+        return True
+
+    def _start(self, job: Job) -> Outcome:
+        if self.jobs.cancel_requested(job.id):
+            self.jobs.mark_cancelled(job.id)
+            return Outcome(JobStatus.CANCELLED.value)
+        started = self.jobs.mark_running(job.id, self.worker)
+        if started is None or started.status is not JobStatus.RUNNING:
+            return self._skip(started)
+        max_attempts = self.runtime.settings.max_attempts
+        if started.attempts > max_attempts:
+            self.jobs.mark_failed(job.id, _gave_up(started.attempts - 1, max_attempts))
+            return Outcome(JobStatus.FAILED.value)
+        if outputs_complete(self.blobs, job.id):
+            log.info("job %s: outputs already complete, finishing without rerunning", job.id)
+            self.jobs.mark_succeeded(job.id, self._result_from_outputs(started))
+            return Outcome(JobStatus.SUCCEEDED.value)
+        return self._run_engine(started)
+
+    def _run_engine(self, job: Job) -> Outcome:
+        try:
+            result = self._process(job)
+        except CancelledError:
+            self.jobs.mark_cancelled(job.id)
+            return Outcome(JobStatus.CANCELLED.value, ran=True)
+        except PersonaPlexError as exc:
+            self.jobs.mark_failed(job.id, str(exc))
+            return Outcome(JobStatus.FAILED.value, ran=True)
+        except FileNotFoundError:
+            self.jobs.mark_failed(job.id, "The job's input is missing from the blob store (expired?).")
+            return Outcome(JobStatus.FAILED.value, ran=True)
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", job.id)
+            self.jobs.mark_failed(job.id, f"Internal error: {type(exc).__name__}: {exc}")
+            return Outcome(JobStatus.FAILED.value, ran=True)
+        self.jobs.mark_succeeded(job.id, result)
+        return Outcome(JobStatus.SUCCEEDED.value, ran=True)
+
+    def _process(self, job: Job) -> dict[str, Any]:
+        audio = self.blobs.get(job.id, INPUT)
+        params = GenerationParams.from_dict(job.params)
+        reporter = ProgressReporter(self.runtime, job.id)
+        reporter("load", 0, 1)
+        load_s = self.runtime.ensure_loaded()
+        clock = time.perf_counter()
+        result = self.runtime.engine().process(
+            audio, params, progress=reporter, should_cancel=CancelCheck(self.jobs, job.id)
+        )
+        inference_s = time.perf_counter() - clock
+        timings = _timings(job, result, load_s, inference_s)
+        self._write_outputs(job.id, result, timings)
+        return _result(result.input_duration_s, result.text, result.frames, timings)
+
+    def _write_outputs(self, job_id: str, result: EngineResult, timings: dict[str, float]) -> None:
+        """WAV first, JSON last: a complete pair means a finished job (see outputs_complete)."""
+        self.blobs.put(job_id, OUTPUT_WAV, encode_wav(result.audio, result.sample_rate))
+        document = {"job_id": job_id, **result.text_document(), "timings": timings}
+        self.blobs.put(job_id, OUTPUT_JSON, json.dumps(document).encode())
+
+    def _result_from_outputs(self, job: Job) -> dict[str, Any]:
+        document = json.loads(self.blobs.get(job.id, OUTPUT_JSON))
+        return _result(document["duration_s"], document["text"], len(document["frames"]), document["timings"])
+
+
+def _timings(job: Job, result: EngineResult, load_s: float, inference_s: float) -> dict[str, float]:
+    """The engine's phase timings plus the service's: queue wait, model load, inference and RTF."""
+    duration = result.input_duration_s
+    queue_wait = (job.started_at or time.time()) - job.created_at
+    return {
+        **result.timings.to_dict(),
+        "queue_wait_s": round(max(queue_wait, 0.0), 6),
+        "load_s": round(load_s, 6),
+        "inference_s": round(inference_s, 6),
+        "rtf": round(inference_s / duration, 6) if duration else 0.0,
+    }
+
+
+def _result(duration_s: float, text: str, frames: int, timings: dict[str, float]) -> dict[str, Any]:
+    return {"duration_s": duration_s, "text": text, "frames": frames, "timings": timings}
+
+
+def _gave_up(attempts: int, max_attempts: int) -> str:
+    return (
+        f"Gave up after {attempts} attempts (PERSONAPLEX_MAX_ATTEMPTS={max_attempts}): the job was "
+        "delivered again each time its worker stopped before finishing it."
+    )

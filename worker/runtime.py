@@ -1,0 +1,221 @@
+"""The per-process worker state: one resident engine, the running job, offload and idle bookkeeping.
+
+Threads touching it: the task thread (runs jobs), the event-loop thread (control commands, which must
+never block) and the housekeeping thread (heartbeat, idle offload). Two locks keep them apart:
+
+- `_state` guards the small fields (running job, progress, timestamps); it is only held briefly.
+- `_engine_lock` serialises load and offload. Control commands only try it without blocking, so a
+  command that arrives while the model loads replies "deferred" instead of waiting.
+- `_create_lock` guards creating the engine object (importing torch takes seconds; status never
+  waits for it).
+
+The engine module imports torch, so it is imported here lazily, never when the worker package loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from personaplex.jobs import JobStore, WorkerRegistry
+from personaplex.settings import Settings
+from personaplex.storage import BlobStore, open_blob_store
+
+if TYPE_CHECKING:
+    from personaplex.engine import Engine
+
+log = logging.getLogger(__name__)
+
+REDIS_SOCKET_TIMEOUT_S = 10.0
+"""A Redis call that takes longer fails instead of hanging a job or the heartbeat (seconds)."""
+
+
+class WorkerRuntime:
+    """Everything one worker process shares between its task, control and housekeeping threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5.0
+        )
+        self.jobs = JobStore(self.redis, retention_s=settings.retention_s)
+        self.blobs: BlobStore = open_blob_store(settings, self.redis)
+        self.registry = WorkerRegistry(self.redis)
+        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """This process's token in job run leases (unique even if a worker restarts under its name)."""
+        self._state = threading.Lock()
+        self._engine_lock = threading.Lock()
+        self._create_lock = threading.Lock()
+        self._engine: Engine | None = None
+        self._running_job: str | None = None
+        self._progress: dict[str, Any] | None = None
+        self._last_used: float | None = None
+        self._offload_pending = False
+
+    # -- engine ----------------------------------------------------------------------------------
+
+    def engine(self) -> Engine:
+        """The engine object (created on first use; creating it imports torch but loads nothing)."""
+        with self._create_lock:
+            if self._engine is None:
+                from personaplex.engine import Engine
+
+                s = self.settings
+                self._engine = Engine(
+                    s.model,
+                    device=s.device,
+                    cpu_offload=s.cpu_offload,
+                    max_audio_seconds=s.max_audio_seconds,
+                    hf_token=s.hf_token,
+                )
+            return self._engine
+
+    def ensure_loaded(self) -> float:
+        """Load the model if it is not resident; returns the seconds spent (0 when it was)."""
+        engine = self.engine()
+        with self._engine_lock:
+            seconds = engine.load()
+        self._touch()
+        return seconds
+
+    @property
+    def model_loaded(self) -> bool:
+        engine = self._engine
+        return engine is not None and engine.is_loaded
+
+    # -- the running job -----------------------------------------------------------------------
+
+    @contextmanager
+    def job_running(self, job_id: str) -> Iterator[None]:
+        """Mark `job_id` as this worker's running job; afterwards run an offload deferred meanwhile."""
+        with self._state:
+            self._running_job = job_id
+            self._progress = None
+        try:
+            yield
+        finally:
+            with self._state:
+                self._running_job = None
+                self._progress = None
+                pending, self._offload_pending = self._offload_pending, False
+            self._touch()
+            if pending:
+                log.info("running the offload deferred during job %s", job_id)
+                self._offload_now(blocking=True)
+
+    def refresh_lease(self) -> None:
+        """Keep the running job's lease alive (housekeeping calls this well within its TTL)."""
+        with self._state:
+            job_id = self._running_job
+        if job_id is not None:
+            self.jobs.refresh_lease(job_id, self.lease_owner, self.settings.heartbeat_ttl)
+
+    def set_progress(self, progress: dict[str, Any]) -> None:
+        with self._state:
+            self._progress = progress
+
+    def _touch(self) -> None:
+        with self._state:
+            self._last_used = time.time()
+
+    # -- offload ---------------------------------------------------------------------------------
+
+    def request_offload(self) -> dict[str, Any]:
+        """Free the model now, or defer it to the end of the running job. Never waits."""
+        with self._state:
+            if self._running_job is not None:
+                self._offload_pending = True
+                return self._offload_reply("deferred")
+        status = self._offload_now(blocking=False)
+        if status == "deferred":
+            with self._state:
+                self._offload_pending = True
+        return self._offload_reply(status)
+
+    def offload_if_idle(self, now: float | None = None) -> bool:
+        """Offload once the model has been idle for `gpu_idle_timeout` seconds; True if it did."""
+        deadline = self.idle_deadline()
+        if deadline is None or (time.time() if now is None else now) < deadline:
+            return False
+        log.info("model idle for %.0f s: offloading", self.settings.gpu_idle_timeout)
+        return self._offload_now(blocking=False) == "offloaded"
+
+    def idle_deadline(self) -> float | None:
+        """When the idle model will be offloaded (unix time), or None if it is busy, unloaded or kept."""
+        timeout = self.settings.gpu_idle_timeout
+        with self._state:
+            busy, last_used = self._running_job is not None, self._last_used
+        if timeout <= 0 or busy or not self.model_loaded:
+            return None
+        return (last_used or time.time()) + timeout
+
+    def _offload_now(self, blocking: bool) -> str:
+        if not self._engine_lock.acquire(blocking=blocking):
+            return "deferred"  # a load or another offload is in progress
+        try:
+            with self._state:
+                if self._running_job is not None:
+                    return "deferred"
+            if not self.model_loaded:
+                return "not_loaded"
+            self._engine.offload()  # type: ignore[union-attr]
+            return "offloaded"
+        finally:
+            self._engine_lock.release()
+
+    def _offload_reply(self, status: str) -> dict[str, Any]:
+        return {"status": status, "memory_allocated": self._gpu()["memory_allocated"]}
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status(self, worker: str) -> dict[str, Any]:
+        """The gpu_status reply (and heartbeat record): cheap, lock-light, safe from any thread."""
+        with self._state:
+            running, progress, last_used = self._running_job, self._progress, self._last_used
+        engine = self._engine
+        return {
+            "worker": worker,
+            "model": self.settings.model,
+            "model_loaded": self.model_loaded,
+            "device": str(engine.device) if engine is not None else self.settings.device,
+            "gpu": self._gpu(),
+            "running_job": running,
+            "progress": dict(progress) if progress else None,
+            "idle_timeout": self.settings.gpu_idle_timeout,
+            "idle_deadline": self.idle_deadline(),
+            "last_used": last_used,
+        }
+
+    def _gpu(self) -> dict[str, Any]:
+        engine = self._engine
+        if engine is None:
+            return {"name": None, "memory_total": 0.0, "memory_allocated": 0.0, "memory_reserved": 0.0}
+        s = engine.status()
+        return {
+            "name": s.get("gpu_name"),
+            "memory_total": round(float(s.get("memory_total_mb") or 0.0), 1),
+            "memory_allocated": round(float(s.get("memory_allocated_mb") or 0.0), 1),
+            "memory_reserved": round(float(s.get("memory_reserved_mb") or 0.0), 1),
+        }
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    """This process's runtime, built from the environment on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime(Settings.from_env())
+        return _runtime

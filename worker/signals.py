@@ -1,0 +1,29 @@
+"""Worker lifecycle hooks: start housekeeping when the worker is ready, stop it at shutdown.
+
+`worker_process_init` does not fire under the threads pool (DESIGN.md §4), so `worker_ready` it is.
+The engine is not loaded here: the first job loads it (lazily, under a lock) and it then stays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from worker.housekeeping import Housekeeper
+from worker.runtime import get_runtime
+
+_housekeepers: list[Housekeeper] = []
+
+
+@worker_ready.connect
+def start_housekeeping(sender: Any, **kwargs: Any) -> None:
+    housekeeper = Housekeeper(get_runtime(), sender.hostname)
+    housekeeper.start()
+    _housekeepers.append(housekeeper)
+
+
+@worker_shutdown.connect
+def stop_housekeeping(sender: Any = None, **kwargs: Any) -> None:
+    while _housekeepers:
+        _housekeepers.pop().stop()
