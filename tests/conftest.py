@@ -93,7 +93,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_checkpoint: Path):
+def torch_single_thread() -> Iterator[None]:
+    """One torch thread: tiny models gain nothing from more, and on a busy 2-core machine spinning
+    intra-op threads make each job several times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint: Path, torch_single_thread: None):
     """One CPU Engine on the tiny checkpoint, loaded once for the session. Tests must not offload it."""
     from personaplex.engine import Engine
 
