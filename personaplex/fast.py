@@ -1,0 +1,596 @@
+"""The fast frame loop: one batched, static-shape step per frame, captured in a CUDA graph on a GPU.
+
+`FrameLoop` (frames.py) drives transformers' modules and is the reference for what a frame does.
+This loop does the same work with compact functions over the *same* weight tensors (views, no
+copies), in a form a CUDA graph can hold:
+
+- every buffer is allocated once (token ring, KV caches, schedules, noise, outputs) and updated
+  in place; shapes never change between frames;
+- the temporal KV cache is a ring per layer, `[B, H, slots, head_dim]`, written at
+  `position % window` where `window = min(context, frames)`; each slot remembers the position it
+  holds, so an explicit per-row mask admits exactly the last `context` positions that row wrote;
+- each row has its own position, token-ring offset and frame counter, so rows of different
+  lengths and prompts run side by side and each gets exactly what it gets alone;
+- what each row is fed at each frame (forced text, agent and user tokens, replayed voice
+  embeddings, the voice's token cache) is a schedule on the device, indexed by the row's frame
+  counter inside the step: nothing is copied in per frame;
+- sampling keeps `personaplex.sampling.sample`'s semantics; the exponential race noise is drawn
+  outside the step, per row from the row's own generator, into a static buffer (`draw_noise`,
+  the same calls in the same order as `FrameLoop`), so a seed gives the same tokens eagerly,
+  captured, alone or batched;
+- no host synchronisation: outputs accumulate on the device and are read once at the end.
+
+On a CPU the step runs eagerly (the tests compare it with `FrameLoop`); on CUDA `capture=True`
+warms it up on a side stream and records two graphs, the full step and a temporal-only step for
+frames where every row is in its prompt (all tokens forced, so nothing is sampled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from personaplex.convert import rope_inverse_frequencies
+from personaplex.frames import AUDIO_STREAMS, SILENCE_TOKENS, SINE_TOKENS, TEXT_PAD, UNGENERATED, Sampling
+from personaplex.loaders import LoadedModels
+from personaplex.sampling import draw_noise
+
+GEN = 1 + AUDIO_STREAMS
+"""Streams generated per frame: text and the 8 agent codebooks."""
+SLOT_ALIGN = 16
+"""KV slots are allocated in multiples of this (attention kernels like aligned masks)."""
+
+
+# ---- what one job feeds the loop ------------------------------------------------------------------
+@dataclass
+class JobPlan:
+    """One row's frames in order. Prompt frames force text and agent tokens; the rest sample them.
+
+    `text[t]` is the forced text id, or -1 on generate frames (whose outputs are the job's result).
+    `user` is forced on every frame. When `embeddings` is given, the first N frames feed those
+    inputs instead of the embedded tokens, and `voice_cache` replaces the token ring after them.
+    """
+
+    text: torch.Tensor  # [T] long
+    agent: torch.Tensor  # [T, 8] long
+    user: torch.Tensor  # [T, 8] long
+    embeddings: torch.Tensor | None = None  # [N, D]
+    voice_cache: torch.Tensor | None = None  # [17, ring slots] long
+    sampling: Sampling = Sampling()
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        prompt = (self.text >= 0).tolist()
+        self.prompt_frames = sum(prompt)
+        # Prompt frames first, then generate frames: that makes "text forced" equal FrameLoop's
+        # "every token provided" test, which decides whether a frame samples (and draws noise).
+        assert prompt == [True] * self.prompt_frames + [False] * (len(prompt) - self.prompt_frames), prompt
+        self.replay_frames = 0 if self.embeddings is None else int(self.embeddings.shape[0])
+        assert self.replay_frames == 0 or self.voice_cache is not None
+        assert self.replay_frames <= self.prompt_frames
+
+    def __len__(self) -> int:
+        return int(self.text.shape[0])
+
+    @property
+    def generate_frames(self) -> int:
+        return len(self) - self.prompt_frames
+
+    def samples_at(self, t: int) -> bool:
+        """Whether frame t draws race noise: a sampling job on a generate frame that runs the model."""
+        if self.generator is None or self.sampling.greedy or t >= len(self) or t < self.prompt_frames:
+            return False
+        return not (t == 0 and self.replay_frames == 0)  # the very first frame runs no model
+
+
+def plan_job(
+    models: LoadedModels,
+    user_codes: torch.Tensor,
+    text_tokens: Sequence[int],
+    silence_frames: int,
+    *,
+    voice_embeddings: torch.Tensor | None = None,
+    voice_cache: torch.Tensor | None = None,
+    voice_codes: torch.Tensor | None = None,
+    sampling: Sampling | None = None,
+    generator: torch.Generator | None = None,
+) -> JobPlan:
+    """The frames `Engine` runs for one job: voice, silence, text prompt, silence, then user audio.
+
+    user_codes [8, F]; voice_embeddings [N, 1, 1, D] or [N, D] with voice_cache [1, 17, S]; or
+    voice_codes [8, Fv] (a .wav voice). Mirrors `FrameLoop`'s prompt-phase methods.
+    """
+    device = models.device
+    audio_initial = models.moshi.config.audio_vocab_size
+    silence = torch.tensor(SILENCE_TOKENS, device=device)
+    sine = torch.tensor(SINE_TOKENS, device=device)
+    texts: list[torch.Tensor] = []
+    agents: list[torch.Tensor] = []
+    users: list[torch.Tensor] = []
+
+    def add(count: int, text: torch.Tensor | int, agent: torch.Tensor, user: torch.Tensor) -> None:
+        if count == 0:
+            return
+        if isinstance(text, int):
+            text = torch.full((count,), text, dtype=torch.long, device=device)
+        texts.append(text.to(device=device, dtype=torch.long))
+        agents.append(agent.to(device=device, dtype=torch.long).expand(count, AUDIO_STREAMS))
+        users.append(user.to(device=device, dtype=torch.long).expand(count, AUDIO_STREAMS))
+
+    embeddings = cache = None
+    if voice_embeddings is not None:
+        embeddings = voice_embeddings.reshape(voice_embeddings.shape[0], -1).to(device)
+        cache = voice_cache.reshape(voice_cache.shape[-2], voice_cache.shape[-1]).to(device)
+        dummy = torch.full((AUDIO_STREAMS,), audio_initial, device=device)
+        add(embeddings.shape[0], TEXT_PAD, dummy, dummy)
+    elif voice_codes is not None:
+        add(voice_codes.shape[-1], TEXT_PAD, voice_codes.T, sine)
+    add(silence_frames, TEXT_PAD, silence, sine)
+    add(len(text_tokens), torch.tensor(list(text_tokens), dtype=torch.long), silence, sine)
+    add(silence_frames, TEXT_PAD, silence, sine)
+    add(user_codes.shape[-1], -1, silence, user_codes.T)
+    return JobPlan(
+        text=torch.cat(texts),
+        agent=torch.cat(agents),
+        user=torch.cat(users),
+        embeddings=embeddings,
+        voice_cache=cache,
+        sampling=sampling or Sampling(),
+        generator=generator,
+    )
+
+
+# ---- the compact model ----------------------------------------------------------------------------
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' MoshiRMSNorm: computed in fp32, cast back."""
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).type_as(x)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    fc1: torch.Tensor
+    fc2: torch.Tensor
+
+
+def _layer(module: torch.nn.Module, step: int | None = None) -> _Layer:
+    """A decoder layer's weights (the step's slice of the depth decoder's stacked weights)."""
+    attn = module.self_attn
+    pick = (lambda w: w) if step is None else (lambda w: w[step])
+    return _Layer(
+        norm1=module.input_layernorm.weight,
+        norm2=module.post_attention_layernorm.weight,
+        q=pick(attn.q_proj.linear.weight),
+        k=pick(attn.k_proj.linear.weight),
+        v=pick(attn.v_proj.linear.weight),
+        o=pick(attn.o_proj.linear.weight),
+        fc1=pick(module.mlp.fc1.weight),
+        fc2=pick(module.mlp.fc2.weight),
+    )
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+class FastLoop:
+    """B jobs stepped together, one frame per call; static buffers, optional CUDA graph capture.
+
+    `frames`, `replay_frames`, `topk_text` and `topk_audio` are capacities (default: what `plans`
+    need); a loop can be `load`ed again with other plans that fit them, reusing its graphs.
+    """
+
+    def __init__(
+        self,
+        models: LoadedModels,
+        plans: Sequence[JobPlan],
+        delays: Sequence[int],
+        capture: bool = False,
+        frames: int | None = None,
+        replay_frames: int | None = None,
+        sampling: bool | None = None,
+    ) -> None:
+        self.models = models
+        moshi = models.moshi
+        config = moshi.config
+        device, dtype = models.device, models.dtype
+        self.device, self.dtype = device, dtype
+        B = self.batch = len(plans)
+        self.frames = T = max(frames or 0, *(len(p) for p in plans))
+        self.replay = N = max(replay_frames or 0, *(p.replay_frames for p in plans))
+        self.delays_list = list(delays)
+        K = self.streams = len(delays)
+        self.max_delay = max(delays)
+        S = self.ring_slots = self.max_delay + 3
+        self.context = int(config.sliding_window)
+        self.window = min(self.context, T)
+        self.slots = -(-(self.window + 1) // SLOT_ALIGN) * SLOT_ALIGN  # +1: a scratch slot
+        text_vocab, audio_vocab = config.vocab_size, config.audio_vocab_size
+        self.text_vocab, self.audio_vocab = text_vocab, audio_vocab
+        self.topk_text = min(max(p.sampling.topk_text for p in plans), text_vocab)
+        self.topk_audio = min(max(p.sampling.topk_audio for p in plans), audio_vocab)
+        self.sampling = any(p.generator is not None and not p.sampling.greedy for p in plans)
+        if sampling is not None:
+            self.sampling = self.sampling or sampling
+
+        # weights: views of the transformers modules' parameters
+        decoder = moshi.decoder.model
+        self.audio_tables = [table.weight for table in moshi.embed_tokens]
+        self.text_table = decoder.embed_tokens.weight
+        self.layers = [_layer(layer) for layer in decoder.layers]
+        self.out_norm = decoder.norm.weight
+        self.eps = decoder.norm.eps
+        self.text_head = moshi.decoder.lm_head.weight
+        attn = decoder.layers[0].self_attn
+        self.heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.act = decoder.layers[0].mlp.activation_fn
+        rope_theta = config.rope_parameters["rope_theta"]
+        self.inv_freq = rope_inverse_frequencies(self.head_dim, rope_theta).to(device)
+        depth = moshi.depth_decoder
+        self.depth_text_table = depth.text_embed_tokens.weight
+        self.depth_tables = [table.weight for table in depth.embed_tokens]
+        self.depth_in = depth.input_projections.weight
+        self.depth_heads = depth.lm_heads.weight
+        self.depth_layers = [[_layer(layer, s) for layer in depth.layers] for s in range(AUDIO_STREAMS)]
+        self.depth_eps = depth.layers[0].input_layernorm.eps
+        dattn = depth.layers[0].self_attn
+        self.depth_heads_n, self.depth_head_dim = dattn.num_heads, dattn.head_dim
+        self.depth_act = depth.layers[0].mlp.activation_fn
+
+        long = dict(dtype=torch.long, device=device)
+        # constants
+        self.rows = torch.arange(B, **long)
+        self.delays = torch.tensor(self.delays_list, **long)
+        self.initial = torch.tensor([text_vocab] + [audio_vocab] * (K - 1), **long)
+        self.text_cols = torch.arange(self.topk_text, **long)
+        self.audio_cols = torch.arange(self.topk_audio, **long)
+        # state
+        self.tokens = torch.empty(B, K, S, **long)
+        self.provided = torch.empty(B, K, S, dtype=torch.bool, device=device)
+        self.offset = torch.empty(B, **long)
+        self.position = torch.empty(B, **long)
+        self.t = torch.empty(B, **long)
+        self.slot_position = torch.empty(B, self.slots, **long)
+        H, hd = self.heads, self.head_dim
+        self.k_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in self.layers]
+        dh, dhd = self.depth_heads_n, self.depth_head_dim
+        dl = len(depth.layers)
+        self.dk_cache = [
+            torch.zeros(B, dh, AUDIO_STREAMS, dhd, dtype=dtype, device=device) for _ in range(dl)
+        ]
+        self.dv_cache = [
+            torch.zeros(B, dh, AUDIO_STREAMS, dhd, dtype=dtype, device=device) for _ in range(dl)
+        ]
+        self.out = torch.zeros(B, T + 1, GEN, **long)
+        # schedules (index T / N: a padding entry for rows past their end)
+        self.s_text = torch.empty(B, T + 1, **long)
+        self.s_agent = torch.empty(B, T + 1, AUDIO_STREAMS, **long)
+        self.s_user = torch.empty(B, T + 1, AUDIO_STREAMS, **long)
+        self.s_embeddings = torch.zeros(B, N + 1, config.hidden_size, dtype=dtype, device=device)
+        self.s_cache = torch.empty(B, K, S, **long)
+        self.length = torch.empty(B, **long)
+        self.replay_length = torch.empty(B, **long)
+        self.cache_at = torch.empty(B, **long)
+        # per-row sampling settings and race noise (filled outside the step)
+        self.temp_text = torch.empty(B, 1, dtype=torch.float32, device=device)
+        self.temp_audio = torch.empty(B, 1, dtype=torch.float32, device=device)
+        self.greedy_text = torch.empty(B, dtype=torch.bool, device=device)
+        self.greedy_audio = torch.empty(B, dtype=torch.bool, device=device)
+        self.k_text = torch.empty(B, **long)
+        self.k_audio = torch.empty(B, **long)
+        self.noise_text = torch.ones(B, self.topk_text, dtype=torch.float32, device=device)
+        self.noise_audio = torch.ones(B, AUDIO_STREAMS * self.topk_audio, dtype=torch.float32, device=device)
+        self.audio_noise_index = torch.empty(B, AUDIO_STREAMS, self.topk_audio, **long)
+
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.plans: list[JobPlan] = []
+        self.load(plans)
+        if capture:
+            self._capture()
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    def fits(self, plans: Sequence[JobPlan]) -> bool:
+        """Whether `plans` can be loaded into this loop (and its graphs) as it is."""
+        return (
+            len(plans) == self.batch
+            and all(len(p) <= self.frames and p.replay_frames <= self.replay for p in plans)
+            and all(min(p.sampling.topk_text, self.text_vocab) <= self.topk_text for p in plans)
+            and all(min(p.sampling.topk_audio, self.audio_vocab) <= self.topk_audio for p in plans)
+            and (self.sampling or not any(p.generator is not None and not p.sampling.greedy for p in plans))
+        )
+
+    @torch.inference_mode()
+    def load(self, plans: Sequence[JobPlan]) -> None:
+        """Reset every row's state and copy in the jobs' schedules and settings."""
+        assert self.fits(plans), "plans exceed this loop's capacities"
+        self.plans = list(plans)
+        self.t_host = 0
+        self._reset()
+        self.s_text.fill_(-1)
+        self.s_agent.zero_()
+        self.s_user.zero_()
+        self.s_embeddings.zero_()
+        self.s_cache.copy_(self.initial[None, :, None].expand_as(self.s_cache))
+        self.cache_at.fill_(-1)
+        self.audio_noise_index.zero_()
+        for b, plan in enumerate(plans):
+            n = len(plan)
+            self.s_text[b, :n] = plan.text
+            self.s_agent[b, :n] = plan.agent
+            self.s_user[b, :n] = plan.user
+            if plan.replay_frames:
+                self.s_embeddings[b, : plan.replay_frames] = plan.embeddings.to(self.dtype)
+                self.s_cache[b] = plan.voice_cache
+                self.cache_at[b] = plan.replay_frames - 1
+            s = plan.sampling
+            self.temp_text[b] = s.temp_text if s.temp_text > 0 else 1.0
+            self.temp_audio[b] = s.temp_audio if s.temp_audio > 0 else 1.0
+            self.greedy_text[b] = s.greedy or s.temp_text <= 0 or plan.generator is None
+            self.greedy_audio[b] = s.greedy or s.temp_audio <= 0 or plan.generator is None
+            kt, ka = self._row_topk(plan)
+            self.k_text[b], self.k_audio[b] = kt, ka
+            step = torch.arange(AUDIO_STREAMS, device=self.device)[:, None] * ka
+            self.audio_noise_index[b] = (step + self.audio_cols[None]).clamp(max=AUDIO_STREAMS * ka - 1)
+        self.length.copy_(torch.tensor([len(p) for p in plans]))
+        self.replay_length.copy_(torch.tensor([p.replay_frames for p in plans]))
+
+    def _row_topk(self, plan: JobPlan) -> tuple[int, int]:
+        s = plan.sampling
+        return min(s.topk_text, self.topk_text), min(s.topk_audio, self.topk_audio)
+
+    def _reset(self) -> None:
+        self.tokens.fill_(UNGENERATED)
+        self.provided.zero_()
+        self.offset.zero_()
+        self.position.zero_()
+        self.t.zero_()
+        self.slot_position.fill_(-1)
+        for cache in (*self.k_cache, *self.v_cache, *self.dk_cache, *self.dv_cache):
+            cache.zero_()
+        self.out.zero_()
+        self.noise_text.fill_(1.0)
+        self.noise_audio.fill_(1.0)
+
+    # ---- running -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, frames: int, before_frame: Callable[[int], None] | None = None) -> None:
+        """Step every row `frames` times (rows past their end idle). `before_frame(i)` may raise."""
+        for index in range(frames):
+            if before_frame is not None:
+                before_frame(index)
+            t = self.t_host
+            for b, plan in enumerate(self.plans):
+                if plan.samples_at(t):
+                    kt, ka = self._row_topk(plan)
+                    draw_noise(
+                        plan.generator, self.noise_text[b, :kt], self.noise_audio[b, : AUDIO_STREAMS * ka]
+                    )
+            depth = any(t < len(p) and t >= p.prompt_frames for p in self.plans)
+            if self.graphs:
+                self.graphs[depth].replay()
+            else:
+                self._step(depth)
+            self.t_host += 1
+
+    @torch.inference_mode()
+    def results(self) -> list[torch.Tensor]:
+        """Each job's generate-phase frames [F, 9] (text, then 8 agent codes), on the CPU."""
+        out = self.out.cpu()
+        return [out[b, p.prompt_frames : len(p)] for b, p in enumerate(self.plans)]
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, record the two step variants, then reset the state."""
+        assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
+        with torch.inference_mode():
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(True)
+                    self._step(False)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            pool = torch.cuda.graph_pool_handle()
+            for depth in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(depth)
+                self.graphs[depth] = graph
+            torch.cuda.synchronize(self.device)
+            self.load(self.plans)
+
+    # ---- one frame (all on the device, no host sync) ---------------------------------------------
+    def _step(self, depth: bool) -> None:
+        B, T, N = self.batch, self.frames, self.replay
+        t = self.t
+        active = t < self.length
+        ti = t.clamp(max=T)
+        text = self.s_text[self.rows, ti]
+        prompt = text >= 0
+        on = torch.cat(
+            [
+                prompt[:, None],
+                prompt[:, None].expand(B, AUDIO_STREAMS),
+                active[:, None].expand(B, AUDIO_STREAMS),
+            ],
+            dim=1,
+        )
+        values = torch.cat(
+            [text.clamp(min=0)[:, None], self.s_agent[self.rows, ti], self.s_user[self.rows, ti]], 1
+        )
+        replay = active & (t < self.replay_length)
+
+        # FrameLoop.step: force, seed; the very first frame only fills the ring (unless replaying)
+        self._force(values, on & active[:, None])
+        self._seed(active)
+        first = active & (self.offset == 0)
+        self.tokens[:, :, 0] = torch.where(first[:, None], self.initial[None], self.tokens[:, :, 0])
+        self.offset += first.long()
+        again = first & replay
+        self._force(values, on & again[:, None])
+        self._seed(again)
+        run = active & (~first | replay)
+
+        input_slot = (self.offset - 1) % self.ring_slots
+        model_input = self._at_slot(self.tokens, input_slot)  # [B, K]
+        x = self._embed(model_input)
+        replayed = self.s_embeddings[self.rows, t.clamp(max=N)]
+        x = torch.where(replay[:, None], replayed, x)
+        hidden, text_logits = self._temporal(x, run)
+
+        target = self.offset % self.ring_slots
+        forced = self._at_slot(self.tokens, target)[:, :GEN]
+        provided = self._at_slot(self.provided, target)[:, :GEN]
+        if depth:
+            text_token = self._sample(
+                text_logits, self.temp_text, self.k_text, self.greedy_text, self.noise_text, self.text_cols
+            )
+            next_text = torch.where(provided[:, 0], forced[:, 0], text_token)
+            sampled = torch.cat(
+                [text_token[:, None], self._depth(next_text, hidden, forced, provided)], dim=1
+            )
+        else:
+            sampled = forced  # prompt frames: every token is forced, nothing is sampled
+
+        # FrameLoop.finish_step
+        in_index = input_slot[:, None, None].expand(B, self.streams, 1)
+        cleared = self.provided.gather(2, in_index)[..., 0] & ~run[:, None]
+        self.provided.scatter_(2, in_index, cleared[..., None])
+        stored = torch.where(provided | ~run[:, None], forced, sampled)
+        gen_index = target[:, None, None].expand(B, GEN, 1)
+        self.tokens[:, :GEN].scatter_(2, gen_index, stored[..., None])
+        frame_slots = (self.offset[:, None] - self.max_delay + self.delays[None, :GEN]) % self.ring_slots
+        frame = self.tokens[:, :GEN].gather(2, frame_slots[..., None])[..., 0]
+        self.out[self.rows, ti] = frame
+        self.offset += run.long()
+        # replay_voice_embeddings: the voice's token ring replaces ours after its last frame
+        load = active & (t == self.cache_at)
+        self.tokens.copy_(torch.where(load[:, None, None], self.s_cache, self.tokens))
+        self.t += 1
+
+    @staticmethod
+    def _at_slot(ring: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        return ring.gather(2, slot[:, None, None].expand(ring.shape[0], ring.shape[1], 1))[..., 0]
+
+    def _force(self, values: torch.Tensor, on: torch.Tensor) -> None:
+        """TokenRing.force for every stream at once: values [B, K] where on [B, K]."""
+        slots = (self.offset[:, None] + self.delays[None]) % self.ring_slots
+        index = slots[..., None]
+        current = self.tokens.gather(2, index)[..., 0]
+        self.tokens.scatter_(2, index, torch.where(on, values, current)[..., None])
+        flags = self.provided.gather(2, index)[..., 0] | on
+        self.provided.scatter_(2, index, flags[..., None])
+
+    def _seed(self, mask: torch.Tensor) -> None:
+        """TokenRing.begin_step's seeding of initial tokens, for the rows in mask."""
+        on = mask[:, None] & (self.offset[:, None] <= self.delays[None])
+        index = (self.offset % self.ring_slots)[:, None, None].expand(self.batch, self.streams, 1)
+        current = self.tokens.gather(2, index)[..., 0]
+        self.tokens.scatter_(2, index, torch.where(on, self.initial[None], current)[..., None])
+        flags = self.provided.gather(2, index)[..., 0] | on
+        self.provided.scatter_(2, index, flags[..., None])
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Sum of the 16 audio embeddings then the text one (FrameLoop.embed's order): [B, D]."""
+        tokens = tokens.clamp(min=0)  # rows that run no model may hold ungenerated slots
+        total = F.embedding(tokens[:, 1], self.audio_tables[0])
+        for i, table in enumerate(self.audio_tables[1:], start=2):
+            total = total + F.embedding(tokens[:, i], table)
+        return total + F.embedding(tokens[:, 0], self.text_table)
+
+    def _temporal(self, x: torch.Tensor, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One temporal step per row at its own position: normed hidden [B, 1, D], text logits [B, V]."""
+        B, H, hd = self.batch, self.heads, self.head_dim
+        position = self.position
+        freqs = position[:, None].float() * self.inv_freq[None]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [B, 1, 1, hd]
+        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        slot = torch.where(run, position % self.window, self.window)  # rows that do not run: scratch
+        self.slot_position.scatter_(1, slot[:, None], torch.where(run, position, -1)[:, None])
+        valid = (self.slot_position >= 0) & (self.slot_position > position[:, None] - self.context)
+        mask = (valid | ~run[:, None])[:, None, None, :]
+        write = slot[:, None, None, None].expand(B, H, 1, hd)
+        h = x[:, None, :]
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            y = _rms(h, layer.norm1, self.eps)
+            q = F.linear(y, layer.q).view(B, 1, H, hd).transpose(1, 2)
+            k = F.linear(y, layer.k).view(B, 1, H, hd).transpose(1, 2)
+            v = F.linear(y, layer.v).view(B, 1, H, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_cache.scatter_(2, write, k)
+            v_cache.scatter_(2, write, v)
+            a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+            h = h + F.linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
+            h = h + self._mlp(_rms(h, layer.norm2, self.eps), layer, self.act)
+        h = _rms(h, self.out_norm, self.eps)
+        self.position += run.long()
+        return h, F.linear(h, self.text_head)[:, 0].float()
+
+    @staticmethod
+    def _mlp(y: torch.Tensor, layer: _Layer, act: Callable) -> torch.Tensor:
+        g = F.linear(y, layer.fc1)
+        B, L, _ = g.shape
+        g = g.view(B, L, 2, -1)
+        return F.linear(act(g[..., 0, :]) * g[..., 1, :], layer.fc2)
+
+    def _depth(
+        self, text: torch.Tensor, hidden: torch.Tensor, forced: torch.Tensor, provided: torch.Tensor
+    ) -> torch.Tensor:
+        """The 8 depth steps, each fed the previous token (forced where provided): sampled [B, 8]."""
+        B, H, hd = self.batch, self.depth_heads_n, self.depth_head_dim
+        previous, sampled = text, []
+        for step in range(AUDIO_STREAMS):
+            table = self.depth_text_table if step == 0 else self.depth_tables[step - 1]
+            h = F.embedding(previous.clamp(min=0), table)[:, None] + F.linear(hidden, self.depth_in[step])
+            for layer, k_cache, v_cache in zip(
+                self.depth_layers[step], self.dk_cache, self.dv_cache, strict=True
+            ):
+                y = _rms(h, layer.norm1, self.depth_eps)
+                q = F.linear(y, layer.q).view(B, 1, H, hd).transpose(1, 2)
+                k_cache[:, :, step : step + 1] = F.linear(y, layer.k).view(B, 1, H, hd).transpose(1, 2)
+                v_cache[:, :, step : step + 1] = F.linear(y, layer.v).view(B, 1, H, hd).transpose(1, 2)
+                a = F.scaled_dot_product_attention(q, k_cache[:, :, : step + 1], v_cache[:, :, : step + 1])
+                h = h + F.linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
+                h = h + self._mlp(_rms(h, layer.norm2, self.depth_eps), layer, self.depth_act)
+            logits = F.linear(h, self.depth_heads[step])[:, 0].float()
+            noise = self.noise_audio.gather(1, self.audio_noise_index[:, step])
+            token = self._sample(
+                logits, self.temp_audio, self.k_audio, self.greedy_audio, noise, self.audio_cols
+            )
+            sampled.append(token)
+            previous = torch.where(provided[:, 1 + step], forced[:, 1 + step], token)
+        return torch.stack(sampled, dim=1)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        greedy: torch.Tensor,
+        noise: torch.Tensor,
+        cols: torch.Tensor,
+    ) -> torch.Tensor:
+        """personaplex.sampling.sample per row: argmax if greedy, else the race over the row's top-k."""
+        best = logits.argmax(dim=-1)
+        if not self.sampling:
+            return best
+        probs = torch.softmax(logits / temperature, dim=-1)
+        top_p, top_i = probs.topk(cols.shape[0], dim=-1)
+        inside = cols[None] < top_k[:, None]
+        race = torch.where(inside, top_p, 0.0) / torch.where(inside, noise, 1.0)
+        token = top_i.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
+        return torch.where(greedy, best, token)

@@ -1,0 +1,219 @@
+"""The fast loop (personaplex.fast) against the reference loop (FrameLoop), on the CPU in fp32.
+
+The fast loop runs eagerly here (CUDA graph capture needs a GPU; bench/gpu_fast.sh checks it there).
+What it must keep: the golden vectors exactly; the sliding window once it wraps; each batched row
+exactly what its job gets alone (different lengths, prompts, voices, sampling settings); a seed's
+tokens, identical between the eager FrameLoop and the fast loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures import SHARED_DIR, SPEECH_40S
+
+torch = pytest.importorskip("torch")
+
+from personaplex import audio as audio_io  # noqa: E402
+from personaplex import codec  # noqa: E402
+from personaplex.engine import Engine  # noqa: E402
+from personaplex.fast import FastLoop, JobPlan  # noqa: E402
+from personaplex.params import SAMPLE_RATE, GenerationParams  # noqa: E402
+
+GOLDEN = SHARED_DIR / "golden"
+CONTEXT = 16
+PROMPT = "You enjoy having a good conversation."
+
+
+@pytest.fixture(scope="module")
+def golden_engine(shared_dir: Path, torch_single_thread: None) -> Engine:
+    return Engine(GOLDEN / "checkpoint", device="cpu", captured=True)
+
+
+@pytest.mark.parametrize("name", ["empty-prompt", "wav-voice", "service"])
+def test_fast_loop_reproduces_golden_tokens(golden_engine: Engine, name: str) -> None:
+    case_dir = GOLDEN / "cases" / name
+    case = json.loads((case_dir / "case.json").read_text())
+    voice = case["voice_prompt"]
+    if voice.endswith(".wav"):
+        voice = str(case_dir / voice)
+    params = GenerationParams(voice_prompt=voice, text_prompt=case.get("text_prompt", ""), greedy=True)
+    result = golden_engine.process(case_dir / "input.wav", params)
+    expected = json.loads((case_dir / "expected_tokens.json").read_text())  # FrameLoop's, per test_golden
+    assert result.tokens == expected
+    assert result.text_frames == json.loads((case_dir / "expected_text.json").read_text())
+
+
+# ---- a 16-frame context: the sliding window wraps -------------------------------------------------
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory: pytest.TempPathFactory, torch_single_thread: None) -> Path:
+    from personaplex.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ctx16") / "ckpt", context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def engines(short_context: Path) -> tuple[Engine, Engine]:
+    eager = Engine(short_context, device="cpu", captured=False)
+    eager.load()
+    fast = Engine(short_context, device="cpu", captured=True)
+    fast.load()
+    return eager, fast
+
+
+@pytest.fixture(scope="module")
+def samples() -> np.ndarray:
+    return audio_io.load(SPEECH_40S, SAMPLE_RATE)[3 * SAMPLE_RATE : 7 * SAMPLE_RATE]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GenerationParams(voice_prompt="NATF2.pt", text_prompt="", greedy=True),
+        GenerationParams(voice_prompt="NATM1.pt", text_prompt=PROMPT, seed=7),
+        GenerationParams(voice_prompt="VARF1.pt", text_prompt=PROMPT, seed=3, topk_text=5, temp_audio=1.1),
+    ],
+    ids=["greedy", "seed7", "seed3-topk5"],
+)
+def test_fast_equals_frame_loop_past_the_window(
+    engines: tuple[Engine, Engine], samples: np.ndarray, params: GenerationParams
+) -> None:
+    eager, fast = engines
+    clip = audio_io.encode_wav(samples[: int(2.5 * SAMPLE_RATE)])
+    want = eager.process(clip, params)
+    got = fast.process(clip, params)
+    assert len(got.tokens) == len(want.tokens) == 32
+    assert fast._fast is not None and fast._fast.window == CONTEXT  # positions wrapped the ring
+    assert got.tokens == want.tokens
+    assert np.abs(got.audio - want.audio).max() <= 1e-5
+
+
+def test_text_logits_match_frame_loop_as_the_window_slides(
+    engines: tuple[Engine, Engine], samples: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens can hide a wrong window on a tiny model; the logits cannot (an off-by-one moves them ~1e-2)."""
+    from personaplex.frames import FrameLoop
+
+    logits: dict[str, list[torch.Tensor]] = {"eager": [], "fast": []}
+    eager_temporal, fast_temporal = FrameLoop.temporal, FastLoop._temporal
+
+    def record_eager(self, embeddings):
+        hidden, text_logits = eager_temporal(self, embeddings)
+        logits["eager"].append(text_logits.clone())
+        return hidden, text_logits
+
+    def record_fast(self, x, run):
+        hidden, text_logits = fast_temporal(self, x, run)
+        if bool(run[0]):
+            logits["fast"].append(text_logits.clone())
+        return hidden, text_logits
+
+    monkeypatch.setattr(FrameLoop, "temporal", record_eager)
+    monkeypatch.setattr(FastLoop, "_temporal", record_fast)
+    eager, fast = engines
+    clip = audio_io.encode_wav(samples[: int(2.5 * SAMPLE_RATE)])
+    params = GenerationParams(voice_prompt="NATF2.pt", text_prompt="", greedy=True)
+    eager.process(clip, params)
+    fast.process(clip, params)
+    assert len(logits["fast"]) == len(logits["eager"]) > 2 * CONTEXT
+    for want, got in zip(logits["eager"], logits["fast"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_seed_is_reproducible(engines: tuple[Engine, Engine], samples: np.ndarray) -> None:
+    _, fast = engines
+    clip = audio_io.encode_wav(samples[:SAMPLE_RATE])
+    first = fast.process(clip, GenerationParams(seed=5))
+    again = fast.process(clip, GenerationParams(seed=5))
+    other = fast.process(clip, GenerationParams(seed=6))
+    assert first.tokens == again.tokens
+    assert first.tokens != other.tokens
+
+
+# ---- batched rows ---------------------------------------------------------------------------------
+def _plan(engine: Engine, samples: np.ndarray, params: GenerationParams) -> JobPlan:
+    models = engine._models
+    assert models is not None
+    user_codes = codec.encode(models.mimi, samples)
+    return engine._plan(models, user_codes, engine._voice_prompt(models, params.voice_prompt), params)
+
+
+def _run(engine: Engine, plans: list[JobPlan]) -> list[list[list[int]]]:
+    models = engine._models
+    assert models is not None and engine._info is not None
+    loop = FastLoop(models, plans, engine._info.lm.delays)
+    loop.run(loop.frames)
+    return [frames.tolist() for frames in loop.results()]
+
+
+def _jobs(samples: np.ndarray, voice_wav: str, greedy: bool) -> list[tuple[np.ndarray, GenerationParams]]:
+    second = SAMPLE_RATE
+    return (
+        [
+            (
+                samples[: int(2.5 * second)],
+                GenerationParams(voice_prompt="NATF2.pt", text_prompt=PROMPT, seed=1),
+            ),
+            (
+                samples[second : int(2.2 * second)],
+                GenerationParams(voice_prompt="NATM1.pt", text_prompt="", seed=2),
+            ),
+            (
+                samples[: int(0.7 * second)],
+                GenerationParams(voice_prompt=voice_wav, text_prompt="Hi.", seed=3),
+            ),
+            (
+                samples[2 * second :],
+                GenerationParams(
+                    voice_prompt="VARM4.pt", text_prompt=PROMPT, seed=4, topk_text=3, topk_audio=9
+                ),
+            ),
+        ]
+        if not greedy
+        else [
+            (s, GenerationParams(**{**p.to_dict(), "greedy": True}))
+            for s, p in _jobs(samples, voice_wav, greedy=False)
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def voice_wav(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("voice") / "speaker.wav"
+    speech = audio_io.load(SPEECH_40S, SAMPLE_RATE)
+    path.write_bytes(audio_io.encode_wav(speech[5 * SAMPLE_RATE : int(6.5 * SAMPLE_RATE)]))
+    return str(path)
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded"])
+def test_batched_rows_equal_each_job_alone(
+    engines: tuple[Engine, Engine], samples: np.ndarray, voice_wav: str, greedy: bool
+) -> None:
+    eager, fast = engines
+    jobs = _jobs(samples, voice_wav, greedy)
+    batched = _run(fast, [_plan(fast, s, p) for s, p in jobs])
+    lengths = {len(plan) for plan in [_plan(fast, s, p) for s, p in jobs]}
+    assert len(lengths) == len(jobs)  # every row has its own length
+    for (job_samples, params), row in zip(jobs, batched, strict=True):
+        alone = _run(fast, [_plan(fast, job_samples, params)])[0]
+        assert row == alone
+    # ... and alone equals the reference loop
+    first_samples, first_params = jobs[0]
+    assert batched[0] == eager.process(audio_io.encode_wav(first_samples), first_params).tokens
+    # Each row's seed decides its tokens whatever it is batched with: the same job in another
+    # batch position, beside other jobs, gives the same tokens.
+    swapped = _run(fast, [_plan(fast, s, p) for s, p in reversed(jobs[1:])])
+    assert swapped[::-1] == batched[1:]
+
+
+def test_plans_start_with_prompt_frames(engines: tuple[Engine, Engine], samples: np.ndarray) -> None:
+    _, fast = engines
+    plan = _plan(fast, samples[:SAMPLE_RATE], GenerationParams(text_prompt=PROMPT))
+    assert plan.generate_frames == 13  # 1 s of audio at 12.5 frames/s
+    assert plan.replay_frames > 0 and plan.voice_cache is not None
+    assert plan.samples_at(plan.prompt_frames) and not plan.samples_at(plan.prompt_frames - 1)
+    with pytest.raises(AssertionError):
+        JobPlan(text=plan.text.flip(0), agent=plan.agent, user=plan.user)
