@@ -52,6 +52,17 @@ def request_offload(
 def _broadcast(
     app: Celery, command: str, destination: list[str] | None, timeout: float
 ) -> dict[str, dict[str, Any]]:
+    """Send once more if the first try fails on a connection: after a Redis restart the first use
+    of a pooled broker connection raises ConnectionError, and the retry gets a fresh one."""
+    try:
+        return _broadcast_once(app, command, destination, timeout)
+    except app.connection_for_write().connection_errors:
+        return _broadcast_once(app, command, destination, timeout)
+
+
+def _broadcast_once(
+    app: Celery, command: str, destination: list[str] | None, timeout: float
+) -> dict[str, dict[str, Any]]:
     # With named destinations, stop waiting once each has answered instead of always waiting `timeout`.
     limit = len(destination) if destination else None
     replies = app.control.broadcast(

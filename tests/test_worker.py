@@ -1,0 +1,300 @@
+"""The Celery worker end to end: real `celery -A worker worker` processes, the private redis-server and
+the real engine on the tiny model.
+
+Most tests share one worker (module scope) on their own Redis database (db 1), and each test starts
+from an empty job keyspace there: starting a worker costs seconds (importing torch), and the tests
+that share it each leave it idle. Tests that need their own settings (idle timeout, two workers)
+start their own workers on db 0 through the `start_worker` fixture.
+
+Redelivery after a SIGKILL (test_killed_worker_job_completes_once_on_the_other): the dead worker's
+message sits in kombu's `unacked` hash. Only a live worker's `restore_visible` sweep puts it back on the
+queue, once it is older than the visibility timeout. kombu runs that sweep every
+`unacked_restore_interval` seconds but scans only every `unacked_restore_throttle`-th time (10 x 10 =
+~100 s by default), so worker.config derives both from the visibility timeout: with
+PERSONAPLEX_VISIBILITY_TIMEOUT=5 the survivor scans every second and redelivers within ~6 s. The
+survivor's delivery then waits for the dead worker's job lease to expire (heartbeat TTL, 3 s here).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import soundfile as sf
+from celery import Celery
+from fixtures import RedisServer, WorkerProcess, speech_clip, wait_for_job, wait_until, worker_environment
+
+from personaplex.jobs import Job, JobStatus, JobStore, Keys, WorkerRegistry
+from personaplex.params import GenerationParams
+from personaplex.settings import Settings
+from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, FsBlobStore
+from worker import TASK_NAME, create_celery_app
+from worker.control import query_gpu_status, request_offload
+
+StartWorker = Callable[..., WorkerProcess]
+SHARED_DB = 1
+
+
+@dataclass
+class Harness:
+    """What the web does, against one worker: enqueue, read job records, send control commands."""
+
+    app: Celery
+    jobs: JobStore
+    blobs: FsBlobStore
+    redis: redis.Redis
+
+    def submit(self, audio: bytes, **job_fields: object) -> Job:
+        """Enqueue like the web: record, input blob, then the task with task_id = job id."""
+        job = self.jobs.create(Job(params=GenerationParams().to_dict(), **job_fields))
+        self.blobs.put(job.id, INPUT, audio)
+        self.send(job.id)
+        return job
+
+    def send(self, job_id: str) -> None:
+        self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id)
+
+    def gpu_status(self, worker: WorkerProcess) -> tuple[dict, float]:
+        """(reply, seconds it took) of gpu_status from one worker."""
+        started = time.perf_counter()
+        replies = query_gpu_status(self.app, destination=[worker.hostname])
+        return replies[worker.hostname], time.perf_counter() - started
+
+    def offload(self, worker: WorkerProcess) -> tuple[dict, float]:
+        started = time.perf_counter()
+        replies = request_offload(self.app, destination=[worker.hostname])
+        return replies[worker.hostname], time.perf_counter() - started
+
+    def model_loaded(self, worker: WorkerProcess) -> bool:
+        return self.gpu_status(worker)[0]["model_loaded"]
+
+
+def make_harness(settings: Settings, client: redis.Redis) -> Iterator[Harness]:
+    app = create_celery_app(settings)
+    yield Harness(app, JobStore(client, settings.retention_s), FsBlobStore(settings.data_dir), client)
+    app.close()
+
+
+def in_phase(*phases: str) -> Callable[[Job], bool]:
+    return lambda job: job.status is JobStatus.RUNNING and job.progress.get("phase") in phases
+
+
+@pytest.fixture(scope="module")
+def shared_settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    redis_server.start()
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{SHARED_DB}"
+    return Settings.from_env({}, redis_url=url, data_dir=tmp_path_factory.mktemp("shared-worker"))
+
+
+@pytest.fixture(scope="module")
+def shared_worker(
+    shared_settings: Settings, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One worker for the tests that leave it idle and unloaded-or-loaded; its log is printed at the end."""
+    redis.Redis.from_url(shared_settings.redis_url).flushdb()
+    env = worker_environment(shared_settings, tiny_checkpoint)
+    worker = WorkerProcess("shared", env, tmp_path_factory.mktemp("logs")).start()
+    worker.wait_ready()
+    yield worker
+    worker.stop()
+    print(f"----- log of worker {worker.hostname} -----\n{worker.log()}")
+
+
+@pytest.fixture
+def shared(shared_settings: Settings, shared_worker: WorkerProcess) -> Iterator[Harness]:
+    """A harness on the shared worker's database, emptied of job records, blobs and events first."""
+    client = redis.Redis.from_url(shared_settings.redis_url)
+    keys = list(client.scan_iter(match=Keys.PREFIX + "*"))
+    keys = [k for k in keys if not k.startswith(Keys.PREFIX.encode() + b"worker:")]
+    if keys:
+        client.delete(*keys)
+    yield from make_harness(shared_settings, client)
+
+
+@pytest.fixture
+def harness(settings: Settings, redis_client: redis.Redis) -> Iterator[Harness]:
+    """A harness on the per-test database, for workers from `start_worker`."""
+    yield from make_harness(settings, redis_client)
+
+
+def collect_events(client: redis.Redis) -> Iterator[list[dict]]:
+    """Every job event published while the test runs."""
+    received: list[dict] = []
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(Keys.PREFIX + "events:*")
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            message = pubsub.get_message(timeout=0.05)
+            if message:
+                received.append(json.loads(message["data"]))
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    yield received
+    stop.set()
+    thread.join()
+    pubsub.close()
+
+
+@pytest.fixture
+def events(shared: Harness) -> Iterator[list[dict]]:
+    yield from collect_events(shared.redis)
+
+
+def deliveries(worker: WorkerProcess, job_id: str, ran: bool) -> int:
+    """How many deliveries of the job the worker finished, with or without running the engine."""
+    marker = f"'ran': {ran}}}"
+    return sum(1 for line in worker.log().splitlines() if f"[{job_id}]" in line and marker in line)
+
+
+def test_job_runs_end_to_end(shared: Harness, shared_worker: WorkerProcess, events: list[dict]) -> None:
+    status, _ = shared.gpu_status(shared_worker)
+    assert status["running_job"] is None and status["worker"] == shared_worker.hostname
+
+    job = shared.submit(speech_clip(3.0), input_duration_s=3.0)
+    done = wait_for_job(shared.jobs, job.id)
+
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert (done.attempts, done.worker) == (1, shared_worker.hostname)
+    assert done.result["duration_s"] == pytest.approx(3.0)
+    assert done.result["frames"] == 38  # 12.5 frames per second
+    timings = done.result["timings"]
+    assert {"queue_wait_s", "load_s", "inference_s", "rtf", "generate_s"} <= set(timings)
+    assert timings["rtf"] == pytest.approx(timings["inference_s"] / 3.0, rel=1e-3)
+    info = sf.info(shared.blobs.path(job.id, OUTPUT_WAV))
+    assert (info.samplerate, info.frames) == (24_000, 3 * 24_000)
+    document = json.loads(shared.blobs.get(job.id, OUTPUT_JSON))
+    assert document["job_id"] == job.id and document["text"] == done.result["text"]
+    assert len(document["frames"]) == 38
+
+    types = [e["type"] for e in events if e["job_id"] == job.id]
+    assert types[:2] == ["queued", "started"] and types[-1] == "succeeded" and "progress" in types
+    beats = {b["worker"]: b for b in WorkerRegistry(shared.redis).live()}
+    assert beats[shared_worker.hostname]["timestamp"] > time.time() - 5
+
+
+def test_control_commands_answer_fast_while_a_job_runs(shared: Harness, shared_worker: WorkerProcess) -> None:
+    job = shared.submit(speech_clip(40.0))
+    wait_for_job(shared.jobs, job.id, in_phase("prompt", "generate"))
+
+    status, seconds = shared.gpu_status(shared_worker)
+    assert seconds < 1.0
+    assert status["running_job"] == job.id and status["model_loaded"] is True
+    assert status["progress"]["phase"] in ("prompt", "generate") and status["idle_deadline"] is None
+    assert set(status["gpu"]) == {"name", "memory_total", "memory_allocated", "memory_reserved"}
+    assert status["device"] == "cpu"
+
+    reply, seconds = shared.offload(shared_worker)
+    assert seconds < 1.0
+    assert reply["status"] == "deferred" and reply["worker"] == shared_worker.hostname
+
+    shared.jobs.request_cancel(job.id)  # end the job early; the deferred offload follows it
+    assert wait_for_job(shared.jobs, job.id).status is JobStatus.CANCELLED
+    wait_until(lambda: not shared.model_loaded(shared_worker), 5, what="the deferred offload")
+    assert shared.offload(shared_worker)[0]["status"] == "not_loaded"
+
+
+def test_cancel_mid_job(shared: Harness, events: list[dict]) -> None:
+    job = shared.submit(speech_clip(20.0))
+    wait_for_job(shared.jobs, job.id, in_phase("generate"))
+    assert shared.jobs.request_cancel(job.id).status is JobStatus.RUNNING
+
+    done = wait_for_job(shared.jobs, job.id, timeout=10)
+    assert done.status is JobStatus.CANCELLED and done.finished_at is not None
+    assert not shared.blobs.exists(job.id, OUTPUT_WAV)
+    assert [e["type"] for e in events if e["job_id"] == job.id][-1] == "cancelled"
+
+
+def test_redelivery_of_a_finished_job_does_not_rerun_it(
+    shared: Harness, shared_worker: WorkerProcess
+) -> None:
+    job = shared.submit(speech_clip(1.0))
+    first = wait_for_job(shared.jobs, job.id)
+    assert first.status is JobStatus.SUCCEEDED
+    output_mtime = shared.blobs.path(job.id, OUTPUT_WAV).stat().st_mtime_ns
+
+    shared.send(job.id)  # what kombu does when it restores an unacked message
+    wait_until(lambda: deliveries(shared_worker, job.id, ran=False) == 1, 20, what="the redelivery")
+
+    again = shared.jobs.get(job.id)
+    assert (again.attempts, again.finished_at, again.result) == (1, first.finished_at, first.result)
+    assert shared.blobs.path(job.id, OUTPUT_WAV).stat().st_mtime_ns == output_mtime
+    assert deliveries(shared_worker, job.id, ran=True) == 1
+
+
+def test_attempts_past_the_limit_fail_the_job(shared: Harness) -> None:
+    job = shared.submit(speech_clip(1.0), attempts=3)  # as if delivered 3 times already (the default max)
+    done = wait_for_job(shared.jobs, job.id)
+    assert done.status is JobStatus.FAILED and done.attempts == 4
+    assert "Gave up after 3 attempts" in done.error and "PERSONAPLEX_MAX_ATTEMPTS=3" in done.error
+    assert not shared.blobs.exists(job.id, OUTPUT_WAV)
+
+
+def test_engine_errors_fail_the_job_with_their_message(shared: Harness) -> None:
+    not_audio = shared.submit(b"this is not a wav file")
+    bad_voice = shared.jobs.create(Job(params={**GenerationParams().to_dict(), "voice_prompt": "NOPE.pt"}))
+    shared.blobs.put(bad_voice.id, INPUT, speech_clip(1.0))
+    shared.send(bad_voice.id)
+
+    failed = wait_for_job(shared.jobs, not_audio.id)
+    assert failed.status is JobStatus.FAILED and "Could not decode the audio" in failed.error
+    failed = wait_for_job(shared.jobs, bad_voice.id)
+    assert failed.status is JobStatus.FAILED and "NOPE.pt" in failed.error
+
+
+def test_idle_model_is_offloaded(start_worker: StartWorker, harness: Harness) -> None:
+    worker = start_worker(GPU_IDLE_TIMEOUT="1.5")
+    job = harness.submit(speech_clip(1.0))
+    assert wait_for_job(harness.jobs, job.id).status is JobStatus.SUCCEEDED
+
+    status, _ = harness.gpu_status(worker)
+    if status["model_loaded"]:
+        assert status["idle_deadline"] == pytest.approx(status["last_used"] + 1.5)
+    wait_until(lambda: not harness.model_loaded(worker), 5, what="the idle offload")
+    assert harness.gpu_status(worker)[0]["idle_deadline"] is None
+
+
+def test_killed_worker_job_completes_once_on_the_other(start_worker: StartWorker, harness: Harness) -> None:
+    env = {"PERSONAPLEX_VISIBILITY_TIMEOUT": "5"}
+    workers = {w.hostname: w for w in (start_worker("gpu0", **env), start_worker("gpu1", **env))}
+    job = harness.submit(speech_clip(10.0))
+    running = wait_for_job(harness.jobs, job.id, in_phase("prompt", "generate"))
+    victim = workers.pop(running.worker)
+    (survivor,) = workers.values()
+    victim.kill()
+
+    done = wait_for_job(harness.jobs, job.id, timeout=45)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert (done.worker, done.attempts) == (survivor.hostname, 2)
+    assert sf.info(harness.blobs.path(job.id, OUTPUT_WAV)).frames == 10 * 24_000
+    assert deliveries(survivor, job.id, ran=True) == 1
+    wait_until(
+        lambda: [w["worker"] for w in WorkerRegistry(harness.redis).live()] == [survivor.hostname],
+        5,
+        what="the killed worker's heartbeat to expire",
+    )
+
+
+def test_worker_recovers_after_a_redis_restart(
+    start_worker: StartWorker, harness: Harness, redis_server: RedisServer
+) -> None:
+    worker = start_worker()
+    redis_server.stop()  # no persistence: every key is gone, kombu's bindings included
+    time.sleep(1.0)
+    redis_server.start()
+
+    def beating() -> bool:
+        return [w["worker"] for w in WorkerRegistry(harness.redis).live()] == [worker.hostname]
+
+    wait_until(beating, 10, what="the heartbeat to come back")
+    wait_until(lambda: query_gpu_status(harness.app, destination=[worker.hostname]), 20, what="control")
+    job = harness.submit(speech_clip(1.0))
+    assert wait_for_job(harness.jobs, job.id, timeout=30).status is JobStatus.SUCCEEDED
