@@ -7,6 +7,7 @@ initialisation ever runs. The LM goes to bf16 on a GPU (fp32 on CPU); Mimi stays
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ from personaplex.convert import (
 from personaplex.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+_BUILD_LOCK = threading.Lock()
+"""init_empty_weights patches module construction process-wide: one build at a time."""
 
 
 @dataclass
@@ -48,8 +52,9 @@ def load_models(info: CheckpointInfo, device: torch.device, cpu_offload: bool = 
     config = moshi_config(info.lm, info.mimi)
     config._attn_implementation = "sdpa"
     weights_device = "cpu" if cpu_offload or device.type != "cuda" else str(device)
-    moshi = _build_moshi(info, config, weights_device, dtype)
-    mimi = _build_mimi(info, config.audio_encoder_config, weights_device)
+    with _BUILD_LOCK:
+        moshi = _build_moshi(info, config, weights_device, dtype)
+        mimi = _build_mimi(info, config.audio_encoder_config, weights_device)
     _place(moshi, device, cpu_offload)
     mimi.to(device)
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(info.tokenizer))
