@@ -42,6 +42,9 @@ PROGRESS_EVERY = 5
 """Frames between progress callbacks."""
 VOICE_LOUDNESS_LUFS = -24.0
 TEXT_MARKERS = {0: "EPAD", TEXT_PAD: "PAD"}
+FAST_FRAMES_BUCKET = 256
+"""The fast loop's frame capacity is rounded up to this, so jobs of similar lengths reuse its graphs."""
+FAST_REPLAY_BUCKET = 64
 
 
 def wrap_with_system_tags(text: str) -> str:
@@ -73,6 +76,7 @@ class Engine:
         max_audio_seconds: float | None = audio_io.DEFAULT_MAX_SECONDS,
         voice_prompt_dir: str | os.PathLike | None = None,
         hf_token: str | None = None,
+        captured: bool | None = None,
     ) -> None:
         self.model_name = str(model)
         self.device = torch.device(device) if device else default_device()
@@ -80,6 +84,9 @@ class Engine:
         self.max_audio_seconds = max_audio_seconds
         self.voice_prompt_dir = Path(voice_prompt_dir) if voice_prompt_dir else None
         self.hf_token = hf_token
+        self.captured = captured
+        """The fast loop (personaplex.fast, CUDA graphs on a GPU); None: on CUDA without cpu offload."""
+        self._fast = None  # the last FastLoop, reused while jobs fit it
         self._lock = threading.RLock()
         self._models: LoadedModels | None = None
         self._info: CheckpointInfo | None = None
@@ -87,9 +94,11 @@ class Engine:
         self.last_used: float | None = None
 
     @classmethod
-    def from_loaded(cls, models: LoadedModels, info: CheckpointInfo, voices_dir: Path) -> Engine:
+    def from_loaded(
+        cls, models: LoadedModels, info: CheckpointInfo, voices_dir: Path, captured: bool | None = None
+    ) -> Engine:
         """An engine around modules built elsewhere (benchmarks with random weights at real size)."""
-        engine = cls(info.root, device=models.device)
+        engine = cls(info.root, device=models.device, captured=captured)
         engine._models, engine._info, engine._voices_dir = models, info, voices_dir
         return engine
 
@@ -117,6 +126,7 @@ class Engine:
             before = self._allocated_mb()
             was_loaded = self._models is not None
             self._models = None
+            self._fast = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -188,14 +198,17 @@ class Engine:
         user_codes = codec.encode(models.mimi, samples)  # [1, 8, F]
         timings.encode_s = time.perf_counter() - clock
 
-        loop = self._new_loop(models, params)
-        clock = time.perf_counter()
-        self._prompt(loop, voice, self._text_prompt_tokens(models, params.text_prompt), report, cancelled)
-        timings.prompt_s = time.perf_counter() - clock
+        if self._use_fast_loop():
+            frames = self._run_fast(models, user_codes, voice, params, timings, report, cancelled)
+        else:
+            loop = self._new_loop(models, params)
+            clock = time.perf_counter()
+            self._prompt(loop, voice, self._text_prompt_tokens(models, params.text_prompt), report, cancelled)
+            timings.prompt_s = time.perf_counter() - clock
 
-        clock = time.perf_counter()
-        frames = self._generate(loop, user_codes, report, cancelled)  # [F, 9]
-        timings.generate_s = time.perf_counter() - clock
+            clock = time.perf_counter()
+            frames = self._generate(loop, user_codes, report, cancelled)  # [F, 9]
+            timings.generate_s = time.perf_counter() - clock
 
         clock = time.perf_counter()
         report("decode", 0, 1)
@@ -217,6 +230,11 @@ class Engine:
 
     def _new_loop(self, models: LoadedModels, params: GenerationParams) -> FrameLoop:
         assert self._info is not None
+        sampling, generator = self._sampling(models, params)
+        return FrameLoop(models, self._info.lm.delays, sampling, generator)
+
+    @staticmethod
+    def _sampling(models: LoadedModels, params: GenerationParams) -> tuple[Sampling, torch.Generator | None]:
         sampling = Sampling(
             greedy=params.greedy,
             temp_audio=params.temp_audio,
@@ -224,8 +242,90 @@ class Engine:
             topk_audio=params.topk_audio,
             topk_text=params.topk_text,
         )
-        generator = None if params.greedy else make_generator(params.seed, models.device)
-        return FrameLoop(models, self._info.lm.delays, sampling, generator)
+        return sampling, None if params.greedy else make_generator(params.seed, models.device)
+
+    # ---- the fast loop (personaplex.fast) ----------------------------------------------------
+    def _use_fast_loop(self) -> bool:
+        if self.captured is not None:
+            return self.captured
+        return self.device.type == "cuda" and not self.cpu_offload
+
+    def _plan(
+        self, models: LoadedModels, user_codes: torch.Tensor, voice: _VoicePrompt, params: GenerationParams
+    ):
+        from personaplex.fast import plan_job
+
+        sampling, generator = self._sampling(models, params)
+        return plan_job(
+            models,
+            user_codes[0],
+            self._text_prompt_tokens(models, params.text_prompt),
+            SILENCE_FRAMES,
+            voice_embeddings=voice.embeddings,
+            voice_cache=voice.cache,
+            voice_codes=None if voice.codes is None else voice.codes[0],
+            sampling=sampling,
+            generator=generator,
+        )
+
+    def _fast_loop(self, models: LoadedModels, plans: list):
+        """A FastLoop holding `plans`: the last one if they fit it, else a new one (capacities rounded up)."""
+        from personaplex.fast import FastLoop
+
+        assert self._info is not None
+        if self._fast is not None and self._fast.fits(plans):
+            self._fast.load(plans)
+            return self._fast
+        self._fast = None
+        frames = -(-max(len(p) for p in plans) // FAST_FRAMES_BUCKET) * FAST_FRAMES_BUCKET
+        replay = -(-max(p.replay_frames for p in plans) // FAST_REPLAY_BUCKET) * FAST_REPLAY_BUCKET
+        self._fast = FastLoop(
+            models,
+            plans,
+            self._info.lm.delays,
+            capture=models.device.type == "cuda",
+            frames=frames,
+            replay_frames=replay,
+            sampling=True,
+        )
+        return self._fast
+
+    def _run_fast(
+        self,
+        models: LoadedModels,
+        user_codes: torch.Tensor,
+        voice: _VoicePrompt,
+        params: GenerationParams,
+        timings: Timings,
+        report: Progress,
+        cancelled: ShouldCancel,
+    ) -> torch.Tensor:
+        plan = self._plan(models, user_codes, voice, params)
+        loop = self._fast_loop(models, [plan])
+        sync = torch.cuda.synchronize if models.device.type == "cuda" else (lambda: None)
+
+        def before(phase: str, total: int, message: Callable[[int], str]) -> Callable[[int], None]:
+            def check(index: int) -> None:
+                if cancelled():
+                    raise CancelledError(message(index))
+                if index % PROGRESS_EVERY == 0:
+                    report(phase, index, total)
+
+            return check
+
+        clock = time.perf_counter()
+        prompt = plan.prompt_frames
+        loop.run(prompt, before("prompt", prompt, lambda i: "Cancelled during the prompt phase."))
+        report("prompt", prompt, prompt)
+        sync()
+        timings.prompt_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        total = plan.generate_frames
+        loop.run(total, before("generate", total, lambda i: f"Cancelled at frame {i} of {total}."))
+        report("generate", total, total)
+        frames = loop.results()[0]
+        timings.generate_s = time.perf_counter() - clock
+        return frames
 
     # ---- prompt phases -----------------------------------------------------------------------
     def _prompt(

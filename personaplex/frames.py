@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from personaplex.loaders import LoadedModels
-from personaplex.sampling import sample
+from personaplex.sampling import draw_noise, sample
 
 TEXT_PAD = 3
 """Text id forced during prompts (and printed as PAD); 0 is EPAD."""
@@ -148,7 +148,12 @@ class FrameLoop:
         return hidden, self.moshi.decoder.lm_head(hidden)[:, 0].float()
 
     def depth(
-        self, text: torch.Tensor, hidden: torch.Tensor, forced: torch.Tensor, provided: torch.Tensor
+        self,
+        text: torch.Tensor,
+        hidden: torch.Tensor,
+        forced: torch.Tensor,
+        provided: torch.Tensor,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The 8 depth steps: each fed the previous token (forced where provided). Returns sampled [B, 8]."""
         depth = self.moshi.depth_decoder
@@ -164,7 +169,10 @@ class FrameLoop:
                 cache=cache,
                 use_cache=True,
             )
-            token = sample(out.logits[:, 0].float(), s.temp_audio, s.topk_audio, s.greedy, self.generator)
+            step_noise = None if noise is None else noise[:, step]
+            token = sample(
+                out.logits[:, 0].float(), s.temp_audio, s.topk_audio, s.greedy, self.generator, step_noise
+            )
             sampled.append(token)
             previous = torch.where(provided[:, step], forced[:, step], token)
         return torch.stack(sampled, dim=1)
@@ -209,10 +217,25 @@ class FrameLoop:
             # Prompt frames force every token: sampling would be discarded, so skip it.
             return ring.finish_step(forced[:, 0], forced[:, 1:])
         s = self.sampling
-        text = sample(text_logits, s.temp_text, s.topk_text, s.greedy, self.generator)
+        text_noise, audio_noise = self._draw_noise(text_logits.shape[-1])
+        text = sample(text_logits, s.temp_text, s.topk_text, s.greedy, self.generator, text_noise)
         next_text = torch.where(provided[:, 0], forced[:, 0], text)
-        audio = self.depth(next_text, hidden, forced[:, 1:], provided[:, 1:])
+        audio = self.depth(next_text, hidden, forced[:, 1:], provided[:, 1:], audio_noise)
         return ring.finish_step(text, audio)
+
+    def _draw_noise(self, text_vocab: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The frame's race noise, drawn up front per row (text, then audio), as the fast loop draws it."""
+        s = self.sampling
+        if s.greedy or self.generator is None:
+            return None, None
+        device = self.silence.device
+        k_text = min(s.topk_text, text_vocab)
+        k_audio = min(s.topk_audio, self.moshi.config.audio_vocab_size)
+        text = torch.empty(self.batch, k_text, device=device)
+        audio = torch.empty(self.batch, AUDIO_STREAMS, k_audio, device=device)
+        for row in range(self.batch):
+            draw_noise(self.generator, text[row], audio[row].view(-1))
+        return text, audio
 
     # ---- prompt phases ---------------------------------------------------------------------
     def replay_voice_embeddings(self, embeddings: torch.Tensor, cache: torch.Tensor) -> None:
