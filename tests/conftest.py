@@ -6,6 +6,7 @@ Sections (add new fixtures to the section they belong to, or start a new one):
   3. Engine on the tiny model: `shared_dir`, `tiny_checkpoint` (session), `tiny_engine` (session)
   4. Audio: `speech_wav` (path of 20 s of real speech)
   5. Workers: `worker_env` (env for a worker subprocess), `start_worker` (factory; all stopped after)
+  6. The whole service stack: `live_service` (module; base URL of web + worker + its own Redis)
 
 Helper classes and paths live in tests/fixtures.py (imported as `fixtures`: tests/ is on sys.path
 because it has no __init__.py).
@@ -151,4 +152,40 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     yield start
     stop_all(started)
     for worker in started:
+        print(f"----- log of worker {worker.hostname} -----\n{worker.log()}")
+
+
+# -- 6. The whole service stack, once per module (owned by the MCP tests) -------------------------
+
+
+@pytest.fixture(scope="module")
+def live_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[str]:
+    """Base URL of the real stack: its own redis-server, a worker subprocess on the tiny model, the web
+    server. Private to the module (other tests' flushes never reach it); the worker's log is printed
+    at teardown."""
+    from fixtures import REPO_ROOT, WorkerProcess
+
+    from web import create_app
+    from web.server_thread import ServerThread
+
+    root = tmp_path_factory.mktemp("live-service")
+    redis_server = RedisServer(root / "redis")
+    redis_server.start()
+    env = {
+        "REDIS_URL": redis_server.url,
+        "PERSONAPLEX_MODEL": str(tiny_checkpoint),
+        "PERSONAPLEX_DATA_DIR": str(root / "data"),
+        "DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    worker = WorkerProcess("live", env, root / "logs").start()
+    try:
+        app = create_app({"redis_url": redis_server.url, "data_dir": root / "data"}, environ={})
+        with ServerThread(app) as server:
+            worker.wait_ready()
+            yield server.url
+    finally:
+        worker.stop()
+        redis_server.stop()
         print(f"----- log of worker {worker.hostname} -----\n{worker.log()}")

@@ -1,0 +1,863 @@
+"""MCP server: PersonaPlex speech-to-speech for AI assistants, as a thin client of the HTTP API.
+
+    python -m personaplex.mcp_server        # or the console script `personaplex-mcp`
+
+It speaks MCP over stdio (JSON-RPC on stdin/stdout; logs go to stderr only) and forwards every tool
+to the PersonaPlex Queue service through `personaplex.client`. Environment:
+
+    PERSONAPLEX_API_URL       the service (default http://localhost:8998)
+    PERSONAPLEX_API_KEY       sent as a bearer token when set
+    PERSONAPLEX_MCP_MAX_WAIT  seconds process_audio waits before handing back the job id (default 600)
+
+Tools: health_check, get_gpu_status, offload_gpu, list_voices, get_prompt_examples, process_audio,
+and, for clients that cut calls at about 60 s, submit_audio_job, get_job_status, get_job_result and
+cancel_job. Every tool returns a dict (a TypedDict, so each publishes an output schema) and none
+raises: a failure is `{"status": "error", "error": "<what went wrong and what to do>"}`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Required, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import ToolAnnotations
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
+
+from personaplex.catalog import (
+    ASSISTANT_PROMPT,
+    DEFAULT_SEED,
+    DEFAULT_VOICE,
+    normalize_voice_name,
+    voice_filenames,
+)
+from personaplex.client import FINAL_STATUSES, ClientError, PersonaPlexClient
+
+log = logging.getLogger("personaplex.mcp")
+
+SERVER_NAME = "personaplex"
+
+DEFAULT_API_URL = "http://localhost:8998"
+DEFAULT_MAX_WAIT_S = 600.0
+"""Seconds process_audio waits for its job before returning {"status": "pending", "job_id"}."""
+
+POLL_INTERVAL_S = 0.5
+"""Seconds between two reads of the job record while process_audio waits."""
+
+PROGRESS_INTERVAL_S = 1.0
+"""Seconds between two progress notifications (the promise to clients is at most 2 s)."""
+
+MAX_POLL_FAILURES = 20
+"""Consecutive failed reads of the job record (about 10 s) process_audio waits out before giving up."""
+
+REQUEST_TIMEOUT_S = 30.0
+"""Seconds one ordinary HTTP request to the service may take."""
+
+FRAME_RATE_HZ = 12.5
+"""Model frames per second of audio (one frame = 1920 samples at 24 kHz)."""
+
+T = TypeVar("T")
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class McpConfig:
+    """Where the service is and how long process_audio may wait; read from the environment by main()."""
+
+    api_url: str = DEFAULT_API_URL
+    api_key: str | None = None
+    max_wait_s: float = DEFAULT_MAX_WAIT_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> McpConfig:
+        env = os.environ if environ is None else environ
+        raw_wait = env.get("PERSONAPLEX_MCP_MAX_WAIT", "").strip()
+        try:
+            max_wait = float(raw_wait) if raw_wait else DEFAULT_MAX_WAIT_S
+        except ValueError:
+            log.warning(
+                "PERSONAPLEX_MCP_MAX_WAIT=%r is not a number; using %g s", raw_wait, DEFAULT_MAX_WAIT_S
+            )
+            max_wait = DEFAULT_MAX_WAIT_S
+        return cls(
+            api_url=(env.get("PERSONAPLEX_API_URL") or DEFAULT_API_URL).rstrip("/"),
+            api_key=env.get("PERSONAPLEX_API_KEY") or None,
+            max_wait_s=max(max_wait, 0.0),
+        )
+
+
+# -- result types (each tool publishes its output schema from these) -----------------------------
+
+
+class ErrorResult(TypedDict, total=False):
+    status: Required[str]
+    error: str
+
+
+class HealthResult(TypedDict, total=False):
+    status: Required[str]
+    """healthy (workers alive), degraded (no worker: jobs wait), unhealthy (Redis down) or error."""
+    error: str
+    api_url: str
+    redis: str
+    workers: int
+    queue_length: int | None
+    gpu_available: bool
+    model_loaded: bool
+    timestamp: str
+    detail: str
+
+
+class GpuStatusResult(TypedDict, total=False):
+    status: Required[str]
+    error: str
+    model_loaded: bool
+    active_connections: int
+    idle_timeout: float
+    gpu: dict[str, Any]
+    worker_count: int
+    workers: list[dict[str, Any]]
+
+
+class OffloadResult(TypedDict, total=False):
+    status: Required[str]
+    """offloaded, deferred (a job is running: offloaded after it), not_loaded, or error."""
+    error: str
+    memory_allocated: float
+    workers: list[dict[str, Any]]
+
+
+class VoiceInfo(TypedDict):
+    id: str
+    name: str
+    category: str
+    filename: str
+
+
+class VoicesResult(TypedDict, total=False):
+    status: Required[str]
+    error: str
+    voices: list[VoiceInfo]
+    default: str
+    count: int
+
+
+class PromptInfo(TypedDict):
+    id: str
+    name: str
+    text: str
+
+
+class PromptsResult(TypedDict, total=False):
+    status: Required[str]
+    error: str
+    prompts: list[PromptInfo]
+    default: str
+    default_seed: int
+
+
+class AudioResult(TypedDict, total=False):
+    """process_audio and get_job_result: success, pending (still running) or error."""
+
+    status: Required[str]
+    error: str
+    message: str
+    job_id: str
+    job_status: str
+    progress: dict[str, Any]
+    output_audio: str
+    generated_text: str
+    voice_used: str
+    text_prompt_used: str
+    seed: int
+    duration_s: float
+    frames: int
+    timings: dict[str, float]
+
+
+class SubmitResult(TypedDict, total=False):
+    status: Required[str]
+    """submitted, or error."""
+    error: str
+    message: str
+    job_id: str
+    job_status: str
+    voice_used: str
+    text_prompt_used: str
+    seed: int
+    input_duration_s: float | None
+
+
+class JobStatusResult(TypedDict, total=False):
+    status: Required[str]
+    """The job's status (queued, running, succeeded, failed, cancelled) or error."""
+    error: str
+    message: str
+    job_id: str
+    progress: dict[str, Any]
+    percent: float | None
+    worker: str | None
+    attempts: int
+    input_name: str
+    input_duration_s: float | None
+    params: dict[str, Any]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    generated_text: str
+    duration_s: float
+
+
+class CancelResult(TypedDict, total=False):
+    status: Required[str]
+    """cancelled (it will not run), cancel_requested (running: stops at its next frame), or error."""
+    error: str
+    message: str
+    job_id: str
+    job_status: str
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+class ToolError(Exception):
+    """A failure whose message already says what went wrong and what to do."""
+
+
+def error(message: str) -> dict[str, Any]:
+    return {"status": "error", "error": message}
+
+
+def describe_client_error(exc: ClientError, config: McpConfig) -> str:
+    """The service's error in words an assistant can act on."""
+    if exc.status is None:
+        return (
+            f"The PersonaPlex service at {config.api_url} is unreachable ({unreachable_reason(exc)}). "
+            "Start it (`docker compose up -d`, or `python -m web` with Redis and `celery -A worker "
+            "worker`) or point PERSONAPLEX_API_URL at the running service, then try again."
+        )
+    if exc.status == 401:
+        return f"{exc} Set PERSONAPLEX_API_KEY to the service's API key."
+    if exc.status == 429:
+        wait = exc.retry_after
+        return f"{exc} Try again{f' in {wait:g} s' if wait else ' later'}."
+    if exc.status == 400 and exc.payload.get("valid_voices"):
+        return f"{exc} Valid voices: {', '.join(exc.payload['valid_voices'])}."
+    if exc.status == 503:
+        return f"{exc} The service is unhealthy: check its Redis and workers (health_check)."
+    return str(exc)
+
+
+def unreachable_reason(exc: ClientError) -> str:
+    """'connection refused', 'timed out', ... rather than urllib3's nested repr."""
+    cause = exc.__cause__
+    text = str(cause or exc)
+    for marker, reason in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "unknown host name"),
+        ("nodename nor servname", "unknown host name"),
+        ("timed out", "timed out"),
+        ("Timeout", "timed out"),
+    ):
+        if marker in text:
+            return reason
+    return type(cause).__name__ if cause is not None else text
+
+
+def guarded(config: McpConfig, what: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a tool body; turn every failure into {"status": "error", "error": ...}."""
+    try:
+        return body()
+    except ToolError as exc:
+        return error(str(exc))
+    except ClientError as exc:
+        return error(describe_client_error(exc, config))
+    except Exception as exc:  # a tool never raises: report it, log the traceback on stderr
+        log.exception("%s failed unexpectedly", what)
+        return error(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}")
+
+
+def read_input(input_file: str) -> tuple[bytes, str]:
+    """The input recording's bytes and name; ToolError if it is missing or unreadable."""
+    if not input_file or not input_file.strip():
+        raise ToolError("input_file is empty: pass the absolute path of a WAV, FLAC or MP3 recording.")
+    path = Path(input_file).expanduser()
+    if not path.exists():
+        where = "" if path.is_absolute() else f" in {os.getcwd()!r}, the MCP server's working folder"
+        raise ToolError(
+            f"Input file {str(path)!r} does not exist{where}. Pass the absolute path of an existing "
+            "audio file, as the MCP server sees it (inside the container when it runs in one)."
+        )
+    if not path.is_file():
+        raise ToolError(f"Input path {str(path)!r} is not a regular file: pass the path of an audio file.")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ToolError(
+            f"Input file {str(path)!r} cannot be read ({exc.strerror or exc}). Check its permissions."
+        ) from exc
+    if not data:
+        raise ToolError(f"Input file {str(path)!r} is empty: pass a recording with audio in it.")
+    return data, path.name
+
+
+def check_voice(voice_prompt: str) -> str:
+    """The catalog file name of the voice, or ToolError listing the valid ones."""
+    voice = normalize_voice_name(voice_prompt or "")
+    if voice is None:
+        raise ToolError(
+            f"Unknown voice prompt {voice_prompt!r}. Use one of: {', '.join(voice_filenames())} "
+            "(list_voices describes them)."
+        )
+    return voice
+
+
+def check_output(output_file: str) -> Path:
+    """The absolute output path, after proving its folder can be created and written."""
+    if not output_file or not output_file.strip():
+        raise ToolError("output_file is empty: pass the absolute path where the answer WAV should go.")
+    path = Path(output_file).expanduser().absolute()
+    if path.is_dir():
+        raise ToolError(
+            f"Output path {str(path)!r} is a directory: pass a file path such as {str(path / 'answer.wav')!r}."
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.{os.getpid()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ToolError(
+            f"Output file {str(path)!r} is not writable ({exc.strerror or exc}). "
+            "Choose a path in a folder you can write to."
+        ) from exc
+    return path
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """Write atomically (a temporary file renamed into place), creating parent folders."""
+    from personaplex.audio import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as exc:
+        raise ToolError(
+            f"Could not write the output to {str(path)!r} ({exc.strerror or exc}). "
+            "Choose a writable path, then call get_job_result with the job id to fetch it again."
+        ) from exc
+
+
+def estimated_frames(job: Mapping[str, Any]) -> int:
+    """Frames the generation phase will run, derived from the input's duration."""
+    duration = job.get("input_duration_s") or 0.0
+    return max(int(math.ceil(duration * FRAME_RATE_HZ - 1e-9)), 1)
+
+
+def progress_message(job: Mapping[str, Any]) -> str:
+    status = job.get("status")
+    progress = job.get("progress") or {}
+    phase = progress.get("phase")
+    if status == "queued":
+        return "Queued: waiting for a GPU worker."
+    if status == "running" and phase == "load":
+        return "Running: loading the model."
+    if status == "running" and phase == "prompt":
+        return f"Running: voice and persona prompt, frame {progress.get('done', 0)} of {progress.get('total', '?')}."
+    if status == "running" and phase == "generate":
+        return f"Running: generating, frame {progress.get('done', 0)} of {progress.get('total', '?')}."
+    if status == "running" and phase == "decode":
+        return "Running: decoding the answer's audio."
+    if status == "running":
+        return "Running: starting."
+    return f"Job {status}."
+
+
+def percent_done(job: Mapping[str, Any]) -> float | None:
+    progress = job.get("progress") or {}
+    if job.get("status") == "succeeded":
+        return 100.0
+    if progress.get("phase") in ("generate", "decode") and progress.get("total"):
+        share = progress.get("done", 0) / progress["total"]
+        return round(100.0 * min(share, 1.0) * (0.99 if progress["phase"] == "generate" else 1.0), 1)
+    return 0.0 if job.get("status") in ("queued", "running") else None
+
+
+class ProgressMeter:
+    """Turns job records into strictly increasing progress values (the MCP rule) on a frame scale.
+
+    `progress` counts generated frames and `total` is those frames plus one for writing the answer.
+    While the count stands still (queued, loading, prompt phase), each heartbeat adds a shrinking
+    fraction (k/(k+1)) that never reaches the next whole frame: values rise, yet never overstate the
+    work done.
+    """
+
+    def __init__(self) -> None:
+        self.last = -1.0
+        self.ticks = 0
+        self.frames: int | None = None
+
+    def total(self, job: Mapping[str, Any]) -> int:
+        progress = job.get("progress") or {}
+        if progress.get("phase") == "generate" and progress.get("total"):
+            self.frames = int(progress["total"])  # the worker's count wins over the estimate
+        return (self.frames or estimated_frames(job)) + 1
+
+    def update(self, job: Mapping[str, Any]) -> tuple[float, int]:
+        """(progress, total) for the job's latest record."""
+        total = self.total(job)
+        progress = job.get("progress") or {}
+        done = 0
+        if job.get("status") == "succeeded" or progress.get("phase") == "decode":
+            done = total - 1
+        elif progress.get("phase") == "generate":
+            done = min(int(progress.get("done") or 0), total - 1)
+        base = max(float(done), math.floor(self.last))
+        if base > self.last:
+            self.ticks = 0
+            self.last = base
+        else:
+            self.ticks += 1
+            self.last = base + self.ticks / (self.ticks + 1)
+        return self.last, total
+
+    def finish(self, job: Mapping[str, Any]) -> tuple[float, int]:
+        """(total, total): the answer is written."""
+        total = self.total(job)
+        self.last = max(float(total), self.last)
+        return self.last, total
+
+
+def success_result(job: Mapping[str, Any], output: Path) -> dict[str, Any]:
+    result = job.get("result") or {}
+    params = job.get("params") or {}
+    return {
+        "status": "success",
+        "job_id": job["id"],
+        "output_audio": str(output),
+        "generated_text": str(result.get("text", "")),
+        "voice_used": str(params.get("voice_prompt", "")),
+        "text_prompt_used": str(params.get("text_prompt", "")),
+        "seed": int(params.get("seed", DEFAULT_SEED)),
+        "duration_s": float(result.get("duration_s") or job.get("input_duration_s") or 0.0),
+        "frames": int(result.get("frames") or 0),
+        "timings": {k: float(v) for k, v in (result.get("timings") or {}).items()},
+    }
+
+
+def pending_result(job: Mapping[str, Any], waited_s: float) -> dict[str, Any]:
+    job_id = job["id"]
+    return {
+        "status": "pending",
+        "job_id": job_id,
+        "job_status": str(job.get("status")),
+        "progress": dict(job.get("progress") or {}),
+        "message": (
+            f"The job is still {job.get('status')} after {waited_s:.0f} s and goes on in the service. "
+            f"Call get_job_status('{job_id}') to follow it, then get_job_result('{job_id}', output_file) "
+            f"to write the answer; cancel_job('{job_id}') stops it."
+        ),
+    }
+
+
+def final_job_error(job: Mapping[str, Any]) -> str:
+    job_id = job["id"]
+    reason = str(job.get("error") or "the worker gave no reason")
+    if job.get("status") == "failed":
+        return (
+            f"Job {job_id} failed: {reason.rstrip('.')}. Fix the cause "
+            "(input audio, voice, parameters) and submit again; health_check shows whether workers run."
+        )
+    return f"Job {job_id} was cancelled before it finished: submit it again to get an answer."
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+INSTRUCTIONS = """\
+PersonaPlex answers a spoken recording with a spoken reply in a chosen voice and persona.
+Use process_audio(input_file, output_file) with absolute paths for one call that waits (progress is
+reported). If your client cuts tool calls at about 60 s, use submit_audio_job, then poll
+get_job_status and fetch the WAV with get_job_result. list_voices and get_prompt_examples show the
+choices; health_check says whether the service and its GPU workers are up."""
+
+
+def create_server(config: McpConfig | None = None) -> MCPServer:
+    """The MCP server with every tool bound to `config` (default: read from the environment)."""
+    config = config or McpConfig.from_env()
+    server = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="INFO")
+    read_only = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True)
+
+    def tool(annotations: ToolAnnotations) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register a tool; its description is the docstring with the indentation removed."""
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            server.add_tool(fn, description=inspect.getdoc(fn), annotations=annotations)
+            return fn
+
+        return register
+
+    def client() -> PersonaPlexClient:
+        return PersonaPlexClient(config.api_url, api_key=config.api_key, timeout=REQUEST_TIMEOUT_S)
+
+    async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(partial(fn, *args))
+
+    # -- service and catalog ---------------------------------------------------------------------
+
+    @tool(read_only)
+    def health_check() -> HealthResult:
+        """Check the PersonaPlex service: Redis, live GPU workers and queue length.
+
+        status is "healthy" (workers are up), "degraded" (no worker is alive, so jobs wait in the
+        queue until one starts), "unhealthy" (the service cannot reach Redis) or "error" (the service
+        itself is unreachable; the error says how to fix it).
+        """
+
+        def body() -> dict[str, Any]:
+            report = client().health()
+            return {"api_url": config.api_url, **report}
+
+        return guarded(config, "health_check", body)  # type: ignore[return-value]
+
+    @tool(read_only)
+    def get_gpu_status() -> GpuStatusResult:
+        """GPU workers and their memory: whether the model is loaded, running jobs, idle timeout.
+
+        One entry per live worker in `workers`; the top-level fields summarise the fleet.
+        """
+
+        def body() -> dict[str, Any]:
+            return {"status": "ok", **client().gpu_status()}
+
+        return guarded(config, "get_gpu_status", body)  # type: ignore[return-value]
+
+    @server.tool(
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True)
+    )
+    def offload_gpu() -> OffloadResult:
+        """Free GPU memory by unloading the model from every worker; the next job reloads it.
+
+        status: "offloaded", "deferred" (a job is running: the model is unloaded after it) or
+        "not_loaded" (nothing to free). Safe to repeat.
+        """
+
+        def body() -> dict[str, Any]:
+            return dict(client().offload())
+
+        return guarded(config, "offload_gpu", body)  # type: ignore[return-value]
+
+    @tool(read_only)
+    def list_voices() -> VoicesResult:
+        """The 18 voices PersonaPlex can answer in (natural and variety, female and male).
+
+        Pass a voice's `filename` (e.g. "NATF2.pt") or its id ("NATF2") as voice_prompt.
+        """
+
+        def body() -> dict[str, Any]:
+            voices = client().voices()
+            return {"status": "ok", "voices": voices, "default": DEFAULT_VOICE, "count": len(voices)}
+
+        return guarded(config, "list_voices", body)  # type: ignore[return-value]
+
+    @tool(read_only)
+    def get_prompt_examples() -> PromptsResult:
+        """Example persona prompts (assistant, customer service, casual chat, ...) for text_prompt.
+
+        The text prompt sets who the voice is and what it knows; write your own in the same style.
+        """
+
+        def body() -> dict[str, Any]:
+            prompts = client().prompts()
+            return {
+                "status": "ok",
+                "prompts": prompts,
+                "default": ASSISTANT_PROMPT,
+                "default_seed": DEFAULT_SEED,
+            }
+
+        return guarded(config, "get_prompt_examples", body)  # type: ignore[return-value]
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def submit(
+        input_file: str,
+        voice_prompt: str,
+        text_prompt: str,
+        seed: int,
+        output_file: str | None = None,
+    ) -> tuple[dict[str, Any], Path | None]:
+        """Check the voice, the input and (if given) the output path, then queue the job."""
+        voice = check_voice(voice_prompt)
+        data, name = read_input(input_file)
+        output = check_output(output_file) if output_file is not None else None
+        submitted = client().submit_job(
+            data, filename=name, voice_prompt=voice, text_prompt=text_prompt, seed=seed
+        )
+        return submitted, output
+
+    def fetch_output(job: Mapping[str, Any], output: Path) -> dict[str, Any]:
+        data = client().download_audio(job["id"])
+        assert isinstance(data, bytes)
+        write_output(output, data)
+        return success_result(job, output)
+
+    async def wait_for(job_id: str, ctx: Context, meter: ProgressMeter, deadline: float) -> dict[str, Any]:
+        """Poll until the job is final or the deadline passes, notifying progress every second.
+
+        A few failed reads in a row (the service restarting) are waited out; more raise.
+        """
+        poller = client()
+        latest: dict[str, Any] = await in_thread(poller.get_job, job_id)
+
+        async def heartbeat() -> None:
+            while True:
+                progress, total = meter.update(latest)
+                await ctx.report_progress(progress, total, f"Job {job_id}: {progress_message(latest)}")
+                await anyio.sleep(PROGRESS_INTERVAL_S)
+
+        failures = 0
+        async with anyio.create_task_group() as group:
+            group.start_soon(heartbeat)
+            while latest.get("status") not in FINAL_STATUSES and time.monotonic() < deadline:
+                await anyio.sleep(min(POLL_INTERVAL_S, max(deadline - time.monotonic(), 0.0)))
+                try:
+                    latest = await in_thread(poller.get_job, job_id)
+                    failures = 0
+                except ClientError as exc:
+                    failures += 1
+                    if failures > MAX_POLL_FAILURES or (exc.status is not None and exc.status < 500):
+                        raise
+                    log.warning("Reading job %s failed (%s); trying again", job_id, exc)
+            group.cancel_scope.cancel()
+        return latest
+
+    async def cancel_quietly(job_id: str) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            try:
+                await in_thread(client().cancel_job, job_id)
+                log.info("process_audio was cancelled by the client: cancelled job %s", job_id)
+            except Exception as exc:
+                log.warning("Could not cancel job %s after the call was cancelled: %s", job_id, exc)
+
+    @server.tool(
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False)
+    )
+    async def process_audio(
+        input_file: str,
+        output_file: str,
+        ctx: Context,
+        voice_prompt: str = DEFAULT_VOICE,
+        text_prompt: str = ASSISTANT_PROMPT,
+        seed: int = DEFAULT_SEED,
+    ) -> AudioResult:
+        """Answer a spoken recording with PersonaPlex and write the spoken reply as a WAV file.
+
+        input_file: absolute path of the recording (WAV, FLAC, MP3, ...; any rate, mono or stereo).
+        output_file: absolute path for the answer (24 kHz mono WAV, as long as the input); parent
+            folders are created and an existing file is replaced.
+        voice_prompt: one of list_voices' filenames, default "NATF2.pt".
+        text_prompt: the persona (see get_prompt_examples); default: a wise and friendly teacher.
+        seed: sampling seed; the same inputs and seed give the same answer.
+
+        Waits for the job, reporting progress, up to PERSONAPLEX_MCP_MAX_WAIT seconds (default 600).
+        Returns status "success" with output_audio, generated_text, voice_used, text_prompt_used,
+        job_id and duration_s; or "pending" with a job_id when the wait ran out (then use
+        get_job_status and get_job_result); or "error" with what to do. Cancelling this call cancels
+        the job.
+        """
+        started = time.monotonic()
+        try:
+            submitted, output = await in_thread(
+                submit, input_file, voice_prompt, text_prompt, seed, output_file
+            )
+            assert output is not None
+        except ToolError as exc:
+            return error(str(exc))  # type: ignore[return-value]
+        except ClientError as exc:
+            return error(describe_client_error(exc, config))  # type: ignore[return-value]
+        except Exception as exc:
+            log.exception("process_audio failed unexpectedly")
+            return error(f"process_audio failed unexpectedly: {type(exc).__name__}: {exc}")  # type: ignore[return-value]
+
+        job_id = submitted["job_id"]
+        log.info("process_audio: submitted job %s (%s)", job_id, input_file)
+        try:
+            meter = ProgressMeter()
+            job = await wait_for(job_id, ctx, meter, started + config.max_wait_s)
+            if job.get("status") not in FINAL_STATUSES:
+                return pending_result(job, time.monotonic() - started)  # type: ignore[return-value]
+            if job.get("status") != "succeeded":
+                return error(final_job_error(job))  # type: ignore[return-value]
+            result = await in_thread(fetch_output, job, output)
+            progress, total = meter.finish(job)
+            await ctx.report_progress(progress, total, f"Job {job_id}: done, the answer is written.")
+            return result  # type: ignore[return-value]
+        except anyio.get_cancelled_exc_class():
+            await cancel_quietly(job_id)
+            raise
+        except ToolError as exc:
+            return error(str(exc))  # type: ignore[return-value]
+        except ClientError as exc:
+            message = describe_client_error(exc, config)
+            return error(f"{message} (job {job_id}: get_job_status tells whether it goes on)")  # type: ignore[return-value]
+        except Exception as exc:
+            log.exception("process_audio failed unexpectedly for job %s", job_id)
+            return error(f"process_audio failed unexpectedly for job {job_id}: {type(exc).__name__}: {exc}")  # type: ignore[return-value]
+
+    @server.tool(
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False)
+    )
+    def submit_audio_job(
+        input_file: str,
+        voice_prompt: str = DEFAULT_VOICE,
+        text_prompt: str = ASSISTANT_PROMPT,
+        seed: int = DEFAULT_SEED,
+    ) -> SubmitResult:
+        """Queue a recording for PersonaPlex and return its job_id at once (for clients that cut long calls).
+
+        Same arguments as process_audio, without output_file. Then poll get_job_status(job_id) every
+        few seconds until it is "succeeded" and call get_job_result(job_id, output_file) to write the
+        WAV, or cancel_job(job_id).
+        """
+
+        def body() -> dict[str, Any]:
+            submitted, _ = submit(input_file, voice_prompt, text_prompt, seed)
+            job = submitted.get("job") or {}
+            params = job.get("params") or {}
+            job_id = submitted["job_id"]
+            return {
+                "status": "submitted",
+                "job_id": job_id,
+                "job_status": submitted.get("status", "queued"),
+                "voice_used": str(params.get("voice_prompt", "")),
+                "text_prompt_used": str(params.get("text_prompt", "")),
+                "seed": int(params.get("seed", seed)),
+                "input_duration_s": job.get("input_duration_s"),
+                "message": f"Queued. Poll get_job_status('{job_id}'), then call get_job_result('{job_id}', output_file).",
+            }
+
+        return guarded(config, "submit_audio_job", body)  # type: ignore[return-value]
+
+    @tool(read_only)
+    def get_job_status(job_id: str) -> JobStatusResult:
+        """A job's state: queued, running (with progress), succeeded, failed (with the worker's reason) or cancelled.
+
+        When it is "succeeded", call get_job_result(job_id, output_file) to write the answer.
+        """
+
+        def body() -> dict[str, Any]:
+            job = client().get_job(job_id.strip())
+            status = str(job.get("status"))
+            out: dict[str, Any] = {
+                "status": status,
+                "job_id": job["id"],
+                "progress": dict(job.get("progress") or {}),
+                "percent": percent_done(job),
+                "worker": job.get("worker"),
+                "attempts": int(job.get("attempts") or 0),
+                "input_name": str(job.get("input_name", "")),
+                "input_duration_s": job.get("input_duration_s"),
+                "params": dict(job.get("params") or {}),
+                "created_at": float(job.get("created_at") or 0.0),
+                "started_at": job.get("started_at"),
+                "finished_at": job.get("finished_at"),
+            }
+            if status == "succeeded":
+                result = job.get("result") or {}
+                out["generated_text"] = str(result.get("text", ""))
+                out["duration_s"] = float(result.get("duration_s") or 0.0)
+                out["message"] = f"Done: call get_job_result('{job['id']}', output_file) to write the WAV."
+            elif status == "failed":
+                out["error"] = str(job.get("error") or "the worker gave no reason")
+                out["message"] = final_job_error(job)
+            elif status == "cancelled":
+                out["message"] = "The job was cancelled; submit it again to get an answer."
+            else:
+                out["message"] = progress_message(job) + " Ask again in a few seconds."
+            return out
+
+        return guarded(config, "get_job_status", body)  # type: ignore[return-value]
+
+    @server.tool(
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True)
+    )
+    def get_job_result(job_id: str, output_file: str) -> AudioResult:
+        """Write a finished job's answer to output_file (WAV, atomically, creating parent folders).
+
+        Returns the same fields as process_audio on success; "pending" with the job's progress if it
+        has not finished yet (ask again later); "error" if it failed (with the worker's reason), was
+        cancelled, or its output expired.
+        """
+
+        def body() -> dict[str, Any]:
+            output = check_output(output_file)
+            job = client().get_job(job_id.strip())
+            if job.get("status") not in FINAL_STATUSES:
+                pending = pending_result(job, time.time() - float(job.get("created_at") or time.time()))
+                pending["message"] = (
+                    progress_message(job) + f" Call get_job_result('{job['id']}', ...) again later."
+                )
+                return pending
+            if job.get("status") != "succeeded":
+                raise ToolError(final_job_error(job))
+            return fetch_output(job, output)
+
+        return guarded(config, "get_job_result", body)  # type: ignore[return-value]
+
+    @server.tool(
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True)
+    )
+    def cancel_job(job_id: str) -> CancelResult:
+        """Cancel a job: a queued one never runs; a running one stops at its next frame.
+
+        status "cancelled" (done) or "cancel_requested" (running: it ends as cancelled within a
+        frame or two; get_job_status confirms).
+        """
+
+        def body() -> dict[str, Any]:
+            job = client().cancel_job(job_id.strip())
+            status = str(job.get("status"))
+            if status == "cancelled":
+                return {
+                    "status": "cancelled",
+                    "job_id": job["id"],
+                    "job_status": status,
+                    "message": "Cancelled.",
+                }
+            return {
+                "status": "cancel_requested",
+                "job_id": job["id"],
+                "job_status": status,
+                "message": "The job stops at its next frame; get_job_status confirms it is cancelled.",
+            }
+
+        return guarded(config, "cancel_job", body)  # type: ignore[return-value]
+
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m personaplex.mcp_server` and the `personaplex-mcp` console script."""
+    del argv  # no options: configuration comes from the environment
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = McpConfig.from_env()
+    log.info("PersonaPlex MCP server for %s (max wait %g s)", config.api_url, config.max_wait_s)
+    create_server(config).run("stdio")
+
+
+if __name__ == "__main__":
+    main()
