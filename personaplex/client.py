@@ -86,9 +86,9 @@ class PersonaPlexClient:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> PersonaPlexClient:
-        """Read PERSONAPLEX_URL (default http://localhost:8998) and PERSONAPLEX_API_KEY."""
+        """Read PERSONAPLEX_API_URL (default http://localhost:8998) and PERSONAPLEX_API_KEY."""
         env = os.environ if environ is None else environ
-        return cls(env.get("PERSONAPLEX_URL", DEFAULT_URL), env.get("PERSONAPLEX_API_KEY") or None, **kwargs)
+        return cls(env.get("PERSONAPLEX_API_URL", DEFAULT_URL), env.get("PERSONAPLEX_API_KEY") or None, **kwargs)
 
     # -- transport -------------------------------------------------------------------------------
 
