@@ -124,7 +124,7 @@ def test_health_reports_redis_down_without_raising(
 
 def test_from_env_reads_url_and_key(serve: Callable[..., str]) -> None:
     url = serve()
-    client = PersonaPlexClient.from_env({"PERSONAPLEX_URL": url + "/", "PERSONAPLEX_API_KEY": API_KEY})
+    client = PersonaPlexClient.from_env({"PERSONAPLEX_API_URL": url + "/", "PERSONAPLEX_API_KEY": API_KEY})
     assert client.base_url == url
     assert len(client.voices()) == 18
 
