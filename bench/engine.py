@@ -1,7 +1,15 @@
-"""Engine benchmark: ms per frame per phase and real-time factor.
+"""Engine benchmark: ms per frame per phase and real-time factor, eager or captured, batch 1 or B.
 
     python bench/engine.py --size tiny                 # CPU, the tiny random checkpoint
     python bench/engine.py --size real --device cuda   # random weights at the real 7B size
+    python bench/engine.py --size real --path captured --batch 8 --check   # the fast loop, 8 jobs
+
+`--path eager` runs Engine.process with the reference loop (FrameLoop, batch 1). `--path captured`
+runs the fast loop (personaplex.fast; CUDA graphs on a GPU, eagerly on a CPU) over `--batch` copies
+of the job (seeds 1..B) in one batch: the per-frame figures are per batched step, the RTF per
+stream, the throughput B × audio seconds / wall seconds. `--baseline eager.json` adds the
+speed-up over an eager run. `--check` compares tokens (greedy): captured vs eager on the same
+input, and batched rows (of different lengths and prompts) vs the same jobs alone.
 
 `tiny` runs the whole path (checkpoint files, conversion, Engine.process). `real` builds the
 modules at PersonaPlex's sizes with random weights on the device (no download, no files) and runs
@@ -23,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from personaplex.audio import encode_wav
 from personaplex.checkpoint import CheckpointInfo, LMConfig, MimiSpec
 from personaplex.engine import Engine
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams
@@ -107,11 +116,7 @@ def build_tiny_engine(device: torch.device, workdir: Path) -> Engine:
 
 
 def run_once(engine: Engine, seconds: float, device: torch.device) -> dict[str, float]:
-    rng = np.random.default_rng(0)
-    samples = (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
-    from personaplex.audio import encode_wav
-
-    wav = encode_wav(samples)
+    wav = encode_wav(_input(seconds))
     if device.type == "cuda":
         torch.cuda.synchronize()
     result = engine.process(wav, GenerationParams(seed=1))
@@ -129,10 +134,155 @@ def run_once(engine: Engine, seconds: float, device: torch.device) -> dict[str, 
     }
 
 
-def summarize(runs: list[dict[str, float]], prompt_frames: int) -> dict[str, float]:
+def _input(seconds: float) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+
+
+class CapturedBench:
+    """The fast loop over B copies of a job: one loop (and its graphs) reused across runs."""
+
+    def __init__(self, engine: Engine, device: torch.device, graphs: bool = True) -> None:
+        self.engine, self.device, self.graphs = engine, device, graphs
+        self.models = engine._models
+        self.voice = engine._voice_prompt(self.models, "NATF2.pt")
+        self.loops: dict[tuple, object] = {}
+        self.capture_s: float | None = None
+
+    def plans(
+        self, samples: list[np.ndarray], params: list[GenerationParams], codes=None
+    ) -> tuple[list, float]:
+        from personaplex import codec
+
+        clock = time.perf_counter()
+        codes = codes or [codec.encode(self.models.mimi, s) for s in samples]
+        self._sync()
+        encode_s = time.perf_counter() - clock
+        plans = [self.engine._plan(self.models, c, self.voice, p) for c, p in zip(codes, params, strict=True)]
+        return plans, encode_s
+
+    def loop(self, plans: list):
+        from personaplex.fast import FastLoop
+
+        key = (len(plans), max(len(p) for p in plans), any(not p.sampling.greedy for p in plans))
+        if key not in self.loops:
+            self._sync()
+            clock = time.perf_counter()
+            self.loops[key] = FastLoop(
+                self.models,
+                plans,
+                self.engine._info.lm.delays,
+                capture=self.graphs and self.device.type == "cuda",
+                sampling=True,
+            )
+            self._sync()
+            self.capture_s = time.perf_counter() - clock
+        loop = self.loops[key]
+        loop.load(plans)
+        return loop
+
+    def run(self, plans: list) -> tuple[list[torch.Tensor], dict[str, float]]:
+        loop = self.loop(plans)
+        self._sync()
+        clock = time.perf_counter()
+        prompt = max(p.prompt_frames for p in plans)
+        loop.run(prompt)
+        self._sync()
+        prompt_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        loop.run(loop.frames - prompt)
+        results = loop.results()
+        generate_s = time.perf_counter() - clock
+        return results, {"prompt": prompt_s, "generate": generate_s, "prompt_frames": prompt}
+
+    def timed(self, seconds: float, batch: int) -> dict[str, float]:
+        from personaplex import codec
+
+        samples = _input(seconds)
+        params = [GenerationParams(seed=1 + b) for b in range(batch)]
+        plans, encode_s = self.plans([samples] * batch, params)
+        results, t = self.run(plans)
+        clock = time.perf_counter()
+        for frames in results:
+            codec.decode(self.models.mimi, frames[:, 1:].T[None].to(self.device))
+        self._sync()
+        decode_s = time.perf_counter() - clock
+        frames = results[0].shape[0]
+        return {
+            "frames": frames,
+            "prompt_frames": t["prompt_frames"],
+            "encode": encode_s,
+            "prompt": t["prompt"],
+            "generate": t["generate"],
+            "decode": decode_s,
+            "total": encode_s + t["prompt"] + t["generate"] + decode_s,
+            "rtf": (encode_s + t["prompt"] + t["generate"] + decode_s) / (frames / FRAME_RATE),
+        }
+
+    def tokens(self, jobs: list[tuple[np.ndarray, GenerationParams]]) -> list[list[list[int]]]:
+        plans, _ = self.plans([s for s, _ in jobs], [p for _, p in jobs])
+        results, _ = self.run(plans)
+        return [r.tolist() for r in results]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float | int | None]:
+    """Share of equal tokens, and the first frame that differs (None: identical)."""
+    pairs = list(zip(a, b, strict=False))
+    equal = sum(x == y for fa, fb in pairs for x, y in zip(fa, fb, strict=True))
+    total = sum(len(f) for f in a)
+    first = next((i for i, (fa, fb) in enumerate(pairs) if fa != fb), None)
+    return {
+        "frames": len(a),
+        "same_length": len(a) == len(b),
+        "token_agreement": equal / total if total else 1.0,
+        "first_diff_frame": first,
+    }
+
+
+def run_check(engine: Engine, bench: CapturedBench, seconds: float, batch: int) -> dict:
+    """Greedy tokens: captured vs eager (batch 1), and batched rows vs alone; sampled: row 0 vs alone."""
+    samples = _input(seconds)
+    greedy = GenerationParams(greedy=True)
+    report: dict = {}
+    alone = bench.tokens([(samples, greedy)])[0]
+    engine.captured = False
+    eager = engine.process(encode_wav(samples), greedy).tokens
+    engine.captured = True
+    report["greedy_captured_vs_eager"] = agreement(alone, eager)
+    report["greedy_captured_repeat_identical"] = bench.tokens([(samples, greedy)])[0] == alone
+    if batch > 1:
+        # Rows of different lengths and prompts; the first four are compared with their jobs alone.
+        prompts = [GenerationParams().text_prompt, "", "You are a helpful assistant.", "Hi."]
+        jobs = [
+            (
+                samples[: int(len(samples) * (1 - 0.15 * (b % 4)))],
+                GenerationParams(text_prompt=prompts[b % 4], greedy=True),
+            )
+            for b in range(batch)
+        ]
+        batched = bench.tokens(jobs)
+        report["greedy_batch_vs_alone"] = [
+            agreement(batched[b], bench.tokens([jobs[b]])[0]) for b in range(min(4, batch))
+        ]
+        sampled = bench.tokens([(samples, GenerationParams(seed=1 + b)) for b in range(batch)])
+        report["sampled_row0_batch_vs_alone"] = agreement(
+            sampled[0], bench.tokens([(samples, GenerationParams(seed=1))])[0]
+        )
+    return report
+
+
+def summarize(runs: list[dict[str, float]], prompt_frames: int, batch: int = 1) -> dict[str, float]:
     med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     frames = med["frames"]
+    audio_s = frames / FRAME_RATE
     return {
+        "throughput_generate": batch * audio_s / med["generate"],
+        "throughput_lm": batch * audio_s / (med["prompt"] + med["generate"]),
+        "throughput_total": batch * audio_s / med["total"],
         "frames": frames,
         "ms_per_frame_generate": 1000 * med["generate"] / frames,
         "ms_per_frame_prompt": 1000 * med["prompt"] / prompt_frames,
@@ -152,34 +302,73 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seconds", type=float, default=10.0, help="input audio length")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--path", choices=("eager", "captured"), default="eager")
+    parser.add_argument("--batch", type=int, default=1, help="jobs per batch (captured path)")
+    parser.add_argument("--check", action="store_true", help="token agreement: eager/captured, batch/alone")
+    parser.add_argument("--no-graph", action="store_true", help="captured path without CUDA graphs")
+    parser.add_argument("--baseline", help="an eager run's JSON: report the speed-up over it")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    if args.path == "eager" and args.batch != 1:
+        parser.error("the eager path runs batch 1 only")
     device = torch.device(args.device)
+    report: dict = {
+        "size": args.size,
+        "path": args.path,
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "seconds": args.seconds,
+        "repeat": args.repeat,
+        "batch": args.batch,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         if args.size == "tiny":
             engine = build_tiny_engine(device, Path(tmp))
         else:
             engine = build_random_engine(device, Path(tmp), SMALL_LM if args.size == "small" else None)
+        engine.captured = args.path == "captured"
         engine.load()
-        build_s = time.perf_counter() - started
-        prompt_frames = _prompt_frames(engine)
-        run_once(engine, min(args.seconds, 2.0), device)  # warm-up
-        runs = [run_once(engine, args.seconds, device) for _ in range(args.repeat)]
-    summary = summarize(runs, prompt_frames)
-    report = {
-        "size": args.size,
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "seconds": args.seconds,
-        "repeat": args.repeat,
-        "batch": 1,
-        "build_s": build_s,
-        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        **summary,
-    }
+        report["build_s"] = time.perf_counter() - started
+        if args.path == "eager":
+            prompt_frames = _prompt_frames(engine)
+            run_once(engine, min(args.seconds, 2.0), device)  # warm-up
+            runs = [run_once(engine, args.seconds, device) for _ in range(args.repeat)]
+        else:
+            bench = CapturedBench(engine, device, graphs=not args.no_graph)
+            report["graphs"] = not args.no_graph and device.type == "cuda"
+            bench.timed(args.seconds, args.batch)  # warm-up, and the capture
+            report["capture_s"] = bench.capture_s
+            runs = [bench.timed(args.seconds, args.batch) for _ in range(args.repeat)]
+            prompt_frames = runs[0].pop("prompt_frames")
+            for run in runs[1:]:
+                run.pop("prompt_frames")
+        report.update(summarize(runs, prompt_frames, args.batch))
+        report["peak_memory_mb"] = (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        )
+        if args.baseline and Path(args.baseline).is_file():
+            base = json.loads(Path(args.baseline).read_text())
+            report["baseline"] = {
+                k: base.get(k) for k in ("path", "batch", "device", "ms_per_frame_generate")
+            }
+            report["speedup_ms_per_frame_generate"] = (
+                base["ms_per_frame_generate"] / report["ms_per_frame_generate"]
+            )
+            report["speedup_ms_per_frame_prompt"] = (
+                base["ms_per_frame_prompt"] / report["ms_per_frame_prompt"]
+            )
+            report["speedup_throughput_generate"] = (
+                report["throughput_generate"] / base["throughput_generate"]
+            )
+        if args.json:  # what is known so far, in case the check fails
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        print(_table(report), file=sys.stderr)
+        if args.check:
+            if args.path != "captured":
+                parser.error("--check needs --path captured")
+            report["check"] = run_check(engine, bench, args.seconds, args.batch)
     print(json.dumps(report, indent=2))
-    print(_table(report), file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
@@ -203,9 +392,15 @@ def _device_name(device: torch.device) -> str:
 
 
 def _table(r: dict) -> str:
+    speedup = r.get("speedup_ms_per_frame_generate")
     return (
-        f"{r['size']} on {r['device']}, batch 1, {r['seconds']:.0f} s input, median of {r['repeat']}:\n"
-        f"  generate {r['ms_per_frame_generate']:.2f} ms/frame (RTF {r['rtf_generate']:.3f})\n"
+        f"{r['size']} {r['path']} on {r['device']}, batch {r['batch']}, {r['seconds']:.0f} s input, "
+        f"median of {r['repeat']}:\n"
+        f"  generate {r['ms_per_frame_generate']:.2f} ms/frame (RTF per stream {r['rtf_generate']:.3f}"
+        + (f", {speedup:.2f}x eager" if speedup else "")
+        + ")\n"
+        f"  throughput {r['throughput_generate']:.1f}x real time (generate), "
+        f"{r['throughput_lm']:.1f}x (prompt + generate), {r['throughput_total']:.1f}x (with codec)\n"
         f"  prompt   {r['ms_per_frame_prompt']:.2f} ms/frame\n"
         f"  encode   {r['ms_per_frame_encode']:.2f} ms/frame, decode {r['ms_per_frame_decode']:.2f} ms/frame\n"
         f"  total RTF {r['rtf_total']:.3f}"

@@ -403,10 +403,9 @@ class FastLoop:
                     self._step(False)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
-            pool = torch.cuda.graph_pool_handle()
             for depth in (True, False):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph):
                     self._step(depth)
                 self.graphs[depth] = graph
             torch.cuda.synchronize(self.device)

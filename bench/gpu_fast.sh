@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (issue 6): the fast loop against the eager loop, random weights at the real size.
+#   eager B=1, then captured (CUDA graphs) B=1, 8, 32, each with --check (token agreement:
+#   captured vs eager, batched rows vs alone). Every step is guarded by its own timeout, so one
+#   failure does not stop the rest; if captured B=1 fails, the fast loop runs once without graphs
+#   to tell a capture problem from a loop problem. Results: $OUT/<step>.json, .log, steps.txt,
+#   summary.txt. About 4-5 minutes on an H200.
+# Usage (device tool, wheels carried in .whl as for bench/gpu_run.sh): bash bench/gpu_fast.sh
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+INPUT_SECONDS=${INPUT_SECONDS:-8}
+SIZE=${SIZE:-real}  # SIZE=tiny INPUT_SECONDS=1 smoke-tests this script on a CPU
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed" | tee -a "$OUT/steps.txt"
+fi
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+(git rev-parse HEAD 2>/dev/null || echo "commit unknown") | tee -a "$OUT/gpu.txt"
+date -u +%FT%TZ | tee -a "$OUT/gpu.txt"
+
+step() {  # step NAME LIMIT_S ARGS...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "== $name: bench/engine.py $*"
+  timeout -k 10 "$limit" python3 bench/engine.py --size "$SIZE" --seconds "$INPUT_SECONDS" "$@" \
+    --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/steps.txt"
+  grep -v '^ \|^[{}]' "$OUT/$name.log" | tail -n 12
+  return $rc
+}
+
+step eager_b1 100 --path eager --repeat 2
+step captured_b1 90 --path captured --batch 1 --repeat 3 --check --baseline "$OUT/eager_b1.json" \
+  || step captured_b1_nograph 60 --path captured --batch 1 --repeat 1 --no-graph --baseline "$OUT/eager_b1.json"
+step captured_b8 75 --path captured --batch 8 --repeat 2 --check --baseline "$OUT/eager_b1.json"
+step captured_b32 90 --path captured --batch 32 --repeat 2 --check --baseline "$OUT/eager_b1.json"
+
+python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+keys = ("ms_per_frame_generate", "ms_per_frame_prompt", "rtf_generate", "throughput_generate",
+        "throughput_lm", "throughput_total", "peak_memory_mb", "capture_s", "speedup_ms_per_frame_generate",
+        "speedup_throughput_generate")
+for name in ("eager_b1", "captured_b1", "captured_b1_nograph", "captured_b8", "captured_b32"):
+    path = out / f"{name}.json"
+    if not path.is_file():
+        continue
+    r = json.loads(path.read_text())
+    print(name, r.get("device"), "batch", r.get("batch"), "graphs", r.get("graphs"))
+    print("  " + ", ".join(f"{k}={r[k]:.4g}" for k in keys if isinstance(r.get(k), (int, float))))
+    check = r.get("check") or {}
+    for label, value in check.items():
+        print(f"  check {label}: {json.dumps(value)}")
+EOF
