@@ -1,10 +1,11 @@
 """The Celery worker end to end: real `celery -A worker worker` processes, the private redis-server and
 the real engine on the tiny model.
 
-Most tests share one worker (module scope) on their own Redis database (db 1), and each test starts
-from an empty job keyspace there: starting a worker costs seconds (importing torch), and the tests
-that share it each leave it idle. Tests that need their own settings (idle timeout, two workers)
-start their own workers on db 0 through the `start_worker` fixture.
+Most tests share one worker (module scope, 2 s idle timeout) on their own Redis database (db 1), and
+each test starts from an empty job keyspace there: starting a worker costs seconds (importing torch),
+and each test leaves it idle. Tests that need other settings (two workers with a short visibility
+timeout, the Redis blob store) start their own workers on db 0 through the `start_worker` fixture.
+The deferred and idle offload rules are also tested in process on `WorkerRuntime` with the real engine.
 
 Redelivery after a SIGKILL (test_killed_worker_job_completes_once_on_the_other): the dead worker's
 message sits in kombu's `unacked` hash. Only a live worker's `restore_visible` sweep puts it back on the
@@ -17,11 +18,12 @@ survivor's delivery then waits for the dead worker's job lease to expire (heartb
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -33,12 +35,15 @@ from fixtures import RedisServer, WorkerProcess, speech_clip, wait_for_job, wait
 from personaplex.jobs import Job, JobStatus, JobStore, Keys, WorkerRegistry
 from personaplex.params import GenerationParams
 from personaplex.settings import Settings
-from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, FsBlobStore
+from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, FsBlobStore, RedisBlobStore
 from worker import TASK_NAME, create_celery_app
 from worker.control import query_gpu_status, request_offload
+from worker.runtime import WorkerRuntime
 
 StartWorker = Callable[..., WorkerProcess]
 SHARED_DB = 1
+SHARED_IDLE_TIMEOUT_S = 2.0
+"""The shared worker offloads after 2 idle seconds, so the idle offload is seen without a worker of its own."""
 
 
 @dataclass
@@ -98,7 +103,7 @@ def shared_worker(
 ) -> Iterator[WorkerProcess]:
     """One worker for the tests that leave it idle and unloaded-or-loaded; its log is printed at the end."""
     redis.Redis.from_url(shared_settings.redis_url).flushdb()
-    env = worker_environment(shared_settings, tiny_checkpoint)
+    env = worker_environment(shared_settings, tiny_checkpoint, GPU_IDLE_TIMEOUT=str(SHARED_IDLE_TIMEOUT_S))
     worker = WorkerProcess("shared", env, tmp_path_factory.mktemp("logs")).start()
     worker.wait_ready()
     yield worker
@@ -149,6 +154,55 @@ def events(shared: Harness) -> Iterator[list[dict]]:
     yield from collect_events(shared.redis)
 
 
+# -- the runtime in process (real engine on the tiny model, no Celery) ----------------------------
+
+
+@pytest.fixture
+def runtime(settings: Settings, tiny_checkpoint: Path) -> WorkerRuntime:
+    return WorkerRuntime(replace(settings, model=str(tiny_checkpoint), device="cpu"))
+
+
+def test_runtime_status_before_the_engine_exists(runtime: WorkerRuntime) -> None:
+    status = runtime.status("w@h")
+    assert (status["worker"], status["model_loaded"], status["running_job"], status["device"]) == (
+        "w@h",
+        False,
+        None,
+        "cpu",
+    )
+    assert status["gpu"] == {
+        "name": None,
+        "memory_total": 0.0,
+        "memory_allocated": 0.0,
+        "memory_reserved": 0.0,
+    }
+    assert runtime.request_offload()["status"] == "not_loaded"
+
+
+def test_runtime_offload_now_or_after_the_job(runtime: WorkerRuntime) -> None:
+    assert runtime.ensure_loaded() > 0 and runtime.model_loaded
+    assert runtime.ensure_loaded() == 0  # resident: no second load
+    assert runtime.request_offload()["status"] == "offloaded" and not runtime.model_loaded
+
+    runtime.ensure_loaded()
+    with runtime.job_running("0" * 32):
+        assert runtime.request_offload()["status"] == "deferred"
+        assert runtime.model_loaded and not runtime.offload_if_due()
+    assert not runtime.model_loaded  # the deferred offload ran when the job ended
+
+
+def test_runtime_offloads_when_idle(runtime: WorkerRuntime) -> None:
+    runtime.ensure_loaded()
+    deadline = runtime.idle_deadline()
+    assert deadline == pytest.approx(time.time() + runtime.settings.gpu_idle_timeout, abs=2)
+    assert not runtime.offload_if_due(now=deadline - 1)
+    assert runtime.offload_if_due(now=deadline + 1) and not runtime.model_loaded
+    assert runtime.idle_deadline() is None
+
+
+# -- real workers ---------------------------------------------------------------------------------
+
+
 def deliveries(worker: WorkerProcess, job_id: str, ran: bool) -> int:
     """How many deliveries of the job the worker finished, with or without running the engine."""
     marker = f"'ran': {ran}}}"
@@ -196,9 +250,9 @@ def test_control_commands_answer_fast_while_a_job_runs(shared: Harness, shared_w
     assert seconds < 1.0
     assert reply["status"] == "deferred" and reply["worker"] == shared_worker.hostname
 
-    shared.jobs.request_cancel(job.id)  # end the job early; the deferred offload follows it
+    shared.jobs.request_cancel(job.id)  # end the job early; the offload follows it
     assert wait_for_job(shared.jobs, job.id).status is JobStatus.CANCELLED
-    wait_until(lambda: not shared.model_loaded(shared_worker), 5, what="the deferred offload")
+    wait_until(lambda: not shared.model_loaded(shared_worker), 5, what="the offload")
     assert shared.offload(shared_worker)[0]["status"] == "not_loaded"
 
 
@@ -250,16 +304,15 @@ def test_engine_errors_fail_the_job_with_their_message(shared: Harness) -> None:
     assert failed.status is JobStatus.FAILED and "NOPE.pt" in failed.error
 
 
-def test_idle_model_is_offloaded(start_worker: StartWorker, harness: Harness) -> None:
-    worker = start_worker(GPU_IDLE_TIMEOUT="1.5")
-    job = harness.submit(speech_clip(1.0))
-    assert wait_for_job(harness.jobs, job.id).status is JobStatus.SUCCEEDED
+def test_idle_model_is_offloaded(shared: Harness, shared_worker: WorkerProcess) -> None:
+    job = shared.submit(speech_clip(1.0))
+    assert wait_for_job(shared.jobs, job.id).status is JobStatus.SUCCEEDED
 
-    status, _ = harness.gpu_status(worker)
+    status, _ = shared.gpu_status(shared_worker)
     if status["model_loaded"]:
-        assert status["idle_deadline"] == pytest.approx(status["last_used"] + 1.5)
-    wait_until(lambda: not harness.model_loaded(worker), 5, what="the idle offload")
-    assert harness.gpu_status(worker)[0]["idle_deadline"] is None
+        assert status["idle_deadline"] == pytest.approx(status["last_used"] + SHARED_IDLE_TIMEOUT_S)
+    wait_until(lambda: not shared.model_loaded(shared_worker), 5, what="the idle offload")
+    assert shared.gpu_status(shared_worker)[0]["idle_deadline"] is None
 
 
 def test_killed_worker_job_completes_once_on_the_other(start_worker: StartWorker, harness: Harness) -> None:
@@ -284,17 +337,35 @@ def test_killed_worker_job_completes_once_on_the_other(start_worker: StartWorker
 
 
 def test_worker_recovers_after_a_redis_restart(
-    start_worker: StartWorker, harness: Harness, redis_server: RedisServer
+    shared: Harness, shared_worker: WorkerProcess, redis_server: RedisServer
 ) -> None:
-    worker = start_worker()
     redis_server.stop()  # no persistence: every key is gone, kombu's bindings included
     time.sleep(1.0)
     redis_server.start()
 
     def beating() -> bool:
-        return [w["worker"] for w in WorkerRegistry(harness.redis).live()] == [worker.hostname]
+        return shared_worker.hostname in [w["worker"] for w in WorkerRegistry(shared.redis).live()]
 
     wait_until(beating, 10, what="the heartbeat to come back")
-    wait_until(lambda: query_gpu_status(harness.app, destination=[worker.hostname]), 20, what="control")
-    job = harness.submit(speech_clip(1.0))
-    assert wait_for_job(harness.jobs, job.id, timeout=30).status is JobStatus.SUCCEEDED
+    wait_until(lambda: query_gpu_status(shared.app, [shared_worker.hostname]), 20, what="control commands")
+    job = shared.submit(speech_clip(1.0))
+    assert wait_for_job(shared.jobs, job.id, timeout=30).status is JobStatus.SUCCEEDED
+
+
+def test_redis_blob_store_serves_workers_without_a_shared_filesystem(
+    start_worker: StartWorker, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    start_worker(PERSONAPLEX_BLOB_STORE="redis", PERSONAPLEX_DATA_DIR=str(tmp_path / "worker-only"))
+    blobs = RedisBlobStore(redis_client, ttl_s=settings.retention_s)
+    app = create_celery_app(settings)
+    try:
+        job = JobStore(redis_client, settings.retention_s).create(Job())
+        blobs.put(job.id, INPUT, speech_clip(1.0))
+        app.send_task(TASK_NAME, args=[job.id], task_id=job.id)
+        done = wait_for_job(JobStore(redis_client), job.id)
+    finally:
+        app.close()
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert sf.info(io.BytesIO(blobs.get(job.id, OUTPUT_WAV))).frames == 24_000
+    assert json.loads(blobs.get(job.id, OUTPUT_JSON))["job_id"] == job.id
+    assert not (tmp_path / "worker-only").exists()

@@ -48,7 +48,7 @@ class Housekeeper(threading.Thread):
 
     def tick(self, now: float) -> None:
         self._safely(self.runtime.refresh_lease, "job lease refresh")
-        self._safely(self.runtime.offload_if_idle, "idle offload")
+        self._safely(self.runtime.offload_if_due, "deferred or idle offload")
         if now >= self._next_beat:
             self._next_beat = now + self.runtime.settings.heartbeat_ttl / BEATS_PER_TTL
             self._safely(self.beat, "heartbeat")

@@ -4,8 +4,9 @@ Threads touching it: the task thread (runs jobs), the event-loop thread (control
 never block) and the housekeeping thread (heartbeat, idle offload). Two locks keep them apart:
 
 - `_state` guards the small fields (running job, progress, timestamps); it is only held briefly.
-- `_engine_lock` serialises load and offload. Control commands only try it without blocking, so a
-  command that arrives while the model loads replies "deferred" instead of waiting.
+- `_engine_lock` serialises load and offload. A control command waits for it at most
+  CONTROL_LOCK_WAIT_S (an offload in progress takes milliseconds); if it is still busy the reply is
+  "deferred" and housekeeping runs the offload as soon as the worker is idle.
 - `_create_lock` guards creating the engine object (importing torch takes seconds; status never
   waits for it).
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from personaplex.engine import Engine
 
 log = logging.getLogger(__name__)
+
+CONTROL_LOCK_WAIT_S = 0.3
+"""Longest a control command waits for a load/offload in progress before replying "deferred" (s)."""
 
 REDIS_SOCKET_TIMEOUT_S = 10.0
 """A Redis call that takes longer fails instead of hanging a job or the heartbeat (seconds)."""
@@ -110,7 +114,7 @@ class WorkerRuntime:
             self._touch()
             if pending:
                 log.info("running the offload deferred during job %s", job_id)
-                self._offload_now(blocking=True)
+                self._offload_now(wait_s=None)
 
     def refresh_lease(self) -> None:
         """Keep the running job's lease alive (housekeeping calls this well within its TTL)."""
@@ -135,19 +139,30 @@ class WorkerRuntime:
             if self._running_job is not None:
                 self._offload_pending = True
                 return self._offload_reply("deferred")
-        status = self._offload_now(blocking=False)
+        status = self._offload_now(wait_s=CONTROL_LOCK_WAIT_S)
         if status == "deferred":
             with self._state:
                 self._offload_pending = True
         return self._offload_reply(status)
 
-    def offload_if_idle(self, now: float | None = None) -> bool:
-        """Offload once the model has been idle for `gpu_idle_timeout` seconds; True if it did."""
+    def offload_if_due(self, now: float | None = None) -> bool:
+        """Run a deferred offload once no job runs, or offload a model idle for `gpu_idle_timeout`.
+
+        Housekeeping calls this every tick; True if it offloaded.
+        """
+        with self._state:
+            pending = self._offload_pending and self._running_job is None
+        if pending:
+            status = self._offload_now(wait_s=0)
+            if status != "deferred":
+                with self._state:
+                    self._offload_pending = False
+            return status == "offloaded"
         deadline = self.idle_deadline()
         if deadline is None or (time.time() if now is None else now) < deadline:
             return False
         log.info("model idle for %.0f s: offloading", self.settings.gpu_idle_timeout)
-        return self._offload_now(blocking=False) == "offloaded"
+        return self._offload_now(wait_s=0) == "offloaded"
 
     def idle_deadline(self) -> float | None:
         """When the idle model will be offloaded (unix time), or None if it is busy, unloaded or kept."""
@@ -158,8 +173,10 @@ class WorkerRuntime:
             return None
         return (last_used or time.time()) + timeout
 
-    def _offload_now(self, blocking: bool) -> str:
-        if not self._engine_lock.acquire(blocking=blocking):
+    def _offload_now(self, wait_s: float | None) -> str:
+        """Offload unless a job runs; waits for the engine lock `wait_s` seconds (None: as needed)."""
+        acquired = self._engine_lock.acquire(timeout=-1 if wait_s is None else wait_s)
+        if not acquired:
             return "deferred"  # a load or another offload is in progress
         try:
             with self._state:
