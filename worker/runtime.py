@@ -134,7 +134,7 @@ class WorkerRuntime:
     # -- offload ---------------------------------------------------------------------------------
 
     def request_offload(self) -> dict[str, Any]:
-        """Free the model now, or defer it to the end of the running job. Never waits."""
+        """Free the model now, or defer it to the end of the running job (waits at most 0.3 s)."""
         with self._state:
             if self._running_job is not None:
                 self._offload_pending = True
