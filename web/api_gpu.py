@@ -13,6 +13,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from web.errors import ApiError
 from web.services import Services, services
+from worker.control import query_gpu_status, request_offload
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,11 @@ _MEMORY_FIELDS = ("memory_total", "memory_allocated", "memory_reserved")
 
 def broadcast(svc: Services, command: str, worker: str | None, expected: int) -> list[dict[str, Any]]:
     """Replies to a control command, one dict per worker, each with its "worker" name."""
-    limit = 1 if worker else (expected or None)
-    replies = svc.celery.control.broadcast(
-        command,
-        reply=True,
-        timeout=CONTROL_TIMEOUT_S,
-        limit=limit,
-        destination=[worker] if worker else None,
+    send = query_gpu_status if command == "gpu_status" else request_offload
+    replies = send(
+        svc.celery, [worker] if worker else None, timeout=CONTROL_TIMEOUT_S, expected=expected or None
     )
-    return [{"worker": name, **(body or {})} for reply in replies or [] for name, body in reply.items()]
+    return [{"worker": name, **(body or {})} for name, body in replies.items()]
 
 
 def fleet(svc: Services) -> list[dict[str, Any]]:

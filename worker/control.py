@@ -36,35 +36,44 @@ def offload(state: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def query_gpu_status(
-    app: Celery, destination: list[str] | None = None, timeout: float = REPLY_TIMEOUT_S
+    app: Celery,
+    destination: list[str] | None = None,
+    timeout: float = REPLY_TIMEOUT_S,
+    expected: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """gpu_status of every live worker (or those named), keyed by worker name."""
-    return _broadcast(app, "gpu_status", destination, timeout)
+    """gpu_status of every live worker (or those named), keyed by worker name.
+
+    `expected`: how many workers are believed alive; the wait ends once that many have answered.
+    """
+    return _broadcast(app, "gpu_status", destination, timeout, expected)
 
 
 def request_offload(
-    app: Celery, destination: list[str] | None = None, timeout: float = REPLY_TIMEOUT_S
+    app: Celery,
+    destination: list[str] | None = None,
+    timeout: float = REPLY_TIMEOUT_S,
+    expected: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Ask every live worker (or those named) to offload; replies keyed by worker name."""
-    return _broadcast(app, "offload", destination, timeout)
+    return _broadcast(app, "offload", destination, timeout, expected)
 
 
 def _broadcast(
-    app: Celery, command: str, destination: list[str] | None, timeout: float
+    app: Celery, command: str, destination: list[str] | None, timeout: float, expected: int | None
 ) -> dict[str, dict[str, Any]]:
     """Send once more if the first try fails on a connection: after a Redis restart the first use
     of a pooled broker connection raises ConnectionError, and the retry gets a fresh one."""
+    # Stop waiting once everyone expected has answered instead of always waiting `timeout`.
+    limit = len(destination) if destination else (expected or None)
     try:
-        return _broadcast_once(app, command, destination, timeout)
+        return _broadcast_once(app, command, destination, timeout, limit)
     except app.connection_for_write().connection_errors:
-        return _broadcast_once(app, command, destination, timeout)
+        return _broadcast_once(app, command, destination, timeout, limit)
 
 
 def _broadcast_once(
-    app: Celery, command: str, destination: list[str] | None, timeout: float
+    app: Celery, command: str, destination: list[str] | None, timeout: float, limit: int | None
 ) -> dict[str, dict[str, Any]]:
-    # With named destinations, stop waiting once each has answered instead of always waiting `timeout`.
-    limit = len(destination) if destination else None
     replies = app.control.broadcast(
         command, reply=True, timeout=timeout, destination=destination, limit=limit
     )
