@@ -31,7 +31,7 @@ step() {  # step NAME LIMIT_S ARGS...
     --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/steps.txt"
-  grep -v '^ \|^[{}]' "$OUT/$name.log" | tail -n 12
+  grep -v -E '^\s*("|[]{}[],?$)' "$OUT/$name.log" | tail -n 12
   return $rc
 }
 
