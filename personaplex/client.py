@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from personaplex.errors import PersonaPlexError
 DEFAULT_URL = "http://localhost:8998"
 DEFAULT_TIMEOUT_S = 30.0
 """Seconds one ordinary request may take."""
+
+UPLOAD_TIMEOUT_S = 600.0
+"""Seconds a batch upload or an archive download may take."""
 
 DEFAULT_POLL_INTERVAL_S = 1.0
 """Seconds between two reads of a job record while waiting."""
@@ -88,7 +92,9 @@ class PersonaPlexClient:
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> PersonaPlexClient:
         """Read PERSONAPLEX_API_URL (default http://localhost:8998) and PERSONAPLEX_API_KEY."""
         env = os.environ if environ is None else environ
-        return cls(env.get("PERSONAPLEX_API_URL", DEFAULT_URL), env.get("PERSONAPLEX_API_KEY") or None, **kwargs)
+        return cls(
+            env.get("PERSONAPLEX_API_URL", DEFAULT_URL), env.get("PERSONAPLEX_API_KEY") or None, **kwargs
+        )
 
     # -- transport -------------------------------------------------------------------------------
 
@@ -200,6 +206,60 @@ class PersonaPlexClient:
         text = json.loads(response.headers.get("X-Text-Output") or "[]")
         return OfflineResult(audio=response.content, text=text, job_id=response.headers.get("X-Job-Id"))
 
+    # -- batches ---------------------------------------------------------------------------------
+
+    def submit_batch(
+        self,
+        files: Sequence[AudioInput | tuple[str, AudioInput]] = (),
+        *,
+        archive: AudioInput | None = None,
+        per_file: Mapping[str, Mapping[str, Any]] | None = None,
+        timeout: float = UPLOAD_TIMEOUT_S,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Queue many inputs as one batch: paths, or (name, path or bytes) pairs, and/or a zip.
+
+        `params` are shared (as for submit_job); `per_file` maps an input name to its own. Returns the
+        202 body: batch_id, jobs (name -> job id) and inputs (in the order sent)."""
+        upload = [("files", _file_part(item)) for item in files]
+        if archive is not None:
+            upload.append(
+                ("archive", _file_part(("archive.zip", archive) if isinstance(archive, bytes) else archive))
+            )
+        data = {key: _form_value(value) for key, value in params.items() if value is not None}
+        if per_file:
+            data["per_file"] = json.dumps(per_file)
+        return self._json("POST", "/api/batches", files=upload, data=data, timeout=timeout)
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """Counts by state (`counts`), `finished`, and one entry per input (`jobs`)."""
+        return self._json("GET", f"/api/batches/{_quote_id(batch_id)}")
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """Cancel every job of the batch that has not finished (the batch afterwards)."""
+        return self._json("DELETE", f"/api/batches/{_quote_id(batch_id)}")
+
+    def download_batch_archive(self, batch_id: str, dest: str | os.PathLike | None = None) -> bytes | Path:
+        """The zip of the batch's outputs (409 while jobs run), or the path it was written to.
+
+        With `dest` the zip streams to a temporary file beside it that is renamed into place."""
+        path = f"/api/batches/{_quote_id(batch_id)}/archive"
+        with self._request("GET", path, timeout=UPLOAD_TIMEOUT_S, stream=True) as response:
+            if dest is None:
+                return response.content
+            target = Path(dest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        handle.write(chunk)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return target
+
 
 def _error_from(method: str, path: str, response: requests.Response) -> ClientError:
     try:
@@ -228,6 +288,17 @@ def _upload(audio: AudioInput, filename: str | None, params: Mapping[str, Any]) 
         content, name = path.read_bytes(), filename or path.name
     data = {key: _form_value(value) for key, value in params.items() if value is not None}
     return {"file": (name, content, "application/octet-stream")}, data
+
+
+def _file_part(item: AudioInput | tuple[str, AudioInput]) -> tuple[str, bytes, str]:
+    if isinstance(item, tuple):
+        name, audio = item
+        content = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
+    elif isinstance(item, bytes):
+        raise TypeError("pass bytes as a (name, bytes) pair so the input has a name")
+    else:
+        name, content = Path(item).name, Path(item).read_bytes()
+    return name, content, "application/octet-stream"
 
 
 def _form_value(value: Any) -> str:

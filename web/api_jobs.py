@@ -110,14 +110,16 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
         raise ApiError(409, f"Job {job_id} is already {job.status.value}.", status=job.status.value)
     job = svc.jobs.request_cancel(job_id) or job
     if job.status is JobStatus.CANCELLED:
-        _revoke_quietly(svc, job_id)
+        revoke_quietly(svc, [job_id])
         return jsonify({**job_view(job), "cancel_requested": True}), 200
     return jsonify({**job_view(job), "cancel_requested": True}), 202
 
 
-def _revoke_quietly(svc: Services, job_id: str) -> None:
-    """Tell workers to drop the queued message; the worker also skips cancelled jobs on its own."""
+def revoke_quietly(svc: Services, job_ids: list[str]) -> None:
+    """Tell workers to drop the queued messages (one broadcast); workers also skip cancelled jobs."""
+    if not job_ids:
+        return
     try:
-        svc.celery.control.revoke(job_id)
+        svc.celery.control.revoke(job_ids)
     except Exception as exc:  # the record already says cancelled: a lost revoke costs a no-op delivery
-        log.warning("Could not revoke job %s: %s", job_id, exc)
+        log.warning("Could not revoke jobs %s: %s", ", ".join(job_ids), exc)

@@ -9,6 +9,7 @@ from flask import Flask
 
 from personaplex.settings import Settings
 from web import auth, errors, services
+from web.api_batches import bp as batches_bp
 from web.api_catalog import bp as catalog_bp
 from web.api_events import bp as events_bp
 from web.api_gpu import bp as gpu_bp
@@ -18,7 +19,17 @@ from web.health import bp as health_bp
 from web.openapi import bp as openapi_bp
 from web.static_page import bp as page_bp
 
-BLUEPRINTS = (health_bp, openapi_bp, catalog_bp, gpu_bp, jobs_bp, events_bp, offline_bp, page_bp)
+BLUEPRINTS = (
+    health_bp,
+    openapi_bp,
+    catalog_bp,
+    gpu_bp,
+    jobs_bp,
+    batches_bp,
+    events_bp,
+    offline_bp,
+    page_bp,
+)
 
 DEFAULTS: dict[str, Any] = {
     "SOCK_SERVER_OPTIONS": {"ping_interval": 25},

@@ -68,6 +68,44 @@ UPLOAD_BODY = {
     },
 }
 
+BATCH_ID = {
+    "name": "batch_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    "description": "The batch id (32 lower-case hex digits); anything else is 404.",
+}
+
+BATCH_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "Input audio files (repeat the field); a zip among them is expanded.",
+                    },
+                    "archive": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "A zip of audio files (folders allowed; no absolute paths or '..').",
+                    },
+                    "per_file": {
+                        "type": "string",
+                        "description": "JSON object: input name (as sent, or as listed in the response) -> "
+                        'parameters for that file only, e.g. {"a.wav": {"seed": 1, "voice_prompt": "NATM1"}}.',
+                    },
+                    **{k: v for k, v in UPLOAD_FIELDS.items() if k != "file"},
+                },
+            },
+            "encoding": {"files": {"contentType": "application/octet-stream"}},
+        }
+    },
+}
+
 SUBMIT_ERRORS = {
     "400": _error("Bad input: not audio, empty, truncated, too long, unknown voice, bad seed or parameter."),
     "401": _error("Missing or wrong API key."),
@@ -128,6 +166,69 @@ SCHEMAS: dict[str, Any] = {
     "JobList": {
         "type": "object",
         "properties": {"jobs": {"type": "array", "items": _ref("Job")}, "count": {"type": "integer"}},
+    },
+    "BatchAccepted": {
+        "type": "object",
+        "properties": {
+            "batch_id": {"type": "string"},
+            "count": {"type": "integer"},
+            "jobs": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "Input name -> job id.",
+            },
+            "inputs": {
+                "type": "array",
+                "description": "In the order the files were sent (zip members in archive order).",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "description": "Sanitized, unique in the batch."},
+                        "filename": {"type": "string", "description": "The name it was sent under."},
+                        "job_id": {"type": "string"},
+                    },
+                },
+            },
+            "urls": _ref("BatchUrls"),
+        },
+    },
+    "BatchUrls": {
+        "type": "object",
+        "properties": {k: {"type": "string"} for k in ("self", "archive")},
+    },
+    "BatchJob": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "output": {"type": "string", "description": "Stem of its files in the archive."},
+            "job_id": {"type": "string"},
+            "status": {"type": "string", "enum": [*(s.value for s in JobStatus), "expired"]},
+            "progress": _ref("Progress"),
+            "error": {"type": ["string", "null"]},
+            "worker": {"type": ["string", "null"]},
+            "attempts": {"type": "integer"},
+            "input_duration_s": {"type": ["number", "null"]},
+            "started_at": {"type": ["number", "null"]},
+            "finished_at": {"type": ["number", "null"]},
+            "urls": _ref("JobUrls"),
+        },
+    },
+    "Batch": {
+        "type": "object",
+        "properties": {
+            "batch_id": {"type": "string"},
+            "created_at": {"type": "number"},
+            "total": {"type": "integer"},
+            "finished": {"type": "boolean", "description": "No job is queued or running."},
+            "counts": {
+                "type": "object",
+                "properties": {s: {"type": "integer"} for s in [*(s.value for s in JobStatus), "expired"]},
+            },
+            "jobs": {"type": "array", "items": _ref("BatchJob")},
+            "urls": _ref("BatchUrls"),
+            "cancelled": {"type": "integer", "description": "DELETE only: jobs cancelled now."},
+            "cancel_requested": {"type": "integer", "description": "DELETE only: running jobs stopping."},
+        },
     },
     "TextOutput": {
         "type": "object",
@@ -367,6 +468,67 @@ def _paths() -> dict[str, Any]:
                         "description": "Switching protocols; messages follow the Event schema.",
                         "content": {JSON: {"schema": _ref("Event")}},
                     }
+                },
+            },
+        },
+        "/api/batches": {
+            "post": {
+                "summary": "Submit many inputs at once",
+                "description": "Repeated `files` fields and/or a zip (`archive`). Shared parameters are "
+                "form fields; `per_file` overrides them per input. Every input is validated before "
+                "any is queued: one bad file answers 400 naming it and nothing is queued. At most "
+                "500 inputs; a zip's expanded size counts against PERSONAPLEX_MAX_UPLOAD_MB.",
+                "tags": ["batches"],
+                "requestBody": BATCH_BODY,
+                "responses": {
+                    "202": _json(_ref("BatchAccepted"), "Queued; see Location."),
+                    **SUBMIT_ERRORS,
+                    "400": _error(
+                        "A bad file, zip member (absolute path, '..', link, not audio) or parameter; "
+                        "`file` names it."
+                    ),
+                },
+            }
+        },
+        "/api/batches/{batch_id}": {
+            "parameters": [BATCH_ID],
+            "get": {
+                "summary": "Counts by state and each job's status",
+                "tags": ["batches"],
+                "responses": {"200": _json(_ref("Batch"), "The batch."), "404": _error("Unknown batch.")},
+            },
+            "delete": {
+                "summary": "Cancel every job of the batch that has not finished",
+                "tags": ["batches"],
+                "responses": {
+                    "200": _json(_ref("Batch"), "Queued jobs cancelled."),
+                    "202": _json(_ref("Batch"), "Some jobs were running: they stop at their next frame."),
+                    "404": _error("Unknown batch."),
+                    "409": _error("Every job is already final."),
+                },
+            },
+        },
+        "/api/batches/{batch_id}/archive": {
+            "parameters": [BATCH_ID],
+            "get": {
+                "summary": "Zip of the outputs",
+                "description": "Once no job is queued or running: `<stem>.wav` and `<stem>.json` per input "
+                "that succeeded (stems from the input names, made unique with -2, -3...), and "
+                "`_batch.json` listing every input with its status, files or error.",
+                "tags": ["batches"],
+                "responses": {
+                    "200": {
+                        "description": "The zip, streamed.",
+                        "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+                        "headers": {
+                            "X-Missing-Outputs": {
+                                "schema": {"type": "integer"},
+                                "description": "Inputs without outputs (failed, cancelled, expired).",
+                            }
+                        },
+                    },
+                    "404": _error("Unknown batch."),
+                    "409": _error("Some jobs are still queued or running; the body has `counts`."),
                 },
             },
         },

@@ -1,4 +1,4 @@
-"""The resources views share: settings, Redis, the job store, the blob store and the Celery producer.
+"""The resources views share: settings, Redis, the job, batch and blob stores, the Celery producer.
 
 `init_app` attaches them to the app; Redis connects lazily on first use. The Celery client app is
 built from `worker`'s factory only when a view first needs it (it never imports torch).
@@ -16,6 +16,7 @@ from flask import Flask, current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from personaplex.batches import BatchStore
 from personaplex.jobs import JobStore, WorkerRegistry
 from personaplex.settings import Settings
 from personaplex.storage import BlobStore, delete_expired, open_blob_store
@@ -63,6 +64,7 @@ class Services:
     jobs: JobStore
     blobs: BlobStore
     workers: WorkerRegistry
+    batches: BatchStore
     _celery: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_cleanup: float = 0.0
@@ -105,6 +107,7 @@ def build_services(settings: Settings) -> Services:
         jobs=JobStore(client, retention_s=settings.retention_s),
         blobs=open_blob_store(settings, client),
         workers=WorkerRegistry(client),
+        batches=BatchStore(client, retention_s=settings.retention_s),
     )
 
 

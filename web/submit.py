@@ -27,16 +27,16 @@ RETRY_AFTER_PER_JOB_S = 5
 """Rough seconds per queued job, to suggest a Retry-After when the queue is full."""
 
 
-def check_capacity(svc: Services) -> None:
-    """429 with Retry-After when the queue is full."""
+def check_capacity(svc: Services, incoming: int = 1) -> None:
+    """429 with Retry-After when the queue has no room for `incoming` more jobs."""
     queued = svc.jobs.queue_length()
-    if queued >= svc.settings.max_queue:
-        retry_after = max(
-            1, min(3600, math.ceil(RETRY_AFTER_PER_JOB_S * (queued - svc.settings.max_queue + 1)))
-        )
+    limit = svc.settings.max_queue
+    if queued + incoming > limit:
+        retry_after = max(1, min(3600, math.ceil(RETRY_AFTER_PER_JOB_S * (queued + incoming - limit))))
+        room = f"; {incoming} jobs were sent" if incoming > 1 else ""
         raise ApiError(
             429,
-            f"The queue is full ({queued} jobs waiting, limit {svc.settings.max_queue}); retry later.",
+            f"The queue is full ({queued} jobs waiting, limit {limit}{room}); retry later.",
             headers={"Retry-After": str(retry_after)},
             queue_length=queued,
         )
@@ -51,9 +51,13 @@ def new_job(upload: Upload) -> Job:
     )
 
 
-def accept(svc: Services, upload: Upload, job: Job | None = None) -> Job:
-    """Store and enqueue a validated upload (as `job` if given); returns the queued job."""
-    check_capacity(svc)
+def accept(svc: Services, upload: Upload, job: Job | None = None, *, check: bool = True) -> Job:
+    """Store and enqueue a validated upload (as `job` if given); returns the queued job.
+
+    `check=False` skips the queue check, for a caller that checked room for several jobs at once.
+    """
+    if check:
+        check_capacity(svc)
     job = job or new_job(upload)
     svc.blobs.put(job.id, INPUT, upload.data)
     try:

@@ -31,6 +31,8 @@ _CASTS: dict[str, type] = {
     "topk_audio": int,
     "topk_text": int,
 }
+PARAM_FIELDS = ("voice_prompt", "text_prompt", *_CASTS)
+"""Every form field parse_params reads."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,221 @@
+"""The `personaplex` CLI as a subprocess, against the real service (`live_service`: web server, its own
+Redis and a real worker on the tiny model)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures import REPO_ROOT, SPEECH_40S, free_port, wait_until
+
+from personaplex.audio import encode_wav, load, probe
+from personaplex.client import PersonaPlexClient
+
+CLIP_SECONDS = 0.5
+BATCH_FILES = 20
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 20 different 0.5 s clips of real speech, two of them in a subfolder."""
+    folder = tmp_path_factory.mktemp("inputs")
+    samples = load(SPEECH_40S)
+    step = int(CLIP_SECONDS * 24_000)
+    for i in range(BATCH_FILES):
+        path = folder / ("sub" if i >= 18 else "") / f"q{i:02d}.wav"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(encode_wav(samples[i * step : (i + 1) * step], 24_000, subtype="PCM_16"))
+    (folder / "notes.txt").write_text("not audio: a folder scan skips it")
+    return folder
+
+
+def personaplex(*args: str | Path, url: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "personaplex.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=_env(url),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _env(url: str) -> dict[str, str]:
+    return {**os.environ, "PERSONAPLEX_API_URL": url, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _batch_ids(stderr: str) -> list[str]:
+    return re.findall(r"Batch ([0-9a-f]{32}): \d+ jobs queued", stderr)
+
+
+def _job_count(url: str) -> int:
+    return len(PersonaPlexClient(url).list_jobs(limit=500))
+
+
+@pytest.mark.slow
+def test_a_20_file_batch_finishes_the_archive_matches_and_a_rerun_skips_everything(
+    live_service: str, inputs: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    command = ("submit", inputs, "--out", out, "--seed", "7", "--voice", "NATM1", "--progress")
+    first = personaplex(*command, url=live_service)
+    assert first.returncode == 0, first.stderr
+    stems = [f"q{i:02d}" for i in range(BATCH_FILES)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{s}{e}" for s in stems for e in (".wav", ".json")
+    )
+    for stem in stems:
+        assert probe(out / f"{stem}.wav").duration_s > 0
+        document = json.loads((out / f"{stem}.json").read_text())
+        assert {"job_id", "text", "frames"} <= set(document)
+    assert "20 done, 0 failed, 0 skipped" in first.stderr
+    assert "frame" in first.stderr and "batch" in first.stderr  # the bars were drawn
+
+    (batch_id,) = _batch_ids(first.stderr)
+    client = PersonaPlexClient(live_service)
+    batch = client.get_batch(batch_id)
+    assert batch["counts"]["succeeded"] == BATCH_FILES
+    job = client.get_job(batch["jobs"][0]["job_id"])
+    assert job["params"]["seed"] == 7 and job["params"]["voice_prompt"] == "NATM1.pt"
+
+    archive = zipfile.ZipFile(io.BytesIO(client.download_batch_archive(batch_id)))  # type: ignore[arg-type]
+    assert set(archive.namelist()) == {p.name for p in out.iterdir()} | {"_batch.json"}
+    for path in out.iterdir():
+        if path.suffix == ".wav":
+            assert archive.read(path.name) == path.read_bytes(), path.name
+        else:
+            assert json.loads(archive.read(path.name)) == json.loads(path.read_text()), path.name
+    saved = client.download_batch_archive(batch_id, tmp_path / "batch.zip")
+    assert zipfile.ZipFile(saved).namelist() == archive.namelist()
+
+    jobs_before = _job_count(live_service)
+    rerun = personaplex(*command, url=live_service)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Skipping 20 of 20 inputs" in rerun.stderr and "Nothing to do." in rerun.stderr
+    assert _job_count(live_service) == jobs_before
+
+    (out / "q03.wav").unlink()
+    (out / "q11.json").unlink()
+    resumed = personaplex(*command, url=live_service)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Skipping 18 of 20 inputs" in resumed.stderr and "2 done, 0 failed, 18 skipped" in resumed.stderr
+    assert (out / "q03.wav").is_file() and (out / "q11.json").is_file()
+    assert _job_count(live_service) == jobs_before + 2
+
+
+def test_exit_codes_for_usage_unreachable_service_and_bad_input(inputs: Path, tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    usage = personaplex("submit", inputs, url=down)  # no --out
+    assert usage.returncode == 2 and "--out" in usage.stderr
+    both = personaplex(
+        "submit", inputs, "--out", tmp_path, "--prompt", "x", "--prompt-file", "p.txt", url=down
+    )
+    assert both.returncode == 2
+
+    missing = personaplex("submit", tmp_path / "nothing-here.wav", "--out", tmp_path / "out", url=down)
+    assert missing.returncode == 2 and "nothing-here.wav: no such file or folder" in missing.stderr
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really a wav")
+    not_audio = personaplex("submit", inputs / "q00.wav", bad, "--out", tmp_path / "out", url=down)
+    assert not_audio.returncode == 2 and "bad.wav" in not_audio.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert personaplex("submit", empty, "--out", tmp_path / "out", url=down).returncode == 2
+
+    unreachable = personaplex("submit", inputs / "q00.wav", "--out", tmp_path / "out", url=down)
+    assert unreachable.returncode == 3 and "Cannot reach" in unreachable.stderr
+    for command in (("voices",), ("status", "0" * 32), ("gpu",), ("workers",)):
+        assert personaplex(*command, url=down).returncode == 3, command
+    assert "exit codes:" in personaplex("--help", url=down).stdout
+
+
+@pytest.mark.slow
+def test_the_service_refusing_input_is_exit_2_and_queues_nothing(
+    live_service: str, inputs: Path, tmp_path: Path
+) -> None:
+    before = _job_count(live_service)
+    refused = personaplex("submit", inputs, "--out", tmp_path / "out", "--voice", "NOBODY", url=live_service)
+    assert refused.returncode == 2 and "Unknown voice prompt 'NOBODY'" in refused.stderr
+    assert _job_count(live_service) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_without_a_terminal_cancels_the_remaining_jobs(
+    live_service: str, inputs: Path, tmp_path: Path
+) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "personaplex.cli", "submit", str(inputs), "--out", str(tmp_path / "out")],
+        cwd=REPO_ROOT,
+        env=_env(live_service),
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    wait_until(
+        lambda: lines.append(process.stderr.readline()) or "jobs queued" in lines[-1], 60, what="queued"
+    )
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, "".join(lines) + rest
+    assert "stdin is not a terminal: cancelling" in rest
+    (batch_id,) = _batch_ids("".join(lines))
+    client = PersonaPlexClient(live_service)
+    batch: dict[str, Any] = wait_until(  # type: ignore[assignment]
+        lambda: (b := client.get_batch(batch_id))["finished"] and b, 60, what="the batch to stop"
+    )
+    assert batch["counts"]["cancelled"] >= 10, batch["counts"]
+    written = {p.stem for p in (tmp_path / "out").glob("*.wav")}
+    assert written == {p.stem for p in (tmp_path / "out").glob("*.json")}
+    assert written <= {e["output"] for e in batch["jobs"] if e["status"] == "succeeded"}
+
+
+@pytest.mark.slow
+def test_status_catalog_gpu_and_workers(live_service: str, inputs: Path, tmp_path: Path) -> None:
+    client = PersonaPlexClient(live_service)
+    batch = client.submit_batch([inputs / "q00.wav", inputs / "q01.wav"], seed=1)
+    done = client.wait(batch["inputs"][1]["job_id"], timeout=60, poll_interval=0.2)
+    assert done["status"] == "succeeded"
+
+    job = personaplex("status", batch["inputs"][0]["job_id"], url=live_service)
+    assert job.returncode == 0 and "succeeded" in job.stdout and "q00.wav" in job.stdout
+    whole = personaplex("status", batch["batch_id"], "--json", url=live_service)
+    assert whole.returncode == 0 and json.loads(whole.stdout)["counts"]["succeeded"] == 2
+    unknown = personaplex("status", "f" * 32, url=live_service)
+    assert unknown.returncode == 2 and "no job or batch" in unknown.stderr
+
+    cancelled = client.submit_batch([inputs / "q02.wav"])
+    client.cancel_batch(cancelled["batch_id"])
+    wait_until(lambda: client.get_batch(cancelled["batch_id"])["finished"], 30, what="the cancel")
+    failed = personaplex("status", cancelled["batch_id"], url=live_service)
+    assert failed.returncode == 1 and "1 cancelled" in failed.stdout
+
+    voices = personaplex("voices", url=live_service)
+    assert voices.returncode == 0 and "NATF2.pt" in voices.stdout and len(voices.stdout.splitlines()) == 18
+    prompts = personaplex("prompts", "--json", url=live_service)
+    assert prompts.returncode == 0 and any(p["id"] == "assistant" for p in json.loads(prompts.stdout))
+
+    workers = personaplex("workers", "--json", url=live_service)
+    assert workers.returncode == 0, workers.stderr
+    (worker,) = json.loads(workers.stdout)
+    name = worker["worker"]
+    assert personaplex("workers", url=live_service).stdout.startswith(name)
+    gpu = personaplex("gpu", url=live_service)
+    assert gpu.returncode == 0 and "workers: 1" in gpu.stdout and name in gpu.stdout
+    assert (
+        json.loads(personaplex("gpu", "--worker", name, "--json", url=live_service).stdout)["worker"] == name
+    )
+    assert personaplex("gpu", "--worker", "nobody@nowhere", url=live_service).returncode == 2
+    offload = personaplex("gpu", "--offload", "--worker", name, url=live_service)
+    assert offload.returncode == 0 and "offload:" in offload.stdout
