@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -235,13 +235,7 @@ class Engine:
 
     @staticmethod
     def _sampling(models: LoadedModels, params: GenerationParams) -> tuple[Sampling, torch.Generator | None]:
-        sampling = Sampling(
-            greedy=params.greedy,
-            temp_audio=params.temp_audio,
-            temp_text=params.temp_text,
-            topk_audio=params.topk_audio,
-            topk_text=params.topk_text,
-        )
+        sampling = Sampling(**{f.name: getattr(params, f.name) for f in fields(Sampling)})
         return sampling, None if params.greedy else make_generator(params.seed, models.device)
 
     # ---- the fast loop (personaplex.fast) ----------------------------------------------------

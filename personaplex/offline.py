@@ -75,16 +75,7 @@ def run(args: argparse.Namespace) -> None:
     from personaplex.audio import write_bytes_atomic, write_wav_atomic
     from personaplex.engine import Engine
 
-    params = GenerationParams(
-        voice_prompt=args.voice_prompt,
-        text_prompt=args.text_prompt,
-        seed=args.seed,
-        greedy=args.greedy,
-        temp_audio=args.temp_audio,
-        temp_text=args.temp_text,
-        topk_audio=args.topk_audio,
-        topk_text=args.topk_text,
-    )
+    params = GenerationParams.from_dict(vars(args))
     engine = Engine(
         args.model,
         device=args.device,
