@@ -11,14 +11,18 @@ Plain classes and functions live here so tests can import them; conftest.py only
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import redis
+
 from personaplex.devstack import RedisServer, ServiceProcess, free_port, wait_until  # noqa: F401
-from personaplex.jobs import Job, JobStore
+from personaplex.jobs import Job, JobStore, Keys
 from personaplex.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +100,26 @@ def wait_for_job(
         return job if job is not None and check(job) else None
 
     return wait_until(matching, timeout, what=f"job {job_id}")  # type: ignore[return-value]
+
+
+def collect_events(client: redis.Redis) -> Iterator[list[dict]]:
+    """Every job event published while the test runs."""
+    received: list[dict] = []
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(Keys.PREFIX + "events:*")
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            message = pubsub.get_message(timeout=0.05)
+            if message:
+                received.append(json.loads(message["data"]))
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    time.sleep(0.05)  # let the subscription reach Redis before the test publishes
+    yield received
+    time.sleep(0.1)  # let the last events arrive
+    stop.set()
+    thread.join()
+    pubsub.close()

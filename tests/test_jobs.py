@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 import redis
+from fixtures import collect_events
 
 from personaplex.jobs import (
     Job,
@@ -31,25 +31,7 @@ def make_job(store: JobStore, **fields: object) -> Job:
 @pytest.fixture
 def events(redis_client: redis.Redis) -> Iterator[list[dict]]:
     """Every event published on any job channel while the test runs, in order."""
-    received: list[dict] = []
-    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe(Keys.PREFIX + "events:*")
-    stop = threading.Event()
-
-    def pump() -> None:
-        while not stop.is_set():
-            message = pubsub.get_message(timeout=0.05)
-            if message:
-                received.append(json.loads(message["data"]))
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    time.sleep(0.05)
-    yield received
-    time.sleep(0.1)
-    stop.set()
-    thread.join()
-    pubsub.close()
+    yield from collect_events(redis_client)
 
 
 # -- ids and keys ----------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -30,7 +29,15 @@ import pytest
 import redis
 import soundfile as sf
 from celery import Celery
-from fixtures import RedisServer, WorkerProcess, speech_clip, wait_for_job, wait_until, worker_environment
+from fixtures import (
+    RedisServer,
+    WorkerProcess,
+    collect_events,
+    speech_clip,
+    wait_for_job,
+    wait_until,
+    worker_environment,
+)
 
 from personaplex.jobs import Job, JobStatus, JobStore, Keys, WorkerRegistry
 from personaplex.params import GenerationParams
@@ -126,27 +133,6 @@ def shared(shared_settings: Settings, shared_worker: WorkerProcess) -> Iterator[
 def harness(settings: Settings, redis_client: redis.Redis) -> Iterator[Harness]:
     """A harness on the per-test database, for workers from `start_worker`."""
     yield from make_harness(settings, redis_client)
-
-
-def collect_events(client: redis.Redis) -> Iterator[list[dict]]:
-    """Every job event published while the test runs."""
-    received: list[dict] = []
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe(Keys.PREFIX + "events:*")
-    stop = threading.Event()
-
-    def pump() -> None:
-        while not stop.is_set():
-            message = pubsub.get_message(timeout=0.05)
-            if message:
-                received.append(json.loads(message["data"]))
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    yield received
-    stop.set()
-    thread.join()
-    pubsub.close()
 
 
 @pytest.fixture
