@@ -215,6 +215,8 @@ def test_job_runs_end_to_end(shared: Harness, shared_worker: WorkerProcess, even
     assert document["job_id"] == job.id and document["text"] == done.result["text"]
     assert len(document["frames"]) == 38
 
+    # The final event is published next to the record's final write: give the subscriber a moment.
+    wait_until(lambda: any(e["type"] == "succeeded" for e in events), 5, what="the succeeded event")
     types = [e["type"] for e in events if e["job_id"] == job.id]
     assert types[:2] == ["queued", "started"] and types[-1] == "succeeded" and "progress" in types
     beats = {b["worker"]: b for b in WorkerRegistry(shared.redis).live()}
