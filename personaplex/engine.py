@@ -2,8 +2,10 @@
 
     engine = Engine("nvidia/personaplex-7b-v1")
     result = engine.process("question.wav", GenerationParams(voice_prompt="NATM1.pt"))
+    results = engine.process_batch([BatchRequest(a, p) for a, p in jobs])  # one batched loop
 
-One job at a time per engine (a lock), which is also what a GPU worker runs.
+One call at a time per engine (a lock), which is also what a GPU worker runs. `process_batch` steps
+several jobs together in the fast loop (personaplex.fast); each job gets exactly what it gets alone.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,44 @@ TEXT_MARKERS = {0: "EPAD", TEXT_PAD: "PAD"}
 FAST_FRAMES_BUCKET = 256
 """The fast loop's frame capacity is rounded up to this, so jobs of similar lengths reuse its graphs."""
 FAST_REPLAY_BUCKET = 64
+DEFAULT_MAX_BATCH = 8
+"""Jobs stepped together by `process_batch` (Settings.max_batch, PERSONAPLEX_MAX_BATCH)."""
+DEFAULT_MAX_BATCH_FRAMES = 30_000
+"""Rows x the longest row's frames per batch: what the fast loop allocates per row scales with its
+frame capacity (Settings.max_batch_frames, PERSONAPLEX_MAX_BATCH_FRAMES). A longer job runs alone."""
+
+Outcome = EngineResult | Exception
+OnDone = Callable[[Outcome], None]
+
+
+@dataclass
+class BatchRequest:
+    """One job of `Engine.process_batch`: its audio and parameters, and its own callbacks.
+
+    `on_done` receives the job's EngineResult (or its exception) as soon as its row ends, before the
+    batch does: a short job's outputs need not wait for the longest one.
+    """
+
+    audio: audio_io.AudioSource
+    params: GenerationParams = field(default_factory=GenerationParams)
+    progress: Progress | None = None
+    should_cancel: ShouldCancel | None = None
+    on_done: OnDone | None = None
+
+
+def plan_groups(lengths: list[int], max_batch: int, max_frames: int) -> list[list[int]]:
+    """Split jobs (their frame counts) into batches, longest first: each batch holds at most
+    `max_batch` rows and rows x its longest row's frames <= `max_frames` (a longer job runs alone).
+    Similar lengths share a batch, so rows that end early leave little idle. Returns index lists."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for index in order:
+        group = groups[-1] if groups else None
+        if group and len(group) < max_batch and (len(group) + 1) * lengths[group[0]] <= max_frames:
+            group.append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def wrap_with_system_tags(text: str) -> str:
@@ -65,6 +105,45 @@ class _VoicePrompt:
     codes: torch.Tensor | None = None  # [1, 8, F] from a .wav
 
 
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class _BatchJob:
+    """One row of a batch: the job's request index, its samples and plan, and its callbacks."""
+
+    index: int
+    samples: np.ndarray
+    plan: Any  # personaplex.fast.JobPlan
+    timings: Timings
+    report: Progress
+    cancelled: ShouldCancel
+    prepare_s: float = 0.0
+    """Seconds spent decoding the audio, loading the voice and planning (in total_s, no phase)."""
+
+    def phase_at(self, t: int) -> tuple[str, int, int]:
+        """(phase, frame within it, frames in it) of the row's frame t."""
+        prompt = self.plan.prompt_frames
+        if t < prompt:
+            return "prompt", t, prompt
+        return "generate", t - prompt, self.plan.generate_frames
+
+    def cancel_message(self, t: int) -> str:
+        phase, index, total = self.phase_at(t)
+        if phase == "prompt":
+            return "Cancelled during the prompt phase."
+        return f"Cancelled at frame {index} of {total}."
+
+
+class _RowsDropped(Exception):
+    """Raised inside FastLoop.run's before_frame to stop a segment after rows were cancelled."""
+
+    def __init__(self, frames: int) -> None:
+        super().__init__(frames)
+        self.frames = frames
+
+
 class Engine:
     """PersonaPlex on torch + transformers; thread-safe, one job at a time."""
 
@@ -77,6 +156,8 @@ class Engine:
         voice_prompt_dir: str | os.PathLike | None = None,
         hf_token: str | None = None,
         captured: bool | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_batch_frames: int = DEFAULT_MAX_BATCH_FRAMES,
     ) -> None:
         self.model_name = str(model)
         self.device = torch.device(device) if device else default_device()
@@ -86,6 +167,8 @@ class Engine:
         self.hf_token = hf_token
         self.captured = captured
         """The fast loop (personaplex.fast, CUDA graphs on a GPU); None: on CUDA without cpu offload."""
+        self.max_batch = max_batch
+        self.max_batch_frames = max_batch_frames
         self._fast = None  # the last FastLoop, reused while jobs fit it
         self._lock = threading.RLock()
         self._models: LoadedModels | None = None
@@ -183,6 +266,154 @@ class Engine:
             self.last_used = time.time()
             return result
 
+    # ---- several jobs in one batch -----------------------------------------------------------
+    def process_batch(self, requests: list[BatchRequest]) -> list[Outcome]:
+        """Run several recordings together; each entry is that job's EngineResult or its exception.
+
+        Each job keeps its own voice, prompt, seed, sampling and length, and gets exactly the tokens
+        it gets from `process` (on the CPU in fp32; the same up to numerics in bf16). A job that
+        cannot start (bad audio, unknown voice) fails alone, before the batch starts; a cancelled
+        job's row drops out at its next frame and the others go on. Jobs are split into batches of
+        at most `max_batch` rows and `max_batch_frames` (see `plan_groups`), run one after another;
+        a row that ends drops out (it is masked: the loop's shapes are static), its job is decoded
+        and handed to its `on_done` at once, and the loop stops when its last live row ends.
+        """
+        results: list[Outcome | None] = [None] * len(requests)
+
+        def settle(index: int, outcome: Outcome) -> None:
+            results[index] = outcome
+            callback = requests[index].on_done
+            if callback is not None:
+                try:
+                    callback(outcome)
+                except Exception:
+                    log.exception("on_done of batch job %d failed", index)
+
+        with self._lock, torch.inference_mode():
+            if not self._batches():
+                for index, request in enumerate(requests):
+                    settle(index, self._process_safely(request))
+                return results  # type: ignore[return-value]
+            for request in requests:
+                (request.progress or _no_progress)("load", 0, 1)
+            load_s = self.load()
+            models = self._models
+            assert models is not None
+            jobs: list[_BatchJob] = []
+            for index, request in enumerate(requests):
+                try:
+                    jobs.append(self._prepare(index, request, models, load_s))
+                except Exception as exc:
+                    settle(index, exc)
+            for group in plan_groups([len(j.plan) for j in jobs], self.max_batch, self.max_batch_frames):
+                rows = [jobs[i] for i in group]
+                try:
+                    self._run_batch(models, rows, settle)
+                except Exception as exc:  # the whole batch failed (out of memory, ...): every live row
+                    log.exception("a batch of %d jobs failed", len(rows))
+                    for job in rows:
+                        if results[job.index] is None:
+                            settle(job.index, exc)
+            self.last_used = time.time()
+        return results  # type: ignore[return-value]
+
+    def _batches(self) -> bool:
+        """Whether process_batch steps jobs together (the fast loop), or runs them one by one."""
+        return self.captured is not False and not self.cpu_offload
+
+    def _process_safely(self, request: BatchRequest) -> Outcome:
+        try:
+            return self.process(request.audio, request.params, request.progress, request.should_cancel)
+        except Exception as exc:
+            return exc
+
+    def _prepare(self, index: int, request: BatchRequest, models: LoadedModels, load_s: float) -> _BatchJob:
+        """Everything a job needs before the batch starts; raises what would fail it."""
+        report = request.progress or _no_progress
+        cancelled = request.should_cancel or (lambda: False)
+        report("load", 1, 1)
+        if cancelled():
+            raise CancelledError("Cancelled before it started.")
+        params = request.params or GenerationParams()
+        prepared = time.perf_counter()
+        samples = audio_io.load(request.audio, SAMPLE_RATE, self.max_audio_seconds)
+        voice = self._voice_prompt(models, params.voice_prompt)
+        timings = Timings(load_s=load_s)
+        clock = time.perf_counter()
+        user_codes = codec.encode(models.mimi, samples)
+        timings.encode_s = time.perf_counter() - clock
+        plan = self._plan(models, user_codes, voice, params)
+        job = _BatchJob(index, samples, plan, timings, report, cancelled)
+        job.prepare_s = time.perf_counter() - prepared - timings.encode_s  # audio, voice, plan
+        return job
+
+    def _run_batch(
+        self, models: LoadedModels, rows: list[_BatchJob], settle: Callable[[int, Outcome], None]
+    ) -> None:
+        """Step `rows` together until each has ended or been cancelled.
+
+        The loop runs in segments that end where some row's prompt or whole plan ends, so each job's
+        phase timings are measured there (one device sync per segment, none per frame).
+        """
+        loop = self._fast_loop(models, [job.plan for job in rows])
+        sync = torch.cuda.synchronize if models.device.type == "cuda" else (lambda: None)
+        live = list(range(len(rows)))
+        done = 0  # frames every row has been stepped
+        clock = time.perf_counter()
+
+        def before(offset: int) -> None:
+            t = done + offset
+            dropped = []
+            for b in live:
+                job = rows[b]
+                if job.cancelled():
+                    dropped.append(b)
+                    continue
+                phase, index, total = job.phase_at(t)
+                if index % PROGRESS_EVERY == 0:
+                    job.report(phase, index, total)
+            if dropped:
+                for b in dropped:
+                    live.remove(b)
+                    settle(rows[b].index, CancelledError(rows[b].cancel_message(t)))
+                raise _RowsDropped(t)
+
+        while live:
+            stop = min(e for b in live for e in (rows[b].plan.prompt_frames, len(rows[b].plan)) if e > done)
+            try:
+                loop.run(stop - done, before)
+                done = stop
+            except _RowsDropped as interrupt:
+                done = interrupt.frames
+            sync()
+            now = time.perf_counter()
+            ended = []
+            for b in live:
+                job = rows[b]
+                if done == job.plan.prompt_frames:
+                    job.timings.prompt_s = now - clock
+                    job.report("prompt", job.plan.prompt_frames, job.plan.prompt_frames)
+                if done == len(job.plan):
+                    job.timings.generate_s = now - clock - job.timings.prompt_s
+                    job.report("generate", job.plan.generate_frames, job.plan.generate_frames)
+                    ended.append(b)
+            if ended:
+                outputs = loop.results()
+                for b in ended:
+                    live.remove(b)
+                    job = rows[b]
+                    try:
+                        settle(job.index, self._finish_batched(models, job, outputs[b]))
+                    except Exception as exc:
+                        settle(job.index, exc)
+
+    def _finish_batched(self, models: LoadedModels, job: _BatchJob, frames: torch.Tensor) -> EngineResult:
+        result = self._finish(models, job.samples, frames, job.timings, job.report)
+        t = job.timings
+        t.total_s = t.load_s + job.prepare_s + t.encode_s + t.prompt_s + t.generate_s + t.decode_s
+        t.rtf = (t.total_s - t.load_s) / result.input_duration_s if len(job.samples) else 0.0
+        return result
+
     def _run(
         self,
         models: LoadedModels,
@@ -210,15 +441,26 @@ class Engine:
             frames = self._generate(loop, user_codes, report, cancelled)  # [F, 9]
             timings.generate_s = time.perf_counter() - clock
 
+        result = self._finish(models, samples, frames, timings, report)
+        timings.total_s = timings.load_s + (time.perf_counter() - started)
+        timings.rtf = (timings.total_s - timings.load_s) / result.input_duration_s if len(samples) else 0.0
+        return result
+
+    def _finish(
+        self,
+        models: LoadedModels,
+        samples: np.ndarray,
+        frames: torch.Tensor,
+        timings: Timings,
+        report: Progress,
+    ) -> EngineResult:
+        """Decode a job's frames [F, 9] into its result (timings.decode_s set here)."""
         clock = time.perf_counter()
         report("decode", 0, 1)
         agent_audio = codec.decode(models.mimi, frames[:, 1:].T[None])[: len(samples)]
         report("decode", 1, 1)
         timings.decode_s = time.perf_counter() - clock
-
         duration = len(samples) / SAMPLE_RATE
-        timings.total_s = timings.load_s + (time.perf_counter() - started)
-        timings.rtf = (timings.total_s - timings.load_s) / duration if duration else 0.0
         tokens = frames.tolist()
         return EngineResult(
             audio=np.ascontiguousarray(agent_audio, dtype=np.float32),

@@ -248,6 +248,21 @@ class JobStore:
             self.publish(job_id, {"type": "started", "worker": worker, "attempts": job.attempts})
         return job
 
+    def claim(self, job_id: str, worker: str) -> Job | None:
+        """Start a job that is still queued, for a worker that takes it into its running batch.
+
+        Like mark_running (counts the attempt, records the worker) but only from queued, so a job
+        cancelled or started meanwhile is left alone. The caller holds the job's run lease first.
+        Returns the running job, or None if it was not queued.
+        """
+        values = {"status": JobStatus.RUNNING, "worker": worker, "started_at": time.time(), "error": None}
+        if self._apply(job_id, values, allowed=(JobStatus.QUEUED,), incr_attempts=True) != 1:
+            return None
+        job = self.get(job_id)
+        if job is not None:
+            self.publish(job_id, {"type": "started", "worker": worker, "attempts": job.attempts})
+        return job
+
     def mark_succeeded(self, job_id: str, result: dict[str, Any]) -> bool:
         return self._finish(job_id, JobStatus.SUCCEEDED, {"result": result}, {"result": result})
 
@@ -375,6 +390,10 @@ class JobStore:
                 return
             yield ids
             start += size
+
+    def queued_ids(self, limit: int) -> list[str]:
+        """The ids of up to `limit` queued jobs, oldest first (what a worker may claim into a batch)."""
+        return [_text(i) for i in self.redis.zrange(Keys.QUEUED, 0, max(limit, 1) - 1)]
 
     def queue_length(self) -> int:
         """How many jobs wait to start (the 429 check reads this)."""

@@ -99,6 +99,15 @@ class Settings:
     heartbeat_ttl: float = option(
         "PERSONAPLEX_HEARTBEAT_TTL", 15.0, _positive(float), "Seconds a worker heartbeat lives"
     )
+    max_batch: int = option(
+        "PERSONAPLEX_MAX_BATCH", 8, _positive(int), "Waiting jobs a GPU worker runs together in one batch"
+    )
+    max_batch_frames: int = option(
+        "PERSONAPLEX_MAX_BATCH_FRAMES",
+        30000,
+        _positive(int),
+        "Memory bound per batch: rows x longest job's frames (12.5/s, prompt included)",
+    )
     port: int = option("PORT", 8998, _positive(int), "Port of the development web server")
 
     @classmethod

@@ -137,14 +137,16 @@ def worker_env(settings: Settings, tiny_checkpoint: Path) -> dict[str, str]:
 
 @pytest.fixture
 def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """start_worker(name="gpu0", **env_overrides) -> a ready WorkerProcess; all are stopped afterwards.
+    """start_worker(name="gpu0", queues=None, **env_overrides) -> a ready WorkerProcess; all are stopped
+    afterwards. `queues`: consume these (celery -Q) instead of the default queue.
 
     On failure the workers' logs are printed, since that is where a worker's traceback goes.
     """
     started: list[WorkerProcess] = []
 
-    def start(name: str = "gpu0", **env: str) -> WorkerProcess:
-        worker = WorkerProcess(name, {**worker_env, **env}, tmp_path / "logs").start()
+    def start(name: str = "gpu0", queues: str | None = None, **env: str) -> WorkerProcess:
+        args = ("-Q", queues) if queues else ()
+        worker = WorkerProcess(name, {**worker_env, **env}, tmp_path / "logs", args).start()
         started.append(worker)
         worker.wait_ready()
         return worker

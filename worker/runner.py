@@ -8,12 +8,20 @@ every step is safe to repeat:
   `heartbeat_ttl` and the waiting delivery takes the job over;
 - a job whose outputs are complete is finished from them without rerunning the model;
 - each start counts an attempt; past `max_attempts` the job fails with that reason.
+
+Batching (docs/batching.md): a delivery that starts its job also claims up to `max_batch - 1` other
+queued jobs through their records (run lease first, then an atomic queued -> running transition that
+counts their attempt) and runs them all in one `Engine.process_batch`, writing each job's outputs and
+final record when its row ends. The claimed jobs' own messages, delivered later here or elsewhere,
+find them final (or wait on their lease while the batch runs) and are acked without running; if this
+worker dies, those messages are still queued or unacked, the leases expire, and each job runs again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +29,7 @@ from typing import Any
 from personaplex.audio import encode_wav
 from personaplex.errors import CancelledError, PersonaPlexError
 from personaplex.jobs import Job, JobStatus, JobStore
-from personaplex.params import EngineResult, GenerationParams
+from personaplex.params import FRAME_RATE, EngineResult, GenerationParams
 from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, outputs_complete
 from worker.runtime import WorkerRuntime
 
@@ -36,6 +44,9 @@ CANCEL_CHECK_INTERVAL_S = 0.2
 LEASE_POLL_S = 0.5
 """How often a delivery waiting on another worker's lease checks it again (seconds)."""
 
+CLAIM_LOOKAHEAD = 4
+"""Queued ids read per free batch row when claiming (some may be leased or cancelled meanwhile)."""
+
 
 class ProgressReporter:
     """The engine's progress callback: always updates gpu_status, publishes to Redis throttled."""
@@ -48,7 +59,7 @@ class ProgressReporter:
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         progress = {"phase": phase, "done": int(done), "total": int(total)}
-        self.runtime.set_progress(progress)
+        self.runtime.set_progress(self.job_id, progress)
         now = time.monotonic()
         if phase == self._last_phase and done < total and now - self._last_sent < PROGRESS_MIN_INTERVAL_S:
             return
@@ -146,38 +157,129 @@ class JobRunner:
         return self._run_engine(started)
 
     def _run_engine(self, job: Job) -> Outcome:
+        """Run the job, together with the queued jobs this delivery claims into its batch."""
+        claimed = self._claim_waiting(job)
         try:
-            result = self._process(job)
-        except CancelledError:
-            self.jobs.mark_cancelled(job.id)
-            return Outcome(JobStatus.CANCELLED.value, ran=True)
-        except PersonaPlexError as exc:
-            self.jobs.mark_failed(job.id, str(exc))
-            return Outcome(JobStatus.FAILED.value, ran=True)
-        except FileNotFoundError:
-            self.jobs.mark_failed(job.id, "The job's input is missing from the blob store (expired?).")
-            return Outcome(JobStatus.FAILED.value, ran=True)
-        except Exception as exc:
-            log.exception("job %s failed unexpectedly", job.id)
-            self.jobs.mark_failed(job.id, f"Internal error: {type(exc).__name__}: {exc}")
-            return Outcome(JobStatus.FAILED.value, ran=True)
-        self.jobs.mark_succeeded(job.id, result)
-        return Outcome(JobStatus.SUCCEEDED.value, ran=True)
+            outcomes = self._run_batch([job, *claimed])
+        finally:
+            for other in claimed:
+                self._release(other.id)
+        return outcomes[job.id]
 
-    def _process(self, job: Job) -> dict[str, Any]:
-        audio = self.blobs.get(job.id, INPUT)
-        params = GenerationParams.from_dict(job.params)
-        reporter = ProgressReporter(self.runtime, job.id)
-        reporter("load", 0, 1)
+    def _claim_waiting(self, leader: Job) -> list[Job]:
+        """Take up to max_batch - 1 queued jobs (oldest first) into this delivery's batch.
+
+        Each claim takes the job's run lease first (so no other delivery runs it meanwhile), then
+        moves it queued -> running atomically (counting its attempt); a job cancelled, started or
+        leased elsewhere in between is skipped. Jobs whose estimated frames would push the batch past
+        max_batch_frames are left for other workers.
+        """
+        settings = self.runtime.settings
+        room = settings.max_batch - 1
+        if room <= 0:
+            return []
+        owner, ttl = self.runtime.lease_owner, settings.heartbeat_ttl
+        longest = _frames_estimate(leader)
+        claimed: list[Job] = []
+        for candidate in self.jobs.get_many(self.jobs.queued_ids(room * CLAIM_LOOKAHEAD)):
+            if len(claimed) >= room:
+                break
+            frames = max(longest, _frames_estimate(candidate))
+            if candidate.id == leader.id or (len(claimed) + 2) * frames > settings.max_batch_frames:
+                continue
+            if self.jobs.cancel_requested(candidate.id) or not self.jobs.acquire_lease(
+                candidate.id, owner, ttl
+            ):
+                continue
+            self.runtime.add_to_batch(candidate.id)
+            started = self.jobs.claim(candidate.id, self.worker)
+            if started is None:
+                self._release(candidate.id)
+                continue
+            if started.attempts > settings.max_attempts:
+                self.jobs.mark_failed(started.id, _gave_up(started.attempts - 1, settings.max_attempts))
+                self._release(started.id)
+                continue
+            longest = frames
+            claimed.append(started)
+        if claimed:
+            log.info("job %s: batched with queued jobs %s", leader.id, ", ".join(j.id for j in claimed))
+        return claimed
+
+    def _release(self, job_id: str) -> None:
+        self.runtime.leave_batch(job_id)
+        self.jobs.release_lease(job_id, self.runtime.lease_owner)
+
+    def _run_batch(self, jobs: list[Job]) -> dict[str, Outcome]:
+        """Run `jobs` in one engine batch; each job's outputs and record are written when it ends."""
+        from personaplex.engine import BatchRequest
+
+        outcomes: dict[str, Outcome] = {}
+        batch = {"leader": jobs[0].id, "size": len(jobs)}
+        requests, members = [], []
+        for job in jobs:
+            try:
+                audio = self.blobs.get(job.id, INPUT)
+                params = GenerationParams.from_dict(job.params)
+            except Exception as exc:
+                outcomes[job.id] = self._settle(job, batch, 0.0, exc)
+                continue
+            reporter = ProgressReporter(self.runtime, job.id)
+            reporter("load", 0, 1)
+            requests.append(BatchRequest(audio, params, reporter, CancelCheck(self.jobs, job.id)))
+            members.append(job)
+        if not requests:
+            return outcomes
         load_s = self.runtime.ensure_loaded()
-        clock = time.perf_counter()
-        result = self.runtime.engine().process(
-            audio, params, progress=reporter, should_cancel=CancelCheck(self.jobs, job.id)
-        )
-        inference_s = time.perf_counter() - clock
-        timings = _timings(job, result, load_s, inference_s)
-        self._write_outputs(job.id, result, timings)
-        return _result(result.input_duration_s, result.text, result.frames, timings)
+        for job, request in zip(members, requests, strict=True):
+
+            def done(outcome: EngineResult | Exception, job: Job = job) -> None:
+                outcomes[job.id] = self._settle(job, batch, load_s, outcome)
+
+            request.on_done = done
+        results = self.runtime.engine().process_batch(requests)
+        for job, result in zip(members, results, strict=True):
+            if job.id not in outcomes:  # on_done was not reached (it always is; belt and braces)
+                outcomes[job.id] = self._settle(job, batch, load_s, result)
+        return outcomes
+
+    def _settle(
+        self, job: Job, batch: dict[str, Any], load_s: float, outcome: EngineResult | Exception
+    ) -> Outcome:
+        """Record one job's end: outputs and success, or the reason it failed or was cancelled."""
+        status = self._record(job, batch, load_s, outcome)
+        if job.id != batch["leader"]:
+            self._release(job.id)  # a delivery waiting on its lease finds it final now
+            log.info("job %s (claimed by the batch of %s) ended %s", job.id, batch["leader"], status.value)
+        return Outcome(status.value, ran=True)
+
+    def _record(
+        self, job: Job, batch: dict[str, Any], load_s: float, outcome: EngineResult | Exception
+    ) -> JobStatus:
+        if isinstance(outcome, CancelledError):
+            self.jobs.mark_cancelled(job.id)
+            return JobStatus.CANCELLED
+        if isinstance(outcome, PersonaPlexError):
+            self.jobs.mark_failed(job.id, str(outcome))
+            return JobStatus.FAILED
+        if isinstance(outcome, FileNotFoundError):
+            self.jobs.mark_failed(job.id, "The job's input is missing from the blob store (expired?).")
+            return JobStatus.FAILED
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            inference_s = outcome.timings.total_s - outcome.timings.load_s
+            timings = _timings(job, outcome, load_s, inference_s)
+            self._write_outputs(job.id, outcome, timings)
+            result = _result(outcome.input_duration_s, outcome.text, outcome.frames, timings)
+            if batch["size"] > 1:
+                result["engine_batch"] = dict(batch)
+        except Exception as exc:
+            log.error("job %s failed unexpectedly", job.id, exc_info=exc)
+            self.jobs.mark_failed(job.id, f"Internal error: {type(exc).__name__}: {exc}")
+            return JobStatus.FAILED
+        self.jobs.mark_succeeded(job.id, result)
+        return JobStatus.SUCCEEDED
 
     def _write_outputs(self, job_id: str, result: EngineResult, timings: dict[str, float]) -> None:
         """WAV first, JSON last: a complete pair means a finished job (see outputs_complete)."""
@@ -201,6 +303,11 @@ def _timings(job: Job, result: EngineResult, load_s: float, inference_s: float) 
         "inference_s": round(inference_s, 6),
         "rtf": round(inference_s / duration, 6) if duration else 0.0,
     }
+
+
+def _frames_estimate(job: Job) -> int:
+    """The job's generate frames from its recorded input duration (its prompt frames come on top)."""
+    return math.ceil((job.input_duration_s or 0.0) * FRAME_RATE)
 
 
 def _result(duration_s: float, text: str, frames: int, timings: dict[str, float]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Threads touching it: the task thread (runs jobs), the event-loop thread (control commands, which must
 never block) and the housekeeping thread (heartbeat, idle offload). Two locks keep them apart:
 
-- `_state` guards the small fields (running job, progress, timestamps); it is only held briefly.
+- `_state` guards the small fields (running job, the jobs of its batch and their progress,
+  timestamps); it is only held briefly. The worker is busy while a delivery holds the task slot
+  (`job_running`), whatever jobs its batch still runs.
 - `_engine_lock` serialises load and offload. A control command waits for it at most
   CONTROL_LOCK_WAIT_S (an offload in progress takes milliseconds); if it is still busy the reply is
   "deferred" and housekeeping runs the offload as soon as the worker is idle.
@@ -61,7 +63,10 @@ class WorkerRuntime:
         self._create_lock = threading.Lock()
         self._engine: Engine | None = None
         self._running_job: str | None = None
-        self._progress: dict[str, Any] | None = None
+        """The job whose delivery holds the task slot (busy while set)."""
+        self._batch: dict[str, dict[str, Any] | None] = {}
+        """Every job this worker is running now (the delivery's and those claimed into its batch),
+        in start order, with its progress."""
         self._last_used: float | None = None
         self._offload_pending = False
 
@@ -80,6 +85,8 @@ class WorkerRuntime:
                     cpu_offload=s.cpu_offload,
                     max_audio_seconds=s.max_audio_seconds,
                     hf_token=s.hf_token,
+                    max_batch=s.max_batch,
+                    max_batch_frames=s.max_batch_frames,
                 )
             return self._engine
 
@@ -103,29 +110,40 @@ class WorkerRuntime:
         """Mark `job_id` as this worker's running job; afterwards run an offload deferred meanwhile."""
         with self._state:
             self._running_job = job_id
-            self._progress = None
+            self._batch = {job_id: None}
         try:
             yield
         finally:
             with self._state:
                 self._running_job = None
-                self._progress = None
+                self._batch = {}
                 pending, self._offload_pending = self._offload_pending, False
             self._touch()
             if pending:
                 log.info("running the offload deferred during job %s", job_id)
                 self._offload_now(wait_s=None)
 
-    def refresh_lease(self) -> None:
-        """Keep the running job's lease alive (housekeeping calls this well within its TTL)."""
+    def add_to_batch(self, job_id: str) -> None:
+        """A job claimed into the running delivery's batch: its lease is refreshed from now on."""
         with self._state:
-            job_id = self._running_job
-        if job_id is not None:
+            self._batch.setdefault(job_id, None)
+
+    def leave_batch(self, job_id: str) -> None:
+        """A job of the batch ended (or was not claimed after all): stop refreshing its lease."""
+        with self._state:
+            self._batch.pop(job_id, None)
+
+    def refresh_lease(self) -> None:
+        """Keep the running jobs' leases alive (housekeeping calls this well within their TTL)."""
+        with self._state:
+            job_ids = list(self._batch)
+        for job_id in job_ids:
             self.jobs.refresh_lease(job_id, self.lease_owner, self.settings.heartbeat_ttl)
 
-    def set_progress(self, progress: dict[str, Any]) -> None:
+    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         with self._state:
-            self._progress = progress
+            if job_id in self._batch:
+                self._batch[job_id] = progress
 
     def _touch(self) -> None:
         with self._state:
@@ -197,7 +215,9 @@ class WorkerRuntime:
     def status(self, worker: str) -> dict[str, Any]:
         """The gpu_status reply (and heartbeat record): cheap, lock-light, safe from any thread."""
         with self._state:
-            running, progress, last_used = self._running_job, self._progress, self._last_used
+            batch, last_used = dict(self._batch), self._last_used
+        running = next(iter(batch), None)  # the first job still running (the delivery's, or the next)
+        progress = batch.get(running) if running else None
         engine = self._engine
         return {
             "worker": worker,
@@ -207,6 +227,7 @@ class WorkerRuntime:
             "gpu": self._gpu(),
             "running_job": running,
             "progress": dict(progress) if progress else None,
+            "running_jobs": list(batch),
             "idle_timeout": self.settings.gpu_idle_timeout,
             "idle_deadline": self.idle_deadline(),
             "last_used": last_used,

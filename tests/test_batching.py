@@ -1,0 +1,317 @@
+"""Batched jobs: `Engine.process_batch` on the tiny model (CPU, fp32), then batching in the worker.
+
+Engine: each job of a batch gets exactly the tokens `Engine.process` gives it alone (greedy and
+seeded, different lengths, prompts and voices), whatever it is batched with; a job that cannot start
+fails alone; a cancelled row drops out without disturbing the others; progress is per job; batches
+respect PERSONAPLEX_MAX_BATCH and PERSONAPLEX_MAX_BATCH_FRAMES.
+
+Worker (real `celery` subprocesses, see docs/batching.md): jobs waiting in the queue are claimed
+into the running delivery's batch through their records; their own messages, delivered later, find
+them final and are acked without running again; a claimed job can be cancelled; a worker killed
+mid-batch has every job of its batch redelivered and finished once by the survivor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import redis
+from fixtures import SPEECH_40S, WorkerProcess, collect_events, speech_clip, wait_for_job, wait_until
+
+from personaplex import audio as audio_io
+from personaplex.engine import BatchRequest, Engine, plan_groups
+from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
+from personaplex.jobs import Job, JobStatus, JobStore
+from personaplex.params import SAMPLE_RATE, EngineResult, GenerationParams
+from personaplex.settings import Settings
+from personaplex.storage import INPUT, OUTPUT_JSON, FsBlobStore
+from worker import TASK_NAME, create_celery_app
+
+PROMPT = "You enjoy having a good conversation."
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return audio_io.load(SPEECH_40S, SAMPLE_RATE)
+
+
+def clip(speech: np.ndarray, start: float, seconds: float) -> bytes:
+    return audio_io.encode_wav(speech[int(start * SAMPLE_RATE) : int((start + seconds) * SAMPLE_RATE)])
+
+
+def mixed_jobs(speech: np.ndarray, greedy: bool) -> list[tuple[bytes, GenerationParams]]:
+    """Four jobs of different lengths, prompts, voices and sampling settings."""
+    jobs = [
+        (clip(speech, 0, 2.5), GenerationParams(voice_prompt="NATF2.pt", text_prompt=PROMPT, seed=1)),
+        (clip(speech, 1, 1.2), GenerationParams(voice_prompt="NATM1.pt", text_prompt="", seed=2)),
+        (clip(speech, 5, 0.7), GenerationParams(voice_prompt="VARF1.pt", text_prompt="Hi.", seed=3)),
+        (
+            clip(speech, 2, 3.1),
+            GenerationParams(voice_prompt="VARM4.pt", text_prompt=PROMPT, seed=4, topk_text=3, topk_audio=9),
+        ),
+    ]
+    if greedy:
+        jobs = [(a, GenerationParams.from_dict({**p.to_dict(), "greedy": True})) for a, p in jobs]
+    return jobs
+
+
+# ---- the engine -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded"])
+def test_each_job_of_a_batch_equals_the_job_alone(
+    tiny_engine: Engine, speech: np.ndarray, greedy: bool
+) -> None:
+    jobs = mixed_jobs(speech, greedy)
+    batched = tiny_engine.process_batch([BatchRequest(a, p) for a, p in jobs])
+    assert len({len(r.tokens) for r in batched}) == len(jobs)  # every job has its own length
+    for (audio, params), got in zip(jobs, batched, strict=True):
+        assert isinstance(got, EngineResult)
+        alone = tiny_engine.process(audio, params)
+        assert got.tokens == alone.tokens
+        assert got.text_frames == alone.text_frames
+        assert np.abs(got.audio - alone.audio).max() <= 1e-5
+        assert got.timings.generate_s > 0 and got.timings.total_s >= got.timings.generate_s
+
+
+def test_a_seed_gives_the_same_tokens_whatever_it_is_batched_with(
+    tiny_engine: Engine, speech: np.ndarray
+) -> None:
+    jobs = mixed_jobs(speech, greedy=False)
+    first = tiny_engine.process_batch([BatchRequest(a, p) for a, p in jobs])
+    other_company = [(clip(speech, 9, 2.0), GenerationParams(seed=99)), *reversed(jobs[1:])]
+    second = tiny_engine.process_batch([BatchRequest(a, p) for a, p in other_company])
+    assert [r.tokens for r in second[1:]] == [r.tokens for r in reversed(first[1:])]
+
+
+def test_a_job_that_cannot_start_fails_alone(tiny_engine: Engine, speech: np.ndarray) -> None:
+    good = clip(speech, 0, 1.0)
+    params = GenerationParams(greedy=True)
+    done: list[tuple[int, object]] = []
+    requests = [
+        BatchRequest(b"not a wav", params),
+        BatchRequest(good, params, on_done=lambda r: done.append((1, r))),
+        BatchRequest(good, GenerationParams(voice_prompt="NOPE.pt")),
+    ]
+    bad_audio, result, bad_voice = tiny_engine.process_batch(requests)
+    assert isinstance(bad_audio, AudioError) and isinstance(bad_voice, UnknownVoiceError)
+    assert result.tokens == tiny_engine.process(good, params).tokens
+    assert done == [(1, result)]
+
+
+class CancelAt:
+    """should_cancel: True once the job's progress has reached generate frame `frame`."""
+
+    def __init__(self, frame: int) -> None:
+        self.frame = frame
+        self.seen: list[tuple[str, int, int]] = []
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        self.seen.append((phase, done, total))
+
+    def __call__(self) -> bool:
+        return any(phase == "generate" and done >= self.frame for phase, done, _ in self.seen)
+
+
+def test_a_cancelled_row_drops_out_and_the_others_go_on(tiny_engine: Engine, speech: np.ndarray) -> None:
+    jobs = mixed_jobs(speech, greedy=False)
+    cancel = CancelAt(frame=10)
+    ended: list[int] = []
+    requests = [BatchRequest(a, p, on_done=lambda r, i=i: ended.append(i)) for i, (a, p) in enumerate(jobs)]
+    requests[3].progress, requests[3].should_cancel = cancel.progress, cancel
+    results = tiny_engine.process_batch(requests)
+    assert isinstance(results[3], CancelledError) and "Cancelled at frame 11 of" in str(
+        results[3]
+    )  # seen at 10, checked next
+    assert max(done for phase, done, _ in cancel.seen if phase == "generate") == 10  # no progress after
+    for (audio, params), got in zip(jobs[:3], results[:3], strict=True):
+        assert got.tokens == tiny_engine.process(audio, params).tokens
+    assert ended.index(3) < ended.index(0)  # dropped at frame 10, before the 2.5 s job ends
+
+
+def test_progress_is_per_job(tiny_engine: Engine, speech: np.ndarray) -> None:
+    jobs = mixed_jobs(speech, greedy=True)[:3]
+    seen: dict[int, list[tuple[str, int, int]]] = {i: [] for i in range(len(jobs))}
+    requests = [
+        BatchRequest(a, p, progress=lambda *event, i=i: seen[i].append(event))
+        for i, (a, p) in enumerate(jobs)
+    ]
+    results = tiny_engine.process_batch(requests)
+    for i, result in enumerate(results):
+        phases = [phase for phase, _, _ in seen[i]]
+        assert phases[0] == "load" and phases[-1] == "decode"
+        assert [p for j, p in enumerate(phases) if j == 0 or p != phases[j - 1]] == [
+            "load",
+            "prompt",
+            "generate",
+            "decode",
+        ]
+        generate = [(done, total) for phase, done, total in seen[i] if phase == "generate"]
+        assert {total for _, total in generate} == {result.frames}  # that job's own frames
+        assert generate[-1] == (result.frames, result.frames)
+        assert [done for done, _ in generate] == sorted(done for done, _ in generate)
+
+
+def test_plan_groups_bounds_rows_and_frames() -> None:
+    assert plan_groups([10, 30, 20], max_batch=8, max_frames=1000) == [[1, 2, 0]]
+    assert plan_groups([10, 30, 20, 5], max_batch=2, max_frames=1000) == [[1, 2], [0, 3]]
+    assert plan_groups([10, 30, 20], max_batch=8, max_frames=60) == [[1, 2], [0]]  # 2 x 30 rows fit
+    assert plan_groups([100, 10], max_batch=8, max_frames=50) == [[0], [1]]  # too long: runs alone
+    assert plan_groups([], max_batch=8, max_frames=50) == []
+
+
+def test_batches_follow_the_limits_and_results_stay_the_same(
+    tiny_engine: Engine, speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from personaplex import fast
+
+    sizes: list[int] = []
+    original = fast.FastLoop.load
+
+    def record(self, plans):  # every batch loads its plans into a loop
+        sizes.append(len(plans))
+        return original(self, plans)
+
+    monkeypatch.setattr(fast.FastLoop, "load", record)
+    monkeypatch.setattr(tiny_engine, "max_batch", 2)
+    jobs = mixed_jobs(speech, greedy=True)
+    results = tiny_engine.process_batch([BatchRequest(a, p) for a, p in jobs])
+    assert sizes == [2, 2]
+    monkeypatch.setattr(tiny_engine, "max_batch", 8)
+    monkeypatch.setattr(tiny_engine, "max_batch_frames", 1)  # every job over the cap: each alone
+    sizes.clear()
+    again = tiny_engine.process_batch([BatchRequest(a, p) for a, p in jobs])
+    assert sizes == [1, 1, 1, 1]
+    assert [r.tokens for r in again] == [r.tokens for r in results]
+
+
+def test_settings_read_the_batch_limits() -> None:
+    settings = Settings.from_env({"PERSONAPLEX_MAX_BATCH": "3", "PERSONAPLEX_MAX_BATCH_FRAMES": "5000"})
+    assert (settings.max_batch, settings.max_batch_frames) == (3, 5000)
+    assert (Settings().max_batch, Settings().max_batch_frames) == (8, 30000)
+    with pytest.raises(ValueError, match="PERSONAPLEX_MAX_BATCH"):
+        Settings.from_env({"PERSONAPLEX_MAX_BATCH": "0"})
+
+
+# ---- the worker -----------------------------------------------------------------------------------
+StartWorker = Callable[..., WorkerProcess]
+
+
+class Queue:
+    """What the web does: a job record with its input duration, the input blob, then the task."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.app = create_celery_app(settings)
+        self.jobs = JobStore(client, settings.retention_s)
+        self.blobs = FsBlobStore(settings.data_dir)
+
+    def submit(self, audio: bytes, params: GenerationParams) -> Job:
+        seconds = audio_io.probe(audio).duration_s
+        job = self.jobs.create(Job(params=params.to_dict(), input_duration_s=seconds))
+        self.blobs.put(job.id, INPUT, audio)
+        self.app.send_task(TASK_NAME, args=[job.id], task_id=job.id)
+        return job
+
+    def tokens(self, job_id: str) -> list[list[int]]:
+        return json.loads(self.blobs.get(job_id, OUTPUT_JSON))["tokens"]
+
+
+@pytest.fixture
+def queue(settings: Settings, redis_client: redis.Redis) -> Iterator[Queue]:
+    q = Queue(settings, redis_client)
+    yield q
+    q.app.close()
+
+
+def deliveries(worker: WorkerProcess, job_id: str, ran: bool) -> int:
+    """How many deliveries of the job the worker finished, with or without running the engine."""
+    marker = f"'ran': {ran}}}"
+    return sum(1 for line in worker.log().splitlines() if f"[{job_id}]" in line and marker in line)
+
+
+def long_clip(seconds: float) -> bytes:
+    """`seconds` of speech (the 40 s recording repeated)."""
+    speech = audio_io.load(SPEECH_40S, SAMPLE_RATE)
+    return audio_io.encode_wav(np.tile(speech, 1 + int(seconds // 40))[: int(seconds * SAMPLE_RATE)])
+
+
+def all_running_on(queue: Queue, jobs: list[Job], worker: WorkerProcess) -> Callable[[], bool]:
+    def check() -> bool:
+        records = queue.jobs.get_many([j.id for j in jobs])
+        return all(r.status is JobStatus.RUNNING and r.worker == worker.hostname for r in records)
+
+    return check
+
+
+def test_three_queued_jobs_share_one_batch(
+    start_worker: StartWorker, queue: Queue, redis_client: redis.Redis, tiny_engine: Engine
+) -> None:
+    inputs = [
+        (speech_clip(2.0), GenerationParams(seed=1)),
+        (speech_clip(3.0), GenerationParams(seed=2, text_prompt="Hi.")),
+        (speech_clip(1.0), GenerationParams(voice_prompt="NATM1.pt", seed=3)),
+    ]
+    stream = collect_events(redis_client)
+    events = next(stream)
+    jobs = [queue.submit(audio, params) for audio, params in inputs]  # all wait: no worker yet
+    worker = start_worker("gpu0")
+    done = [wait_for_job(queue.jobs, job.id) for job in jobs]
+    next(stream, None)
+
+    leader = done[0].result["engine_batch"]["leader"]
+    for job, record, (audio, params) in zip(jobs, done, inputs, strict=True):
+        assert record.status is JobStatus.SUCCEEDED, record.error
+        assert (record.attempts, record.worker) == (1, worker.hostname)
+        assert record.result["engine_batch"] == {"leader": leader, "size": 3}
+        alone = tiny_engine.process(audio, params)
+        assert queue.tokens(job.id) == alone.tokens  # the batched job equals the job alone
+        progress = [e for e in events if e["job_id"] == job.id and e["type"] == "progress"]
+        generate = [(e["done"], e["total"]) for e in progress if e["phase"] == "generate"]
+        assert generate[-1] == (alone.frames, alone.frames)  # its own frames, not the batch's
+        assert {e["phase"] for e in progress} >= {"load", "prompt", "generate", "decode"}
+    # One delivery ran the batch; the others' messages found their jobs final and were acked.
+    for job in jobs:
+        ran = job.id == leader
+        wait_until(lambda job=job, ran=ran: deliveries(worker, job.id, ran=ran) == 1, 20, what="deliveries")
+        assert deliveries(worker, job.id, ran=not ran) == 0
+
+
+def test_a_claimed_job_waits_for_its_batch_elsewhere_and_can_be_cancelled(
+    start_worker: StartWorker, queue: Queue
+) -> None:
+    spare = start_worker("gpu1", queues="idle")  # consumes another queue until told otherwise
+    jobs = [queue.submit(long_clip(60.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
+    worker = start_worker("gpu0")
+    wait_until(all_running_on(queue, jobs, worker), 30, what="the batch")
+    queue.jobs.request_cancel(jobs[1].id)  # claimed and running: its row drops out
+    queue.app.control.add_consumer("celery", destination=[spare.hostname], reply=True)
+
+    done = {job.id: wait_for_job(queue.jobs, job.id, timeout=60) for job in jobs}
+    assert done[jobs[1].id].status is JobStatus.CANCELLED
+    for job in (jobs[0], jobs[2]):
+        assert done[job.id].status is JobStatus.SUCCEEDED, done[job.id].error
+        assert (done[job.id].attempts, done[job.id].worker) == (1, worker.hostname)
+    # The spare took the claimed jobs' messages while the batch ran: it waited on their leases and
+    # acked them without running anything.
+    wait_until(lambda: sum(deliveries(spare, j.id, ran=False) for j in jobs[1:]) == 2, 30, what="acks")
+    assert not any(deliveries(spare, j.id, ran=True) for j in jobs)
+    assert "is being run by" in spare.log()
+
+
+def test_a_batch_whose_worker_dies_is_finished_once_by_another(
+    start_worker: StartWorker, queue: Queue
+) -> None:
+    env = {"PERSONAPLEX_VISIBILITY_TIMEOUT": "5"}
+    spare = start_worker("gpu1", queues="idle", **env)
+    jobs = [queue.submit(long_clip(40.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
+    victim = start_worker("gpu0", **env)
+    wait_until(all_running_on(queue, jobs, victim), 30, what="the batch")
+    victim.kill()
+    queue.app.control.add_consumer("celery", destination=[spare.hostname], reply=True)
+
+    for job in jobs:
+        done = wait_for_job(queue.jobs, job.id, timeout=90)
+        assert done.status is JobStatus.SUCCEEDED, done.error
+        assert (done.worker, done.attempts) == (spare.hostname, 2)  # claimed once, run once more
+        assert deliveries(spare, job.id, ran=True) == 1
