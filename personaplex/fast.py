@@ -1,9 +1,14 @@
 """The fast frame loop: one batched, static-shape step per frame, captured in a CUDA graph on a GPU.
 
 `FrameLoop` (frames.py) drives transformers' modules and is the reference for what a frame does.
-This loop does the same work with compact functions over the *same* weight tensors (views, no
-copies), in a form a CUDA graph can hold:
+This loop does the same work with compact functions over the *same* weight tensors, in a form a
+CUDA graph can hold, with as few kernels per frame as the same results allow:
 
+- each layer's q, k and v projections are one matmul: the temporal layers' parameters are
+  rebound, once, to row slices of one fused tensor (no extra memory, FrameLoop sees the same
+  weights); the depth layers' stacked weights get a fused copy (~300 MB at the real size);
+  per-layer work that does not depend on the layer (the attention mask, the rotary angles, the
+  depth input projections, the race noise) is done once per frame; bench/kernels.py counts it;
 - every buffer is allocated once (token ring, KV caches, schedules, noise, outputs) and updated
   in place; shapes never change between frames;
 - the temporal KV cache is a ring per layer, `[B, H, slots, head_dim]`, written at
@@ -17,7 +22,7 @@ copies), in a form a CUDA graph can hold:
 - sampling keeps `personaplex.sampling.sample`'s semantics; the exponential race noise is drawn
   outside the step, per row from the row's own generator, into a static buffer (`draw_noise`,
   the same calls in the same order as `FrameLoop`), so a seed gives the same tokens eagerly,
-  captured, alone or batched;
+  captured, alone or batched; columns past a row's top-k hold +inf, so the race needs no masks;
 - no host synchronisation: outputs accumulate on the device and are read once at the end.
 
 On a CPU the step runs eagerly (the tests compare it with `FrameLoop`); on CUDA `capture=True`
@@ -145,27 +150,84 @@ def plan_job(
 
 # ---- the compact model ----------------------------------------------------------------------------
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' MoshiRMSNorm: computed in fp32, cast back."""
+    """transformers' MoshiRMSNorm: computed in fp32, cast back. `weight` is already fp32.
+
+    The last multiply writes straight into a tensor of x's dtype: computed in fp32 and rounded on
+    the store, the same values as `(y * weight).type_as(x)` with one kernel fewer.
+    """
     y = x.float()
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).type_as(x)
+    if x.dtype == torch.float32:
+        return y * weight
+    return torch.mul(y, weight, out=torch.empty_like(x))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] → [x2, x1] over the last dim, one kernel; with a sine whose first half is negated,
+    `_swap_halves(x) * sin` is exactly transformers' `rotate_half(x) * sin` (negation is exact)."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
 
 
 @dataclass
 class _Layer:
-    norm1: torch.Tensor
-    norm2: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    norm1: torch.Tensor  # fp32
+    norm2: torch.Tensor  # fp32
+    qkv: torch.Tensor  # [3 * H * hd, D]: q, k and v projections in one matmul
     o: torch.Tensor
     fc1: torch.Tensor
     fc2: torch.Tensor
+
+
+QKV_ATTRIBUTE = "_personaplex_qkv"
+
+
+def _shared_qkv(attn: torch.nn.Module) -> torch.Tensor:
+    """The temporal layer's q, k, v weights as one [3 * out, in] tensor, with no extra memory.
+
+    The first call concatenates them once and rebinds the three parameters to row slices of the
+    result (contiguous views: transformers' modules, which FrameLoop drives, see the same values
+    in the same layout); later calls find the fused tensor on the module.
+    """
+    params = [attn.q_proj.linear.weight, attn.k_proj.linear.weight, attn.v_proj.linear.weight]
+    fused = getattr(attn, QKV_ATTRIBUTE, None)
+    if fused is not None and _are_rows_of(params, fused):
+        return fused
+    # Made in the parameters' own mode: an engine that loaded its model under inference_mode holds
+    # inference tensors, and a parameter cannot switch kinds.
+    with torch.inference_mode(params[0].is_inference()), torch.no_grad():
+        fused = torch.cat([p.detach() for p in params])
+        start = 0
+        for param in params:
+            rows = param.shape[0]
+            param.data = fused[start : start + rows]
+            start += rows
+    setattr(attn, QKV_ATTRIBUTE, fused)
+    return fused
+
+
+def _are_rows_of(params: list[torch.Tensor], fused: torch.Tensor) -> bool:
+    start = 0
+    for param in params:
+        if param.untyped_storage().data_ptr() != fused.untyped_storage().data_ptr():
+            return False
+        if param.data_ptr() != fused[start].data_ptr() or not param.is_contiguous():
+            return False
+        start += param.shape[0]
+    return start == fused.shape[0]
+
+
+def _stacked_qkv(attn: torch.nn.Module) -> torch.Tensor:
+    """The depth layer's per-step q, k, v weights [steps, 3 * out, in]: a copy (~300 MB at the real
+    size), made once per module; the stacked parameters stay as transformers uses them."""
+    params = [attn.q_proj.linear.weight, attn.k_proj.linear.weight, attn.v_proj.linear.weight]
+    key = tuple(p.data_ptr() for p in params)
+    cached = getattr(attn, QKV_ATTRIBUTE, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.inference_mode(params[0].is_inference()), torch.no_grad():
+        fused = torch.cat([p.detach() for p in params], dim=1)
+    setattr(attn, QKV_ATTRIBUTE, (key, fused))
+    return fused
 
 
 def _layer(module: torch.nn.Module, step: int | None = None) -> _Layer:
@@ -173,11 +235,9 @@ def _layer(module: torch.nn.Module, step: int | None = None) -> _Layer:
     attn = module.self_attn
     pick = (lambda w: w) if step is None else (lambda w: w[step])
     return _Layer(
-        norm1=module.input_layernorm.weight,
-        norm2=module.post_attention_layernorm.weight,
-        q=pick(attn.q_proj.linear.weight),
-        k=pick(attn.k_proj.linear.weight),
-        v=pick(attn.v_proj.linear.weight),
+        norm1=module.input_layernorm.weight.float(),
+        norm2=module.post_attention_layernorm.weight.float(),
+        qkv=_shared_qkv(attn) if step is None else _stacked_qkv(attn)[step],
         o=pick(attn.o_proj.linear.weight),
         fc1=pick(module.mlp.fc1.weight),
         fc2=pick(module.mlp.fc2.weight),
@@ -230,7 +290,7 @@ class FastLoop:
         self.audio_tables = [table.weight for table in moshi.embed_tokens]
         self.text_table = decoder.embed_tokens.weight
         self.layers = [_layer(layer) for layer in decoder.layers]
-        self.out_norm = decoder.norm.weight
+        self.out_norm = decoder.norm.weight.float()
         self.eps = decoder.norm.eps
         self.text_head = moshi.decoder.lm_head.weight
         attn = decoder.layers[0].self_attn
@@ -238,10 +298,13 @@ class FastLoop:
         self.act = decoder.layers[0].mlp.activation_fn
         rope_theta = config.rope_parameters["rope_theta"]
         self.inv_freq = rope_inverse_frequencies(self.head_dim, rope_theta).to(device)
+        half = self.head_dim // 2
+        self.sin_sign = torch.tensor([-1.0] * half + [1.0] * half, device=device)  # see _swap_halves
         depth = moshi.depth_decoder
         self.depth_text_table = depth.text_embed_tokens.weight
         self.depth_tables = [table.weight for table in depth.embed_tokens]
-        self.depth_in = depth.input_projections.weight
+        self.depth_in = depth.input_projections.weight  # [8, depth D, D]
+        self.depth_in_all = self.depth_in.reshape(-1, self.depth_in.shape[-1])  # 8 steps, one matmul
         self.depth_heads = depth.lm_heads.weight
         self.depth_layers = [[_layer(layer, s) for layer in depth.layers] for s in range(AUDIO_STREAMS)]
         self.depth_eps = depth.layers[0].input_layernorm.eps
@@ -254,8 +317,8 @@ class FastLoop:
         self.rows = torch.arange(B, **long)
         self.delays = torch.tensor(self.delays_list, **long)
         self.initial = torch.tensor([text_vocab] + [audio_vocab] * (K - 1), **long)
-        self.text_cols = torch.arange(self.topk_text, **long)
-        self.audio_cols = torch.arange(self.topk_audio, **long)
+        self.mask_open = torch.zeros((), dtype=dtype, device=device)
+        self.mask_shut = torch.full((), float("-inf"), dtype=dtype, device=device)
         # state
         self.tokens = torch.empty(B, K, S, **long)
         self.provided = torch.empty(B, K, S, dtype=torch.bool, device=device)
@@ -267,12 +330,9 @@ class FastLoop:
         self.k_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in self.layers]
         self.v_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in self.layers]
         dh, dhd = self.depth_heads_n, self.depth_head_dim
-        dl = len(depth.layers)
-        self.dk_cache = [
-            torch.zeros(B, dh, AUDIO_STREAMS, dhd, dtype=dtype, device=device) for _ in range(dl)
-        ]
-        self.dv_cache = [
-            torch.zeros(B, dh, AUDIO_STREAMS, dhd, dtype=dtype, device=device) for _ in range(dl)
+        # depth keys and values together, [B, 2, H, steps, hd]: one copy writes both per step
+        self.dkv_cache = [
+            torch.zeros(B, 2, dh, AUDIO_STREAMS, dhd, dtype=dtype, device=device) for _ in depth.layers
         ]
         self.out = torch.zeros(B, T + 1, GEN, **long)
         # schedules (index T / N: a padding entry for rows past their end)
@@ -289,11 +349,15 @@ class FastLoop:
         self.temp_audio = torch.empty(B, 1, dtype=torch.float32, device=device)
         self.greedy_text = torch.empty(B, dtype=torch.bool, device=device)
         self.greedy_audio = torch.empty(B, dtype=torch.bool, device=device)
-        self.k_text = torch.empty(B, **long)
-        self.k_audio = torch.empty(B, **long)
+        # Race noise: each row draws its top-k columns; the rest hold +inf, so p / noise is 0 there
+        # and the race never picks a candidate outside the row's own top-k (no masks in the step).
+        # noise_audio's last column is such an +inf, where audio_noise_index sends the columns
+        # past a row's k_audio; it gathers every depth step's noise [B, 8 * topk_audio] at once.
         self.noise_text = torch.ones(B, self.topk_text, dtype=torch.float32, device=device)
-        self.noise_audio = torch.ones(B, AUDIO_STREAMS * self.topk_audio, dtype=torch.float32, device=device)
-        self.audio_noise_index = torch.empty(B, AUDIO_STREAMS, self.topk_audio, **long)
+        self.noise_audio = torch.ones(
+            B, AUDIO_STREAMS * self.topk_audio + 1, dtype=torch.float32, device=device
+        )
+        self.audio_noise_index = torch.empty(B, AUDIO_STREAMS * self.topk_audio, **long)
 
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.plans: list[JobPlan] = []
@@ -325,7 +389,7 @@ class FastLoop:
         self.s_embeddings.zero_()
         self.s_cache.copy_(self.initial[None, :, None].expand_as(self.s_cache))
         self.cache_at.fill_(-1)
-        self.audio_noise_index.zero_()
+        inf = float("inf")
         for b, plan in enumerate(plans):
             n = len(plan)
             self.s_text[b, :n] = plan.text
@@ -341,9 +405,12 @@ class FastLoop:
             self.greedy_text[b] = s.greedy or s.temp_text <= 0 or plan.generator is None
             self.greedy_audio[b] = s.greedy or s.temp_audio <= 0 or plan.generator is None
             kt, ka = self._row_topk(plan)
-            self.k_text[b], self.k_audio[b] = kt, ka
-            step = torch.arange(AUDIO_STREAMS, device=self.device)[:, None] * ka
-            self.audio_noise_index[b] = (step + self.audio_cols[None]).clamp(max=AUDIO_STREAMS * ka - 1)
+            self.noise_text[b, kt:] = inf
+            self.noise_audio[b, AUDIO_STREAMS * self.topk_audio :] = inf
+            cols = torch.arange(self.topk_audio, device=self.device)
+            index = torch.arange(AUDIO_STREAMS, device=self.device)[:, None] * ka + cols[None]
+            index = torch.where(cols[None] < ka, index, AUDIO_STREAMS * self.topk_audio)
+            self.audio_noise_index[b] = index.flatten()
         self.length.copy_(torch.tensor([len(p) for p in plans]))
         self.replay_length.copy_(torch.tensor([p.replay_frames for p in plans]))
 
@@ -358,7 +425,7 @@ class FastLoop:
         self.position.zero_()
         self.t.zero_()
         self.slot_position.fill_(-1)
-        for cache in (*self.k_cache, *self.v_cache, *self.dk_cache, *self.dv_cache):
+        for cache in (*self.k_cache, *self.v_cache, *self.dkv_cache):
             cache.zero_()
         self.out.zero_()
         self.noise_text.fill_(1.0)
@@ -454,9 +521,7 @@ class FastLoop:
         forced = self._at_slot(self.tokens, target)[:, :GEN]
         provided = self._at_slot(self.provided, target)[:, :GEN]
         if depth:
-            text_token = self._sample(
-                text_logits, self.temp_text, self.k_text, self.greedy_text, self.noise_text, self.text_cols
-            )
+            text_token = self._sample(text_logits, self.temp_text, self.greedy_text, self.noise_text)
             next_text = torch.where(provided[:, 0], forced[:, 0], text_token)
             sampled = torch.cat(
                 [text_token[:, None], self._depth(next_text, hidden, forced, provided)], dim=1
@@ -515,21 +580,22 @@ class FastLoop:
         B, H, hd = self.batch, self.heads, self.head_dim
         position = self.position
         freqs = position[:, None].float() * self.inv_freq[None]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [B, 1, 1, hd]
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, None, :]  # [B, 1, 1, 1, hd]
+        cos = angles.cos().to(self.dtype)
+        sin = (angles.sin() * self.sin_sign).to(self.dtype)  # first half negated: see _swap_halves
         slot = torch.where(run, position % self.window, self.window)  # rows that do not run: scratch
         self.slot_position.scatter_(1, slot[:, None], torch.where(run, position, -1)[:, None])
         valid = (self.slot_position >= 0) & (self.slot_position > position[:, None] - self.context)
-        mask = (valid | ~run[:, None])[:, None, None, :]
+        # The additive mask SDPA would build from a boolean one in every layer, built once per frame.
+        mask = torch.where(valid | ~run[:, None], self.mask_open, self.mask_shut)[:, None, None, :]
         write = slot[:, None, None, None].expand(B, H, 1, hd)
         h = x[:, None, :]
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
             y = _rms(h, layer.norm1, self.eps)
-            q = F.linear(y, layer.q).view(B, 1, H, hd).transpose(1, 2)
-            k = F.linear(y, layer.k).view(B, 1, H, hd).transpose(1, 2)
-            v = F.linear(y, layer.v).view(B, 1, H, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qkv = F.linear(y, layer.qkv).view(B, 3, H, 1, hd)
+            qk = qkv[:, :2]  # q and k rotated together: transformers' apply_rotary_pos_emb, same ops
+            qk = qk * cos + _swap_halves(qk) * sin
+            q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # [B, H, 1, hd]
             k_cache.scatter_(2, write, k)
             v_cache.scatter_(2, write, v)
             a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
@@ -552,24 +618,25 @@ class FastLoop:
         """The 8 depth steps, each fed the previous token (forced where provided): sampled [B, 8]."""
         B, H, hd = self.batch, self.depth_heads_n, self.depth_head_dim
         previous, sampled = text, []
+        # Per frame, not per step: the 8 input projections of the temporal hidden state, every
+        # step's race noise.
+        projected = F.linear(hidden, self.depth_in_all).view(B, AUDIO_STREAMS, -1)
+        noise = self.noise_audio.gather(1, self.audio_noise_index).view(B, AUDIO_STREAMS, -1)
         for step in range(AUDIO_STREAMS):
             table = self.depth_text_table if step == 0 else self.depth_tables[step - 1]
-            h = F.embedding(previous.clamp(min=0), table)[:, None] + F.linear(hidden, self.depth_in[step])
-            for layer, k_cache, v_cache in zip(
-                self.depth_layers[step], self.dk_cache, self.dv_cache, strict=True
-            ):
+            h = F.embedding(previous.clamp(min=0), table)[:, None] + projected[:, step : step + 1]
+            for layer, kv_cache in zip(self.depth_layers[step], self.dkv_cache, strict=True):
                 y = _rms(h, layer.norm1, self.depth_eps)
-                q = F.linear(y, layer.q).view(B, 1, H, hd).transpose(1, 2)
-                k_cache[:, :, step : step + 1] = F.linear(y, layer.k).view(B, 1, H, hd).transpose(1, 2)
-                v_cache[:, :, step : step + 1] = F.linear(y, layer.v).view(B, 1, H, hd).transpose(1, 2)
-                a = F.scaled_dot_product_attention(q, k_cache[:, :, : step + 1], v_cache[:, :, : step + 1])
+                qkv = F.linear(y, layer.qkv).view(B, 3, H, hd)
+                kv_cache[:, :, :, step] = qkv[:, 1:]
+                q = qkv[:, 0, :, None]  # [B, H, 1, hd]
+                a = F.scaled_dot_product_attention(
+                    q, kv_cache[:, 0, :, : step + 1], kv_cache[:, 1, :, : step + 1]
+                )
                 h = h + F.linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
                 h = h + self._mlp(_rms(h, layer.norm2, self.depth_eps), layer, self.depth_act)
             logits = F.linear(h, self.depth_heads[step])[:, 0].float()
-            noise = self.noise_audio.gather(1, self.audio_noise_index[:, step])
-            token = self._sample(
-                logits, self.temp_audio, self.k_audio, self.greedy_audio, noise, self.audio_cols
-            )
+            token = self._sample(logits, self.temp_audio, self.greedy_audio, noise[:, step])
             sampled.append(token)
             previous = torch.where(provided[:, 1 + step], forced[:, 1 + step], token)
         return torch.stack(sampled, dim=1)
@@ -578,18 +645,17 @@ class FastLoop:
         self,
         logits: torch.Tensor,
         temperature: torch.Tensor,
-        top_k: torch.Tensor,
         greedy: torch.Tensor,
         noise: torch.Tensor,
-        cols: torch.Tensor,
     ) -> torch.Tensor:
-        """personaplex.sampling.sample per row: argmax if greedy, else the race over the row's top-k."""
+        """personaplex.sampling.sample per row: argmax if greedy, else the race over the row's top-k.
+
+        noise [B, capacity]: the row's draws in its first k columns, +inf past them (race 0 there).
+        """
         best = logits.argmax(dim=-1)
         if not self.sampling:
             return best
         probs = torch.softmax(logits / temperature, dim=-1)
-        top_p, top_i = probs.topk(cols.shape[0], dim=-1)
-        inside = cols[None] < top_k[:, None]
-        race = torch.where(inside, top_p, 0.0) / torch.where(inside, noise, 1.0)
-        token = top_i.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
+        top_p, top_i = probs.topk(noise.shape[-1], dim=-1)
+        token = top_i.gather(-1, (top_p / noise).argmax(dim=-1, keepdim=True))[:, 0]
         return torch.where(greedy, best, token)

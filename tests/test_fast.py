@@ -217,3 +217,23 @@ def test_plans_start_with_prompt_frames(engines: tuple[Engine, Engine], samples:
     assert plan.samples_at(plan.prompt_frames) and not plan.samples_at(plan.prompt_frames - 1)
     with pytest.raises(AssertionError):
         JobPlan(text=plan.text.flip(0), agent=plan.agent, user=plan.user)
+
+
+def test_frame_loop_after_the_fast_loop_fused_its_weights(short_context: Path, samples: np.ndarray) -> None:
+    """The fast loop rebinds each temporal layer's q, k, v to rows of one fused tensor (no copy);
+    transformers' modules, which FrameLoop drives on the same engine, give what they gave before."""
+    engine = Engine(short_context, device="cpu", captured=False)
+    clip = audio_io.encode_wav(samples[:SAMPLE_RATE])
+    params = GenerationParams(voice_prompt="NATF2.pt", text_prompt=PROMPT, seed=11)
+    before = engine.process(clip, params)
+    engine.captured = True
+    fast = engine.process(clip, params)
+    attn = engine._models.moshi.decoder.model.layers[0].self_attn
+    fused = attn._personaplex_qkv
+    assert attn.k_proj.linear.weight.data_ptr() == fused[attn.q_proj.linear.weight.shape[0]].data_ptr()
+    engine.captured = False
+    after = engine.process(clip, params)
+    assert before.tokens == fast.tokens == after.tokens
+    engine.captured = True
+    assert engine.process(clip, params).tokens == fast.tokens  # a second loop reuses the fused weights
+    assert attn._personaplex_qkv is fused
