@@ -5,7 +5,7 @@ seeded, different lengths, prompts and voices), whatever it is batched with; a j
 fails alone; a cancelled row drops out without disturbing the others; progress is per job; batches
 respect PERSONAPLEX_MAX_BATCH and PERSONAPLEX_MAX_BATCH_FRAMES.
 
-Worker (real `celery` subprocesses, see docs/batching.md): jobs waiting in the queue are claimed
+Worker (real `celery` subprocesses, see README.md, "Batched jobs on a GPU worker"): jobs waiting in the queue are claimed
 into the running delivery's batch through their records; their own messages, delivered later, find
 them final and are acked without running again; a claimed job can be cancelled; a worker killed
 mid-batch has every job of its batch redelivered and finished once by the survivor.

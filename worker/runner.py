@@ -9,7 +9,7 @@ every step is safe to repeat:
 - a job whose outputs are complete is finished from them without rerunning the model;
 - each start counts an attempt; past `max_attempts` the job fails with that reason.
 
-Batching (docs/batching.md): a delivery that starts its job also claims up to `max_batch - 1` other
+Batching (README.md, "Batched jobs on a GPU worker"): a delivery that starts its job also claims up to `max_batch - 1` other
 queued jobs through their records (run lease first, then an atomic queued -> running transition that
 counts their attempt) and runs them all in one `Engine.process_batch`, writing each job's outputs and
 final record when its row ends. The claimed jobs' own messages, delivered later here or elsewhere,
