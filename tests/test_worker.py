@@ -357,3 +357,15 @@ def test_redis_blob_store_serves_workers_without_a_shared_filesystem(
     assert sf.info(io.BytesIO(blobs.get(job.id, OUTPUT_WAV))).frames == 24_000
     assert json.loads(blobs.get(job.id, OUTPUT_JSON))["job_id"] == job.id
     assert not (tmp_path / "worker-only").exists()
+
+
+def test_a_model_that_cannot_load_fails_the_job_with_the_reason(
+    start_worker: StartWorker, harness: Harness, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-model-here"
+    missing.mkdir()
+    start_worker(PERSONAPLEX_MODEL=str(missing))
+    job = harness.submit(speech_clip(1.0))
+    done = wait_for_job(harness.jobs, job.id, timeout=60)
+    assert done.status is JobStatus.FAILED
+    assert str(missing) in done.error and "model.safetensors" in done.error

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from personaplex.audio import encode_wav
 from personaplex.errors import CancelledError, PersonaPlexError
 from personaplex.jobs import Job, JobStatus, JobStore
@@ -64,7 +66,10 @@ class ProgressReporter:
         if phase == self._last_phase and done < total and now - self._last_sent < PROGRESS_MIN_INTERVAL_S:
             return
         self._last_phase, self._last_sent = phase, now
-        self.runtime.jobs.set_progress(self.job_id, phase, done, total)
+        try:
+            self.runtime.jobs.set_progress(self.job_id, phase, done, total)
+        except RedisError as exc:  # a Redis blip must not fail the batch: the next report catches up
+            log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
 
 
 class CancelCheck:
@@ -80,7 +85,10 @@ class CancelCheck:
         now = time.monotonic()
         if not self._cancelled and now >= self._next_check:
             self._next_check = now + CANCEL_CHECK_INTERVAL_S
-            self._cancelled = self.jobs.cancel_requested(self.job_id)
+            try:
+                self._cancelled = self.jobs.cancel_requested(self.job_id)
+            except RedisError as exc:  # unreadable flag: keep going, read it again next time
+                log.warning("job %s: cancel flag unreadable (%s)", self.job_id, exc)
         return self._cancelled
 
 
@@ -230,16 +238,21 @@ class JobRunner:
             members.append(job)
         if not requests:
             return outcomes
-        load_s = self.runtime.ensure_loaded()
-        for job, request in zip(members, requests, strict=True):
+        load_s = 0.0
+        try:
+            load_s = self.runtime.ensure_loaded()
+            for job, request in zip(members, requests, strict=True):
 
-            def done(outcome: EngineResult | Exception, job: Job = job) -> None:
-                outcomes[job.id] = self._settle(job, batch, load_s, outcome)
+                def done(outcome: EngineResult | Exception, job: Job = job) -> None:
+                    outcomes[job.id] = self._settle(job, batch, load_s, outcome)
 
-            request.on_done = done
-        results = self.runtime.engine().process_batch(requests)
+                request.on_done = done
+            results: list[EngineResult | Exception] = self.runtime.engine().process_batch(requests)
+        except Exception as exc:  # the model did not load, or the batch broke: fail every job left
+            log.exception("batch of %s failed", batch["leader"])
+            results = [exc] * len(members)
         for job, result in zip(members, results, strict=True):
-            if job.id not in outcomes:  # on_done was not reached (it always is; belt and braces)
+            if job.id not in outcomes:
                 outcomes[job.id] = self._settle(job, batch, load_s, result)
         return outcomes
 
