@@ -21,6 +21,8 @@ from personaplex.params import SAMPLE_RATE
 
 AudioSource = str | os.PathLike | bytes
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import: umask() can only be read by setting it, which races threads
 DEFAULT_MAX_SECONDS = 600.0
 """Longest input accepted unless configured otherwise (seconds)."""
 
@@ -152,15 +154,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs are shared files
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared files
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

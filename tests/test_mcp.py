@@ -412,11 +412,18 @@ def test_a_failed_job_reports_the_workers_reason(live_service: str, tmp_path: Pa
 INSPECTOR = "@modelcontextprotocol/inspector"
 
 
+def _skip_or_fail(reason: str) -> None:
+    """CI must run the Inspector (issue 4); a developer machine without npm may skip it."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def inspector_dir() -> Path:
     """A folder outside the repository with the Inspector installed from npm (once; CI caches it)."""
     if not (shutil.which("node") and shutil.which("npm") and shutil.which("npx")):
-        pytest.skip("node, npm and npx are needed to run the MCP Inspector CLI")
+        _skip_or_fail("node, npm and npx are needed to run the MCP Inspector CLI")
     default = Path.home() / ".cache" / "personaplex-tests" / "inspector"
     folder = Path(os.environ.get("PERSONAPLEX_INSPECTOR_DIR") or default)
     if not (folder / "node_modules" / INSPECTOR / "package.json").is_file():
@@ -427,9 +434,9 @@ def inspector_dir() -> Path:
                 command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
             )
         except subprocess.TimeoutExpired:
-            pytest.skip(f"`{' '.join(command)}` took over 300 s (no network?)")
+            _skip_or_fail(f"`{' '.join(command)}` took over 300 s (no network?)")
         if done.returncode != 0:
-            pytest.skip(f"`{' '.join(command)}` failed (no network?): {done.stderr[-500:]}")
+            _skip_or_fail(f"`{' '.join(command)}` failed (no network?): {done.stderr[-500:]}")
     return folder
 
 
