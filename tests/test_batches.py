@@ -145,7 +145,7 @@ def test_bad_inputs_answer_400_naming_them_and_queue_nothing(
         assert expected in response.json()["error"], response.json()
     too_many = _zip({f"x{i}.wav": b"" for i in range(501)})
     response = _post(url, [("archive", ("many.zip", too_many))])
-    assert response.status_code == 400 and "the limit is 500" in response.json()["error"]
+    assert response.status_code == 400 and "more than 500 inputs" in response.json()["error"]
     assert _job_count(url) == 0
     assert requests.get(f"{url}/api/jobs", timeout=10).json()["jobs"] == []
 
@@ -157,7 +157,11 @@ def test_a_zip_that_expands_past_the_upload_limit_is_refused(
     bomb = _zip({"a.wav": clips[0], "b.wav": b"\0" * (3 * 1024 * 1024)})
     assert len(bomb) < 100_000
     response = _post(url, [("archive", ("bomb.zip", bomb))])
-    assert response.status_code == 400 and "expands to" in response.json()["error"]
+    assert response.status_code == 400 and "expands past the upload limit" in response.json()["error"]
+    # Many small zips share one budget: each alone fits, together they do not.
+    part = _zip({"p.wav": b"\0" * (400 * 1024)})
+    response = _post(url, [("files", (f"part{i}.zip", part)) for i in range(3)])
+    assert response.status_code == 400 and "expands past the upload limit" in response.json()["error"]
     assert _job_count(url) == 0
 
 

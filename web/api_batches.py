@@ -147,26 +147,47 @@ def cancel_batch(batch_id: str) -> tuple[Response, int]:
 # -- reading the request -------------------------------------------------------------------------
 
 
+@dataclass
+class _Budget:
+    """What one request may still expand to: bytes and inputs, shared by every zip in it."""
+
+    bytes_left: int
+    inputs_left: int = MAX_BATCH_FILES
+
+    def take(self, inputs: int, size: int, where: str) -> None:
+        self.inputs_left -= inputs
+        self.bytes_left -= size
+        if self.inputs_left < 0:
+            raise ApiError(400, f"{where}: the batch has more than {MAX_BATCH_FILES} inputs, the limit.")
+        if self.bytes_left < 0:
+            raise ApiError(
+                400, f"{where}: the batch expands past the upload limit (PERSONAPLEX_MAX_UPLOAD_MB)."
+            )
+
+
 def collect_inputs(files: MultiDict[str, FileStorage], max_bytes: int) -> list[Received]:
-    """Every input of the request: repeated `files` fields (a zip among them is expanded) and `archive`."""
+    """Every input of the request: repeated `files` fields (a zip among them is expanded) and `archive`.
+
+    One budget covers the whole request, so many small zips cannot expand past the upload limit.
+    """
     received: list[Received] = []
+    budget = _Budget(bytes_left=max_bytes)
     for field_name in ("files", "archive"):
         for storage in files.getlist(field_name):
             data = storage.read()
             sent_as = storage.filename or ""
             if _is_zip(data):
-                received.extend(_zip_members(sent_as or "archive.zip", data, max_bytes))
+                received.extend(_zip_members(sent_as or "archive.zip", data, budget))
             elif field_name == "archive":
                 raise ApiError(400, f"The archive {sent_as[:128]!r} is not a zip file.", file=sent_as)
             else:
+                budget.take(1, len(data), sent_as[:128] or "upload")
                 received.append(Received(sent_as, data))
     if not received:
         raise ApiError(
             400,
             "No audio uploaded: send files as the repeated multipart field 'files', or a zip as 'archive'.",
         )
-    if len(received) > MAX_BATCH_FILES:
-        raise ApiError(400, f"The batch has {len(received)} inputs; the limit is {MAX_BATCH_FILES}.")
     return received
 
 
@@ -174,29 +195,23 @@ def _is_zip(data: bytes) -> bool:
     return data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
 
 
-def _zip_members(archive_name: str, data: bytes, max_bytes: int) -> list[Received]:
+def _zip_members(archive_name: str, data: bytes, budget: _Budget) -> list[Received]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError) as exc:
         raise ApiError(400, f"{archive_name}: not a readable zip ({exc}).", file=archive_name) from None
     with archive:
         members = [info for info in archive.infolist() if not _skipped(info)]
-        if len(members) > MAX_BATCH_FILES:
-            raise ApiError(400, f"{archive_name} holds {len(members)} files; the limit is {MAX_BATCH_FILES}.")
         for info in members:
             _check_member(archive_name, info)
-        declared = sum(info.file_size for info in members)
-        if declared > max_bytes:
-            raise ApiError(
-                400,
-                f"{archive_name} expands to {declared} bytes; the limit is {max_bytes} "
-                "(PERSONAPLEX_MAX_UPLOAD_MB).",
-            )
+        # Declared sizes first (cheap, before any inflating), then the real ones while reading.
+        budget.take(len(members), 0, archive_name)
+        if sum(info.file_size for info in members) > budget.bytes_left:
+            raise ApiError(400, f"{archive_name} expands past the upload limit (PERSONAPLEX_MAX_UPLOAD_MB).")
         received = []
-        budget = max_bytes
         for info in members:
-            content = _read_member(archive_name, archive, info, budget)
-            budget -= len(content)
+            content = _read_member(archive_name, archive, info, budget.bytes_left)
+            budget.take(0, len(content), archive_name)
             received.append(Received(info.filename, content))
         return received
 
