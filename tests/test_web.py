@@ -7,6 +7,7 @@ the end-to-end tests at the bottom run a real `celery -A worker worker` subproce
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,10 +173,18 @@ def test_api_key_guards_every_api_route(serve: Callable[..., Live], clip: bytes)
     live = serve(api_key=API_KEY)
     assert live.get("/health").status_code == 200  # open: load balancers probe it
     assert live.get("/openapi.json").status_code == 200
-    for path in ("/api/voices", "/api/jobs", "/api/gpu/status", f"/api/jobs/{HEX_ID}"):
-        response = live.get(path)
-        assert response.status_code == 401, path
-        assert "API key" in response.json()["error"]
+    app = live.server.app
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/api/") or rule.rule.endswith("/events"):
+            continue  # the events socket is checked in the next test
+        path = re.sub(r"<(?:\w+:)?\w+>", HEX_ID, rule.rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            response = requests.request(method, live.url + path, timeout=30)
+            assert response.status_code == 401, (method, rule.rule, response.status_code)
+            assert "API key" in response.json()["error"]
+            checked += 1
+    assert checked >= 15  # jobs, batches, offline, gpu, catalog: every /api route and method
     assert live.submit(clip).status_code == 401
     live.headers = {"Authorization": "Bearer wrong"}
     assert live.get("/api/voices").status_code == 401
