@@ -43,7 +43,7 @@ SILENCE_FRAMES = int(0.5 * FRAME_RATE)
 PROGRESS_EVERY = 5
 """Frames between progress callbacks."""
 VOICE_LOUDNESS_LUFS = -24.0
-TEXT_MARKERS = {0: "EPAD", TEXT_PAD: "PAD"}
+MARKER_TOKENS = {0: "EPAD", TEXT_PAD: "PAD"}
 FAST_FRAMES_BUCKET = 256
 """The fast loop's frame capacity is rounded up to this, so jobs of similar lengths reuse its graphs."""
 FAST_REPLAY_BUCKET = 64
@@ -652,8 +652,8 @@ class Engine:
 
     @staticmethod
     def _frame_text(models: LoadedModels, token: int) -> str:
-        if token in TEXT_MARKERS:
-            return TEXT_MARKERS[token]
+        if token in MARKER_TOKENS:
+            return MARKER_TOKENS[token]
         if token >= models.tokenizer.vocab_size():  # random benchmark weights only
             return f"<{token}>"
         return models.tokenizer.id_to_piece(token).replace("▁", " ")

@@ -10,6 +10,8 @@ from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_VOICE
 SAMPLE_RATE = 24_000
 FRAME_RATE = 12.5
 FRAME_SIZE = 1920  # samples per frame at 24 kHz
+TEXT_MARKERS = frozenset({"PAD", "EPAD", "BOS", "EOS"})
+"""Per-frame text entries that are markers, not words."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class EngineResult:
     @property
     def text(self) -> str:
         """The generated words, without the PAD/EPAD markers."""
-        words = [t for t in self.text_frames if t not in ("PAD", "EPAD", "BOS", "EOS")]
+        words = [t for t in self.text_frames if t not in TEXT_MARKERS]
         return "".join(words).strip()
 
     @property

@@ -17,6 +17,7 @@ from flask import Blueprint, Response, request, send_file
 from redis.client import PubSub
 
 from personaplex.jobs import Job, JobStatus
+from personaplex.params import TEXT_MARKERS
 from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV
 from web.errors import ApiError
 from web.pubsub import is_final_event, next_event, subscription
@@ -28,8 +29,6 @@ bp = Blueprint("offline", __name__, url_prefix="/api")
 
 RECHECK_INTERVAL_S = 5.0
 """Seconds between re-reads of the job record while waiting (pub/sub drops events if Redis restarts)."""
-
-TEXT_MARKERS = frozenset({"PAD", "EPAD", "BOS", "EOS"})
 
 
 @bp.post("/offline")
