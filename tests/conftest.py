@@ -14,17 +14,12 @@ because it has no __init__.py).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
-
-# The repository is not installed in the venv: make `personaplex`, `worker` and `web` importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fixtures import SPEECH_20S, RedisServer, WorkerProcess, stop_all, worker_environment  # noqa: E402
+from fixtures import SPEECH_20S, RedisServer, WorkerProcess, stop_all, worker_environment
 
 from personaplex.jobs import JobStore
 from personaplex.settings import Settings
