@@ -208,8 +208,9 @@ class Queue:
 
     def submit(self, audio: bytes, params: GenerationParams) -> Job:
         seconds = audio_io.probe(audio).duration_s
-        job = self.jobs.create(Job(params=params.to_dict(), input_duration_s=seconds))
-        self.blobs.put(job.id, INPUT, audio)
+        job = Job(params=params.to_dict(), input_duration_s=seconds)
+        self.blobs.put(job.id, INPUT, audio)  # before the record: a queued record is claimable at once
+        self.jobs.create(job)
         self.app.send_task(TASK_NAME, args=[job.id], task_id=job.id)
         return job
 

@@ -35,7 +35,10 @@ CELERY_QUEUE = "celery"
 @pytest.fixture
 def fleet(worker_env: dict[str, str], tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
     """Both workers, started side by side (imports overlap), by hostname; logs printed afterwards."""
-    workers = [WorkerProcess(name, worker_env, tmp_path / "logs").start() for name in NAMES]
+    # One job per delivery: batching would let one worker claim every queued job, and this test is
+    # about how separate workers share the queue (tests/test_batching.py covers batches).
+    env = {**worker_env, "PERSONAPLEX_MAX_BATCH": "1"}
+    workers = [WorkerProcess(name, env, tmp_path / "logs").start() for name in NAMES]
     try:
         for worker in workers:
             worker.wait_ready()

@@ -63,9 +63,13 @@ class Harness:
     redis: redis.Redis
 
     def submit(self, audio: bytes, **job_fields: object) -> Job:
-        """Enqueue like the web: record, input blob, then the task with task_id = job id."""
-        job = self.jobs.create(Job(params=GenerationParams().to_dict(), **job_fields))
+        """Enqueue like the web: input blob, record, then the task with task_id = job id.
+
+        The blob goes first: a queued record is claimable at once by a worker building a batch.
+        """
+        job = Job(**{"params": GenerationParams().to_dict(), **job_fields})
         self.blobs.put(job.id, INPUT, audio)
+        self.jobs.create(job)
         self.send(job.id)
         return job
 
@@ -282,9 +286,9 @@ def test_attempts_past_the_limit_fail_the_job(shared: Harness) -> None:
 
 def test_engine_errors_fail_the_job_with_their_message(shared: Harness) -> None:
     not_audio = shared.submit(b"this is not a wav file")
-    bad_voice = shared.jobs.create(Job(params={**GenerationParams().to_dict(), "voice_prompt": "NOPE.pt"}))
-    shared.blobs.put(bad_voice.id, INPUT, speech_clip(1.0))
-    shared.send(bad_voice.id)
+    bad_voice = shared.submit(
+        speech_clip(1.0), params={**GenerationParams().to_dict(), "voice_prompt": "NOPE.pt"}
+    )
 
     failed = wait_for_job(shared.jobs, not_audio.id)
     assert failed.status is JobStatus.FAILED and "Could not decode the audio" in failed.error
