@@ -103,21 +103,22 @@ def wait_for_job(
 
 
 def collect_events(client: redis.Redis) -> Iterator[list[dict]]:
-    """Every job event published while the test runs."""
+    """Every job event published while the test runs (subscribed before the test starts)."""
     received: list[dict] = []
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub()
     pubsub.psubscribe(Keys.PREFIX + "events:*")
+    confirmed = wait_until(lambda: pubsub.get_message(timeout=0.1), 5, what="the psubscribe confirmation")
+    assert confirmed["type"] == "psubscribe"  # type: ignore[index]
     stop = threading.Event()
 
     def pump() -> None:
         while not stop.is_set():
             message = pubsub.get_message(timeout=0.05)
-            if message:
+            if message and message["type"] == "pmessage":
                 received.append(json.loads(message["data"]))
 
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
-    time.sleep(0.05)  # let the subscription reach Redis before the test publishes
     yield received
     time.sleep(0.1)  # let the last events arrive
     stop.set()

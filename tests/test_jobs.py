@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from fixtures import collect_events
+from fixtures import collect_events, wait_until
 
 from personaplex.jobs import (
     Job,
@@ -106,7 +106,7 @@ def test_lifecycle_success(job_store: JobStore, events: list[dict]) -> None:
     assert job_store.mark_succeeded(job.id, {"text": "hi", "duration_s": 2.0})
     done = job_store.get(job.id)
     assert done.status is JobStatus.SUCCEEDED and done.result["text"] == "hi" and done.finished_at
-    time.sleep(0.1)
+    wait_until(lambda: len(events) >= 4, 5, what="four events")
     assert [e["type"] for e in events] == ["queued", "started", "progress", "succeeded"]
     assert all(e["job_id"] == job.id for e in events)
     assert events[2]["done"] == 5 and events[3]["result"]["text"] == "hi"
@@ -147,8 +147,7 @@ def test_cancel_queued_job_is_immediate(job_store: JobStore, events: list[dict])
     assert cancelled.status is JobStatus.CANCELLED
     assert job_store.cancel_requested(job.id)
     assert job_store.mark_running(job.id, "w").status is JobStatus.CANCELLED
-    time.sleep(0.1)
-    assert events[-1]["type"] == "cancelled"
+    wait_until(lambda: events and events[-1]["type"] == "cancelled", 5, what="the cancelled event")
 
 
 def test_cancel_running_job_sets_the_flag_only(job_store: JobStore) -> None:
@@ -209,12 +208,11 @@ def test_expire_old_returns_each_id_once(job_store: JobStore, redis_client: redi
 
 def test_heartbeats_expire(redis_client: redis.Redis) -> None:
     registry = WorkerRegistry(redis_client)
-    registry.beat("gpu0@a", {"model_loaded": False}, ttl_s=0.3)
+    registry.beat("gpu0@a", {"model_loaded": False}, ttl_s=1.0)
     registry.beat("gpu1@a", {"model_loaded": True}, ttl_s=30)
     live = registry.live()
     assert [w["worker"] for w in live] == ["gpu0@a", "gpu1@a"] and live[1]["model_loaded"] is True
-    time.sleep(0.4)
-    assert [w["worker"] for w in registry.live()] == ["gpu1@a"]
+    wait_until(lambda: [w["worker"] for w in registry.live()] == ["gpu1@a"], 5, what="gpu0's beat to expire")
     registry.forget("gpu1@a")
     assert registry.live() == []
 
@@ -224,12 +222,17 @@ def test_heartbeats_expire(redis_client: redis.Redis) -> None:
 
 def test_lease_has_one_owner_and_expires(job_store: JobStore) -> None:
     job = make_job(job_store)
-    assert job_store.acquire_lease(job.id, "a", ttl_s=0.3)
-    assert not job_store.acquire_lease(job.id, "b", ttl_s=0.3)
+    assert job_store.acquire_lease(job.id, "a", ttl_s=1.0)
+    assert not job_store.acquire_lease(job.id, "b", ttl_s=1.0)
     assert job_store.lease_owner(job.id) == "a"
     assert not job_store.refresh_lease(job.id, "b", ttl_s=5)
     assert not job_store.release_lease(job.id, "b")
-    time.sleep(0.4)
+    wait_until(lambda: job_store.lease_owner(job.id) is None, 5, what="the lease to expire")
+    assert job_store.acquire_lease(job.id, "b", ttl_s=1.0)
+    assert job_store.refresh_lease(job.id, "b", ttl_s=30)
+    time.sleep(1.2)  # past the first TTL: only the refresh keeps it
+    assert job_store.lease_owner(job.id) == "b"
+    assert job_store.release_lease(job.id, "b")
     assert job_store.lease_owner(job.id) is None
     assert job_store.acquire_lease(job.id, "b", ttl_s=0.3)
     assert job_store.refresh_lease(job.id, "b", ttl_s=5)
