@@ -6,7 +6,9 @@
 #   fast loop runs once without graphs to tell a capture problem from a loop problem. Results:
 #   $OUT/<step>.json, .log, steps.txt, summary.txt. About 3-4 minutes on an H200 (targets: B=1
 #   <= 12 ms/frame, B=32 >= 200x real time).
-# Usage (device tool, wheels carried in .whl as for bench/gpu_run.sh): bash bench/gpu_fast.sh
+# Usage (device tool): bash bench/gpu_fast.sh, carrying .whl: wheels the GPU image lacks or has in
+# other versions (transformers 5.24, soundfile + cffi + pycparser, soxr, pyloudnorm), downloaded with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION`.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
