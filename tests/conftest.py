@@ -2,7 +2,7 @@
 
 Sections (add new fixtures to the section they belong to, or start a new one):
   1. Redis: `redis_server` (session; .url, .stop(), .start()), `redis_client` (flushed per test)
-  2. Settings and stores: `settings`, `job_store`, `blob_store`
+  2. Settings and stores: `settings`, `job_store`, `blob_store`; `start_web` (factory: web server thread)
   3. Engine on the tiny model: `shared_dir`, `tiny_checkpoint` (session), `tiny_engine` (session)
   4. Audio: `speech_wav` (path of 20 s of real speech)
   5. Workers: `worker_env` (env for a worker subprocess), `start_worker` (factory; all stopped after)
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -24,6 +25,9 @@ from fixtures import SPEECH_20S, RedisServer, WorkerProcess, stop_all, worker_en
 from personaplex.jobs import JobStore
 from personaplex.settings import Settings
 from personaplex.storage import FsBlobStore
+
+if TYPE_CHECKING:
+    from web.server_thread import ServerThread
 
 # -- 1. Redis ------------------------------------------------------------------------------------
 
@@ -64,6 +68,27 @@ def job_store(redis_client: redis.Redis) -> JobStore:
 @pytest.fixture
 def blob_store(tmp_path: Path) -> FsBlobStore:
     return FsBlobStore(tmp_path / "blobs")
+
+
+@pytest.fixture
+def start_web(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[Callable[..., ServerThread]]:
+    """start_web(**settings_overrides) -> the real web server in a thread on the private Redis (flushed
+    for the test; data in tmp_path/data); every server started is stopped after the test."""
+    from web.app import create_app
+    from web.server_thread import ServerThread
+
+    servers: list[ServerThread] = []
+
+    def start(**overrides: object) -> ServerThread:
+        config = {"redis_url": redis_server.url, "data_dir": tmp_path / "data", **overrides}
+        servers.append(ServerThread(create_app(config, environ={})).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 # -- 3. Engine on the tiny model (owned by the engine tests) ----------------------------------------

@@ -7,20 +7,18 @@ import io
 import json
 import stat
 import zipfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 import requests
 import soundfile
-from fixtures import SPEECH_40S, RedisServer, wait_until
+from fixtures import SPEECH_40S, wait_until
 
 from personaplex.audio import encode_wav, load, probe
 from personaplex.batches import Batch, BatchInput, BatchKeys, BatchStore, output_stems, unique_names
 from personaplex.jobs import new_job_id
-from web import create_app
 from web.server_thread import ServerThread
 
 CLIP_SECONDS = 0.6
@@ -101,20 +99,9 @@ def test_batch_store_round_trip_ttl_and_keep_alive(redis_client: redis.Redis) ->
 
 
 @pytest.fixture
-def serve(
-    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
-) -> Iterator[Callable[..., str]]:
+def serve(start_web: Callable[..., ServerThread]) -> Callable[..., str]:
     """serve(**settings_overrides) -> base URL of a server on the private Redis (no worker)."""
-    servers: list[ServerThread] = []
-
-    def start(**overrides: Any) -> str:
-        config = {"redis_url": redis_server.url, "data_dir": tmp_path / "data", **overrides}
-        servers.append(ServerThread(create_app(config, environ={})).start())
-        return servers[-1].url
-
-    yield start
-    for server in servers:
-        server.stop()
+    return lambda **overrides: start_web(**overrides).url
 
 
 def test_bad_inputs_answer_400_naming_them_and_queue_nothing(

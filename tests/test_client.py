@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from fixtures import SPEECH_20S, RedisServer, free_port
 
 from personaplex.audio import encode_wav, load, probe
 from personaplex.client import ClientError, OfflineResult, PersonaPlexClient, WaitTimeoutError
 from personaplex.errors import PersonaPlexError
-from web import create_app
 from web.server_thread import ServerThread
 
 API_KEY = "client-key"
@@ -25,25 +23,9 @@ def clip() -> bytes:
 
 
 @pytest.fixture
-def serve(
-    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
-) -> Iterator[Callable[..., str]]:
-    """serve(**settings_overrides) -> base URL of a running server; all stopped after the test."""
-    servers: list[ServerThread] = []
-
-    def start(**overrides: Any) -> str:
-        config = {
-            "redis_url": redis_server.url,
-            "data_dir": tmp_path / "data",
-            "api_key": API_KEY,
-            **overrides,
-        }
-        servers.append(ServerThread(create_app(config, environ={})).start())
-        return servers[-1].url
-
-    yield start
-    for server in servers:
-        server.stop()
+def serve(start_web: Callable[..., ServerThread]) -> Callable[..., str]:
+    """serve(**settings_overrides) -> base URL of a running server with the API key set."""
+    return lambda **overrides: start_web(**{"api_key": API_KEY, **overrides}).url
 
 
 @pytest.fixture

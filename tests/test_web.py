@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from fixtures import SPEECH_20S, RedisServer, wait_until
 from personaplex.audio import encode_wav, load
 from personaplex.jobs import Job, JobStatus, JobStore, Keys, WorkerRegistry
 from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, FsBlobStore
-from web import create_app
 from web.server_thread import ServerThread
 
 API_KEY = "s3cret-key"
@@ -72,27 +71,15 @@ def clip(speech: Any) -> bytes:
 
 @pytest.fixture
 def serve(
-    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
-) -> Iterator[Callable[..., Live]]:
-    """Start a server with settings overrides; every server started is stopped after the test."""
-    servers: list[ServerThread] = []
+    start_web: Callable[..., ServerThread], redis_client: redis.Redis, tmp_path: Path
+) -> Callable[..., Live]:
+    """Start a server with settings overrides (small limits by default); stopped after the test."""
+    defaults = {"max_upload_mb": 1.0, "max_audio_seconds": 10.0, "offline_timeout": 5.0}
 
     def start(**overrides: Any) -> Live:
-        config = {
-            "redis_url": redis_server.url,
-            "data_dir": tmp_path / "data",
-            "max_upload_mb": 1.0,
-            "max_audio_seconds": 10.0,
-            "offline_timeout": 5.0,
-            **overrides,
-        }
-        server = ServerThread(create_app(config, environ={})).start()
-        servers.append(server)
-        return Live(server, tmp_path / "data", redis_client)
+        return Live(start_web(**{**defaults, **overrides}), tmp_path / "data", redis_client)
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start
 
 
 @pytest.fixture
