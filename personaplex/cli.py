@@ -505,11 +505,16 @@ def run_status(client: PersonaPlexClient, args: argparse.Namespace) -> int:
     return EXIT_JOBS_FAILED if bad else EXIT_OK
 
 
-def _describe_job(job: dict[str, Any]) -> str:
-    line = f"job {job['id']}  {job['status']}  {job.get('input_name', '')}"
+def _progress_suffix(job: dict[str, Any]) -> str:
+    """'  generate 40/125' for a running job that reports progress, else ''."""
     progress = job.get("progress") or {}
-    if job["status"] == "running" and progress.get("total"):
-        line += f"  {progress.get('phase', '')} {progress.get('done', 0)}/{progress['total']}"
+    if job["status"] != "running" or not progress.get("total"):
+        return ""
+    return f"  {progress.get('phase', '')} {progress.get('done', 0)}/{progress['total']}"
+
+
+def _describe_job(job: dict[str, Any]) -> str:
+    line = f"job {job['id']}  {job['status']}  {job.get('input_name', '')}{_progress_suffix(job)}"
     if job.get("worker"):
         line += f"  on {job['worker']}"
     if job.get("error"):
@@ -521,10 +526,7 @@ def _describe_batch(batch: dict[str, Any]) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in batch["counts"].items() if n)
     lines = [f"batch {batch['batch_id']}  {batch['total']} jobs: {counts}"]
     for entry in batch["jobs"]:
-        line = f"  {entry['job_id']}  {entry['status']:<9} {entry['name']}"
-        progress = entry.get("progress") or {}
-        if entry["status"] == "running" and progress.get("total"):
-            line += f"  {progress.get('phase', '')} {progress.get('done', 0)}/{progress['total']}"
+        line = f"  {entry['job_id']}  {entry['status']:<9} {entry['name']}{_progress_suffix(entry)}"
         if entry.get("error"):
             line += f"  ({entry['error']})"
         lines.append(line)
