@@ -2,7 +2,7 @@
 
 - `RedisServer`: a private `redis-server` on a free loopback port that a test can stop and start.
 - Paths to the shared test data (the `shared/` directory beside the repository root) and
-  `speech_clip(seconds)`, the first seconds of real speech as WAV bytes.
+  `speech_clip(seconds)`, real speech of any length as WAV bytes.
 - `WorkerProcess`: a `celery -A worker worker` subprocess with its own environment.
 - `wait_for_job(store, job_id, ...)`: poll a job record until a condition holds.
 
@@ -34,11 +34,15 @@ CELERY = str(Path(sys.executable).with_name("celery"))
 
 
 def speech_clip(seconds: float) -> bytes:
-    """The first `seconds` of the 40 s speech recording, as 24 kHz float WAV bytes."""
+    """`seconds` of the 40 s speech recording (cut, or repeated end to end), as 24 kHz float WAV bytes.
+
+    Long clips keep the tiny model busy for seconds even on a fast CPU: tests that must cancel a job
+    mid-run use them rather than hoping a short job is still running."""
+    import numpy as np
+
     from personaplex.audio import encode_wav, load
 
-    samples = load(SPEECH_40S)
-    return encode_wav(samples[: int(seconds * 24_000)])
+    return encode_wav(np.resize(load(SPEECH_40S), int(seconds * 24_000)))
 
 
 def worker_environment(settings: Settings, model_dir: Path, **extra: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import pytest
 import redis
 import requests
 import soundfile
-from fixtures import SPEECH_40S, wait_until
+from fixtures import SPEECH_40S, speech_clip, wait_until
 
 from personaplex.audio import encode_wav, load, probe
 from personaplex.batches import Batch, BatchInput, BatchKeys, BatchStore, output_stems, unique_names
@@ -283,8 +283,9 @@ def test_a_zip_with_folders_and_colliding_stems(live_service: str, clips: list[b
 
 
 @pytest.mark.slow
-def test_cancelling_a_running_batch(live_service: str, clips: list[bytes]) -> None:
-    files = [("files", (f"c{i}.wav", clips[i % len(clips)])) for i in range(6)]
+def test_cancelling_a_running_batch(live_service: str) -> None:
+    long = speech_clip(60.0)  # seconds of work per batch: the cancel lands while jobs still run
+    files = [("files", (f"c{i}.wav", long)) for i in range(6)]
     response = _post(live_service, files)
     batch_id = response.json()["batch_id"]
     wait_until(

@@ -231,12 +231,6 @@ def deliveries(worker: WorkerProcess, job_id: str, ran: bool) -> int:
     return sum(1 for line in worker.log().splitlines() if f"[{job_id}]" in line and marker in line)
 
 
-def long_clip(seconds: float) -> bytes:
-    """`seconds` of speech (the 40 s recording repeated)."""
-    speech = audio_io.load(SPEECH_40S, SAMPLE_RATE)
-    return audio_io.encode_wav(np.tile(speech, 1 + int(seconds // 40))[: int(seconds * SAMPLE_RATE)])
-
-
 def all_running_on(queue: Queue, jobs: list[Job], worker: WorkerProcess) -> Callable[[], bool]:
     def check() -> bool:
         records = queue.jobs.get_many([j.id for j in jobs])
@@ -282,7 +276,7 @@ def test_a_claimed_job_waits_for_its_batch_elsewhere_and_can_be_cancelled(
     start_worker: StartWorker, queue: Queue
 ) -> None:
     spare = start_worker("gpu1", queues="idle")  # consumes another queue until told otherwise
-    jobs = [queue.submit(long_clip(60.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
+    jobs = [queue.submit(speech_clip(60.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
     worker = start_worker("gpu0")
     wait_until(all_running_on(queue, jobs, worker), 30, what="the batch")
     queue.jobs.request_cancel(jobs[1].id)  # claimed and running: its row drops out
@@ -305,7 +299,7 @@ def test_a_batch_whose_worker_dies_is_finished_once_by_another(
 ) -> None:
     env = {"PERSONAPLEX_VISIBILITY_TIMEOUT": "5"}
     spare = start_worker("gpu1", queues="idle", **env)
-    jobs = [queue.submit(long_clip(40.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
+    jobs = [queue.submit(speech_clip(60.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
     victim = start_worker("gpu0", **env)
     wait_until(all_running_on(queue, jobs, victim), 30, what="the batch")
     victim.kill()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures import REPO_ROOT, SPEECH_40S, free_port, wait_until
+from fixtures import REPO_ROOT, SPEECH_40S, free_port, speech_clip, wait_until
 
 from personaplex.audio import encode_wav, load, probe
 from personaplex.client import PersonaPlexClient
@@ -195,7 +195,8 @@ def test_status_catalog_gpu_and_workers(live_service: str, inputs: Path, tmp_pat
     unknown = personaplex("status", "f" * 32, url=live_service)
     assert unknown.returncode == 2 and "no job or batch" in unknown.stderr
 
-    cancelled = client.submit_batch([inputs / "q02.wav"])
+    (long := tmp_path / "long.wav").write_bytes(speech_clip(300.0))  # still running when the cancel lands
+    cancelled = client.submit_batch([long])
     client.cancel_batch(cancelled["batch_id"])
     wait_until(lambda: client.get_batch(cancelled["batch_id"])["finished"], 30, what="the cancel")
     failed = personaplex("status", cancelled["batch_id"], url=live_service)

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import pytest
 import soundfile
-from fixtures import REPO_ROOT, SPEECH_20S, SPEECH_40S, free_port
+from fixtures import REPO_ROOT, SPEECH_20S, free_port, speech_clip
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
@@ -93,7 +93,12 @@ def rest(url: str) -> PersonaPlexClient:
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("clips")
-    return {"short": wav_clip(folder / "short.wav", 3.0), "medium": wav_clip(folder / "medium.wav", 10.0)}
+    (long := folder / "long.wav").write_bytes(speech_clip(120.0))  # busy for seconds: cancels land mid-job
+    return {
+        "short": wav_clip(folder / "short.wav", 3.0),
+        "medium": wav_clip(folder / "medium.wav", 10.0),
+        "long": long,
+    }
 
 
 # -- discovery and the service/catalog tools ------------------------------------------------------
@@ -148,7 +153,9 @@ def test_service_and_catalog_tools(live_service: str) -> None:
 
 
 @pytest.mark.slow
-def test_process_audio_reports_progress_and_writes_the_answer(live_service: str, tmp_path: Path) -> None:
+def test_process_audio_reports_progress_and_writes_the_answer(
+    live_service: str, clips: dict[str, Path], tmp_path: Path
+) -> None:
     output = tmp_path / "new" / "folders" / "answer.wav"
     updates: list[tuple[float, float, float | None, str | None]] = []
 
@@ -158,7 +165,7 @@ def test_process_audio_reports_progress_and_writes_the_answer(live_service: str,
     async def scenario(client: Client) -> Any:
         return await client.call_tool(
             "process_audio",
-            {"input_file": str(SPEECH_40S), "output_file": str(output), "voice_prompt": "VARM1"},
+            {"input_file": str(clips["long"]), "output_file": str(output), "voice_prompt": "VARM1"},
             progress_callback=on_progress,
         )
 
@@ -168,28 +175,30 @@ def test_process_audio_reports_progress_and_writes_the_answer(live_service: str,
     assert answer["status"] == "success", answer
     assert answer["output_audio"] == str(output)
     assert answer["voice_used"] == "VARM1.pt" and answer["text_prompt_used"] == ASSISTANT_PROMPT
-    assert answer["duration_s"] == pytest.approx(40.0, abs=0.01)
+    assert answer["duration_s"] == pytest.approx(120.0, abs=0.01)
     assert isinstance(answer["generated_text"], str) and len(answer["job_id"]) == 32
-    assert answer["frames"] == 500 and answer["timings"]["rtf"] > 0
+    assert answer["frames"] == 1500 and answer["timings"]["rtf"] > 0
 
     info = probe(output, None)
     assert info.format == "WAV" and info.sample_rate == 24_000 and info.channels == 1
-    assert info.duration_s == pytest.approx(probe(SPEECH_40S, None).duration_s, abs=0.01)
+    assert info.duration_s == pytest.approx(120.0, abs=0.01)
     assert load(output).std() > 0  # audio, not silence
     assert sorted(p.name for p in output.parent.iterdir()) == ["answer.wav"]  # no temporary left
 
     values = [progress for _, progress, _, _ in updates]
     assert len(updates) >= 3, updates
     assert all(b > a for a, b in zip(values, values[1:], strict=False)), values
-    assert updates[-1][1] == updates[-1][2] == 501  # 500 frames, plus writing the answer
-    assert any(value.is_integer() and 0 < value < 500 for value in values), values  # frames generated
+    assert updates[-1][1] == updates[-1][2] == 1501  # 1500 frames, plus writing the answer
+    assert any(value.is_integer() and 0 < value < 1500 for value in values), values  # frames generated
     assert all(f"Job {answer['job_id']}" in (message or "") for *_, message in updates)
     times = [t for t, *_ in updates]
     assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 2.0  # a heartbeat every 1 s
 
 
 @pytest.mark.slow
-def test_cancelling_the_call_cancels_the_job(live_service: str, tmp_path: Path) -> None:
+def test_cancelling_the_call_cancels_the_job(
+    live_service: str, clips: dict[str, Path], tmp_path: Path
+) -> None:
     output = tmp_path / "never.wav"
     messages: list[str] = []
 
@@ -202,7 +211,7 @@ def test_cancelling_the_call_cancels_the_job(live_service: str, tmp_path: Path) 
         with anyio.CancelScope() as scope:
             await client.call_tool(
                 "process_audio",
-                {"input_file": str(SPEECH_20S), "output_file": str(output)},
+                {"input_file": str(clips["long"]), "output_file": str(output)},
                 progress_callback=on_progress,
             )
         assert scope.cancelled_caught
@@ -269,12 +278,13 @@ def test_submit_status_result_and_cancel(live_service: str, clips: dict[str, Pat
         seen["result"] = await call(client, "get_job_result", job_id=first["job_id"], output_file=str(output))
         seen["cancel_finished"] = await call(client, "cancel_job", job_id=first["job_id"])
 
-        # A long job, then a queued one behind it: cancel the queued one, then the running one.
-        running = await call(client, "submit_audio_job", input_file=str(SPEECH_20S))
-        queued = await call(client, "submit_audio_job", input_file=str(clips["short"]))
-        seen["cancel_queued"] = await call(client, "cancel_job", job_id=queued["job_id"])
+        # A long job, then a queued one behind it: cancel the queued one, then the running one. The
+        # second job is submitted only once the first runs, so the worker cannot claim it into its batch.
+        running = await call(client, "submit_audio_job", input_file=str(clips["long"]))
         while (await call(client, "get_job_status", job_id=running["job_id"]))["status"] == "queued":
             await anyio.sleep(0.1)
+        queued = await call(client, "submit_audio_job", input_file=str(clips["short"]))
+        seen["cancel_queued"] = await call(client, "cancel_job", job_id=queued["job_id"])
         seen["cancel_running"] = await call(client, "cancel_job", job_id=running["job_id"])
         while (status := await call(client, "get_job_status", job_id=running["job_id"]))[
             "status"

@@ -228,7 +228,7 @@ def test_job_runs_end_to_end(shared: Harness, shared_worker: WorkerProcess, even
 
 
 def test_control_commands_answer_fast_while_a_job_runs(shared: Harness, shared_worker: WorkerProcess) -> None:
-    job = shared.submit(speech_clip(40.0))
+    job = shared.submit(speech_clip(300.0))  # long enough to be running still; cancelled below
     wait_for_job(shared.jobs, job.id, in_phase("prompt", "generate"))
 
     status, seconds = shared.gpu_status(shared_worker)
@@ -249,7 +249,7 @@ def test_control_commands_answer_fast_while_a_job_runs(shared: Harness, shared_w
 
 
 def test_cancel_mid_job(shared: Harness, events: list[dict]) -> None:
-    job = shared.submit(speech_clip(20.0))
+    job = shared.submit(speech_clip(300.0))
     wait_for_job(shared.jobs, job.id, in_phase("generate"))
     assert shared.jobs.request_cancel(job.id).status is JobStatus.RUNNING
 
@@ -313,7 +313,7 @@ def test_idle_model_is_offloaded(shared: Harness, shared_worker: WorkerProcess) 
 def test_killed_worker_job_completes_once_on_the_other(start_worker: StartWorker, harness: Harness) -> None:
     env = {"PERSONAPLEX_VISIBILITY_TIMEOUT": "5"}
     workers = {w.hostname: w for w in (start_worker("gpu0", **env), start_worker("gpu1", **env))}
-    job = harness.submit(speech_clip(10.0))
+    job = harness.submit(speech_clip(60.0))  # seconds of work: still running when the kill lands
     running = wait_for_job(harness.jobs, job.id, in_phase("prompt", "generate"))
     victim = workers.pop(running.worker)
     (survivor,) = workers.values()
@@ -322,7 +322,7 @@ def test_killed_worker_job_completes_once_on_the_other(start_worker: StartWorker
     done = wait_for_job(harness.jobs, job.id, timeout=45)
     assert done.status is JobStatus.SUCCEEDED, done.error
     assert (done.worker, done.attempts) == (survivor.hostname, 2)
-    assert sf.info(harness.blobs.path(job.id, OUTPUT_WAV)).frames == 10 * 24_000
+    assert sf.info(harness.blobs.path(job.id, OUTPUT_WAV)).frames == 60 * 24_000
     assert deliveries(survivor, job.id, ran=True) == 1
     wait_until(
         lambda: [w["worker"] for w in WorkerRegistry(harness.redis).live()] == [survivor.hostname],
