@@ -9,7 +9,8 @@ runs the fast loop (personaplex.fast; CUDA graphs on a GPU, eagerly on a CPU) ov
 of the job (seeds 1..B) in one batch: the per-frame figures are per batched step, the RTF per
 stream, the throughput B × audio seconds / wall seconds. `--baseline eager.json` adds the
 speed-up over an eager run. `--check` compares tokens (greedy): captured vs eager on the same
-input, and batched rows (of different lengths and prompts) vs the same jobs alone.
+input, the first generated frame's logits of the two loops (their numerical difference), and
+batched rows (of different lengths and prompts) vs the same jobs alone.
 
 `tiny` runs the whole path (checkpoint files, conversion, Engine.process). `real` builds the
 modules at PersonaPlex's sizes with random weights on the device (no download, no files) and runs
@@ -26,6 +27,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +246,67 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float | int |
     }
 
 
+@contextmanager
+def recorded_logits(owner: object, name: str, position: int, calls: int = 2) -> Iterator[list[torch.Tensor]]:
+    """Record the logits (positional argument `position`) of the first `calls` calls of owner.name."""
+    original = getattr(owner, name)
+    seen: list[torch.Tensor] = []
+
+    def recording(*args, **kwargs):
+        if len(seen) < calls:
+            seen.append(args[position].detach().float().cpu())
+        return original(*args, **kwargs)
+
+    setattr(owner, name, recording)
+    try:
+        yield seen
+    finally:
+        setattr(owner, name, original)
+
+
+def logit_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | bool]:
+    """How far logits `a` are from `b` (per row, worst row): relative L2 error, max |a - b|, argmax."""
+    rel = ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp(min=1e-30)).max().item()
+    top5 = [
+        len(set(x.tolist()) & set(y.tolist())) / 5
+        for x, y in zip(a.topk(5).indices, b.topk(5).indices, strict=True)
+    ]
+    return {
+        "relative_l2": rel,
+        "max_abs": (a - b).abs().max().item(),
+        "scale_max_abs": b.abs().max().item(),
+        "argmax_equal": bool((a.argmax(-1) == b.argmax(-1)).all()),
+        "top5_overlap": min(top5),
+    }
+
+
+def logit_check(engine: Engine, samples: np.ndarray) -> dict:
+    """Logits of the first generated frame, fast loop vs FrameLoop (greedy, one job).
+
+    Every token before that frame is forced, so both paths compute it from the same inputs: the
+    difference is numerics alone, which token agreement on random weights cannot show (their
+    near-flat logits flip an argmax at the first rounding difference). The fast loop runs without
+    graphs here so its logits can be read; a graph replays the same kernels. Recorded: the text
+    logits, then the first depth step's (its input is the text token, so it compares only if both
+    paths chose the same one).
+    """
+    from personaplex import frames
+    from personaplex.fast import FastLoop
+
+    greedy = GenerationParams(greedy=True)
+    captured = engine.captured
+    engine.captured = False
+    with recorded_logits(frames, "sample", 0) as eager:
+        engine.process(encode_wav(samples), greedy)
+    engine.captured = captured
+    with recorded_logits(FastLoop, "_sample", 1) as fast:
+        CapturedBench(engine, engine.device, graphs=False).tokens([(samples, greedy)])
+    report = {"text": logit_difference(fast[0], eager[0])}
+    if report["text"]["argmax_equal"]:
+        report["audio_codebook0"] = logit_difference(fast[1], eager[1])
+    return report
+
+
 def run_check(engine: Engine, bench: CapturedBench, seconds: float, batch: int) -> dict:
     """Greedy tokens: captured vs eager (batch 1), and batched rows vs alone; sampled: row 0 vs alone."""
     samples = _input(seconds)
@@ -253,6 +317,7 @@ def run_check(engine: Engine, bench: CapturedBench, seconds: float, batch: int) 
     eager = engine.process(encode_wav(samples), greedy).tokens
     engine.captured = True
     report["greedy_captured_vs_eager"] = agreement(alone, eager)
+    report["logits_fast_vs_eager_first_frame"] = logit_check(engine, samples)
     report["greedy_captured_repeat_identical"] = bench.tokens([(samples, greedy)])[0] == alone
     if batch > 1:
         # Rows of different lengths and prompts; the first four are compared with their jobs alone.
