@@ -252,6 +252,9 @@ def test_three_queued_jobs_share_one_batch(
     jobs = [queue.submit(audio, params) for audio, params in inputs]  # all wait: no worker yet
     worker = start_worker("gpu0")
     done = [wait_for_job(queue.jobs, job.id) for job in jobs]
+    finals = {job.id for job in jobs}
+    # Each final event is published beside its record's last write: wait for all of them.
+    wait_until(lambda: finals <= {e["job_id"] for e in events if e["type"] == "succeeded"}, 5, what="events")
     next(stream, None)
 
     leader = done[0].result["engine_batch"]["leader"]
@@ -276,7 +279,8 @@ def test_a_claimed_job_waits_for_its_batch_elsewhere_and_can_be_cancelled(
     start_worker: StartWorker, queue: Queue
 ) -> None:
     spare = start_worker("gpu1", queues="idle")  # consumes another queue until told otherwise
-    jobs = [queue.submit(speech_clip(60.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
+    # Long rows: the batch still runs when the spare takes the claimed jobs' messages.
+    jobs = [queue.submit(speech_clip(120.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
     worker = start_worker("gpu0")
     wait_until(all_running_on(queue, jobs, worker), 30, what="the batch")
     queue.jobs.request_cancel(jobs[1].id)  # claimed and running: its row drops out

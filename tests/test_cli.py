@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,7 +68,20 @@ def test_a_20_file_batch_finishes_the_archive_matches_and_a_rerun_skips_everythi
     live_service: str, inputs: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    command = ("submit", inputs, "--out", out, "--seed", "7", "--voice", "NATM1", "--progress")
+    # A fast poll, so the bars catch jobs mid-run even when short jobs take a fraction of a second.
+    command = (
+        "submit",
+        inputs,
+        "--out",
+        out,
+        "--seed",
+        "7",
+        "--voice",
+        "NATM1",
+        "--progress",
+        "--poll-interval",
+        "0.05",
+    )
     first = personaplex(*command, url=live_service)
     assert first.returncode == 0, first.stderr
     stems = [f"q{i:02d}" for i in range(BATCH_FILES)]
@@ -153,8 +167,12 @@ def test_the_service_refusing_input_is_exit_2_and_queues_nothing(
 def test_ctrl_c_without_a_terminal_cancels_the_remaining_jobs(
     live_service: str, inputs: Path, tmp_path: Path
 ) -> None:
+    # q00 leads the first batch and keeps the worker busy for seconds, so most jobs are still queued
+    # when the cancel lands, however fast the CPU.
+    folder = shutil.copytree(inputs, tmp_path / "inputs")
+    (folder / "q00.wav").write_bytes(speech_clip(120.0))
     process = subprocess.Popen(
-        [sys.executable, "-m", "personaplex.cli", "submit", str(inputs), "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "personaplex.cli", "submit", str(folder), "--out", str(tmp_path / "out")],
         cwd=REPO_ROOT,
         env=_env(live_service),
         stdin=subprocess.DEVNULL,
@@ -185,8 +203,8 @@ def test_ctrl_c_without_a_terminal_cancels_the_remaining_jobs(
 def test_status_catalog_gpu_and_workers(live_service: str, inputs: Path, tmp_path: Path) -> None:
     client = PersonaPlexClient(live_service)
     batch = client.submit_batch([inputs / "q00.wav", inputs / "q01.wav"], seed=1)
-    done = client.wait(batch["inputs"][1]["job_id"], timeout=60, poll_interval=0.2)
-    assert done["status"] == "succeeded"
+    for entry in batch["inputs"]:
+        assert client.wait(entry["job_id"], timeout=60, poll_interval=0.2)["status"] == "succeeded"
 
     job = personaplex("status", batch["inputs"][0]["job_id"], url=live_service)
     assert job.returncode == 0 and "succeeded" in job.stdout and "q00.wav" in job.stdout

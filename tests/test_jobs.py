@@ -208,7 +208,7 @@ def test_expire_old_returns_each_id_once(job_store: JobStore, redis_client: redi
 
 def test_heartbeats_expire(redis_client: redis.Redis) -> None:
     registry = WorkerRegistry(redis_client)
-    registry.beat("gpu0@a", {"model_loaded": False}, ttl_s=1.0)
+    registry.beat("gpu0@a", {"model_loaded": False}, ttl_s=2.0)
     registry.beat("gpu1@a", {"model_loaded": True}, ttl_s=30)
     live = registry.live()
     assert [w["worker"] for w in live] == ["gpu0@a", "gpu1@a"] and live[1]["model_loaded"] is True
@@ -234,9 +234,9 @@ def test_lease_has_one_owner_and_expires(job_store: JobStore) -> None:
     assert job_store.lease_owner(job.id) == "b"
     assert job_store.release_lease(job.id, "b")
     assert job_store.lease_owner(job.id) is None
-    assert job_store.acquire_lease(job.id, "b", ttl_s=0.3)
+    assert job_store.acquire_lease(job.id, "b", ttl_s=1.0)
     assert job_store.refresh_lease(job.id, "b", ttl_s=5)
-    time.sleep(0.4)
+    time.sleep(1.2)
     assert job_store.lease_owner(job.id) == "b"
     assert job_store.release_lease(job.id, "b")
     assert job_store.lease_owner(job.id) is None

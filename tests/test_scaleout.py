@@ -99,7 +99,7 @@ def test_two_workers_share_the_queue_answer_control_and_lose_nothing_on_a_warm_s
     assert (fleet_now[gpu0]["model_loaded"], fleet_now[gpu1]["model_loaded"]) == (False, True)
 
     # 4. Warm stop of gpu0 mid-job, with jobs still waiting in the broker queue.
-    queued = submit(client, 5)
+    queued = submit(client, 5, seconds=30.0)  # over a second each: some are still queued at the stop
 
     def gpu0_busy() -> str | None:
         running = [client.get_job(i) for i in queued]

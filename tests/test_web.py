@@ -17,7 +17,7 @@ import pytest
 import redis
 import requests
 import simple_websocket
-from fixtures import SPEECH_20S, RedisServer, wait_until
+from fixtures import SPEECH_20S, RedisServer, speech_clip, wait_until
 
 from personaplex.audio import encode_wav, load
 from personaplex.jobs import Job, JobStatus, JobStore, Keys, WorkerRegistry
@@ -550,15 +550,19 @@ def test_end_to_end_with_a_real_worker(
 def test_status_offload_and_cancel_while_a_real_worker_runs_a_job(
     serve: Callable[..., Live], start_worker: Callable[..., Any], speech: Any
 ) -> None:
-    live = serve(max_audio_seconds=60.0)
+    live = serve(max_audio_seconds=600.0, max_upload_mb=64.0)
     start_worker("gpu0")
-    job_id = _queued(live, _long(speech))
+    job_id = _queued(
+        live, speech_clip(300.0)
+    )  # seconds of work even on a fast CPU: it is still running below
     ws = live.ws(job_id)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         message = ws.receive(timeout=1)
         if message and json.loads(message).get("phase") == "generate":
             break
+    else:
+        pytest.fail("no generate progress within 120 s")
     started = time.monotonic()
     status = live.get("/api/gpu/status").json()
     assert time.monotonic() - started < 1.0  # answered by the busy worker itself
@@ -571,11 +575,6 @@ def test_status_offload_and_cancel_while_a_real_worker_runs_a_job(
     events = _events_until_closed(ws, timeout=60)
     assert events[-1]["type"] == "cancelled"
     assert live.get(f"/api/jobs/{job_id}").json()["status"] == "cancelled"
-
-
-def _long(speech: Any) -> bytes:
-    """20 s of speech as 16-bit WAV (under the 1 MB upload limit)."""
-    return encode_wav(speech, 24000, subtype="PCM_16")
 
 
 def test_python_dash_m_web_serves_on_port(
