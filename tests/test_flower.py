@@ -86,10 +86,12 @@ def test_flower_lists_the_worker_and_the_finished_task(
     assert flower.get("/api/tasks", auth=None).status_code == 401
     assert flower.get("/workers", auth=None).status_code == 401
 
-    # The worker, through an inspect broadcast, with its queue and our task registered.
+    # The worker, through an inspect broadcast, with its queue and our task registered. Flower asks
+    # each inspect method with a 1 s timeout; on a loaded machine one may miss it: refresh again.
     def inspected() -> dict[str, Any] | None:
         response = flower.get("/api/workers", refresh="1")
-        return response.json().get(worker.hostname) if response.status_code == 200 else None
+        info = response.json().get(worker.hostname) if response.status_code == 200 else None
+        return info if info and {"registered", "active_queues", "stats"} <= set(info) else None
 
     info = wait_until(inspected, 20, interval=0.5, what="flower to list the worker")
     assert TASK_NAME in info["registered"]

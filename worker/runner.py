@@ -3,9 +3,10 @@
 Celery may deliver a job more than once (a worker died, or a job outlived the visibility timeout), so
 every step is safe to repeat:
 - a job already final is left alone;
-- a delivery of a job that another live worker is running waits on the job's run lease (kept alive
-  by that worker's housekeeping) and then finds the job final; a dead worker's lease expires after
-  `heartbeat_ttl` and the waiting delivery takes the job over;
+- a delivery of a job whose run lease another worker holds does not wait for it: it asks Celery to
+  deliver the job again one lease TTL later (`Outcome.retry_in`; the task re-publishes the message
+  with that countdown and acks this one) and frees the worker's slot for other jobs. A later
+  delivery finds the job final; a dead worker's lease has expired by then, and it takes the job over;
 - a job whose outputs are complete is finished from them without rerunning the model;
 - each start counts an attempt; past `max_attempts` the job fails with that reason.
 
@@ -13,8 +14,8 @@ Batching (README.md, "Batched jobs on a GPU worker"): a delivery that starts its
 queued jobs through their records (run lease first, then an atomic queued -> running transition that
 counts their attempt) and runs them all in one `Engine.process_batch`, writing each job's outputs and
 final record when its row ends. The claimed jobs' own messages, delivered later here or elsewhere,
-find them final (or wait on their lease while the batch runs) and are acked without running; if this
-worker dies, those messages are still queued or unacked, the leases expire, and each job runs again.
+find them final (or leased by the batch, and come back later) and are acked without running; if this
+worker dies, those messages are still queued or scheduled, the leases expire, and each job runs again.
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ PROGRESS_MIN_INTERVAL_S = 0.25
 CANCEL_CHECK_INTERVAL_S = 0.2
 """The Redis cancel flag is read at most 5 times a second, however fast frames go."""
 
-LEASE_POLL_S = 0.5
-"""How often a delivery waiting on another worker's lease checks it again (seconds)."""
 
 CLAIM_LOOKAHEAD = 4
 """Queued ids read per free batch row when claiming (some may be leased or cancelled meanwhile)."""
@@ -98,6 +97,8 @@ class Outcome:
 
     status: str
     ran: bool = False
+    retry_in: float | None = None
+    """Seconds after which Celery should deliver the job again (another worker holds its lease)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "ran": self.ran}
@@ -117,8 +118,8 @@ class JobRunner:
         job = self.jobs.get(self.job_id)
         if job is None or job.status.is_final:
             return self._skip(job)
-        if not self._take_lease():
-            return self._skip(self.jobs.get(self.job_id))
+        if not self.jobs.acquire_lease(job.id, self.runtime.lease_owner, self.runtime.settings.heartbeat_ttl):
+            return self._come_back_later()
         try:
             with self.runtime.job_running(job.id):
                 return self._start(job)
@@ -132,20 +133,22 @@ class JobRunner:
         log.info("job %s is already %s: not running it again", job.id, job.status.value)
         return Outcome(job.status.value)
 
-    def _take_lease(self) -> bool:
-        """Wait for the run lease; False if the job became final (or vanished) meanwhile."""
-        ttl = self.runtime.settings.heartbeat_ttl
-        logged = False
-        while not self.jobs.acquire_lease(self.job_id, self.runtime.lease_owner, ttl):
-            job = self.jobs.get(self.job_id)
-            if job is None or job.status.is_final:
-                return False
-            if not logged:
-                owner = self.jobs.lease_owner(self.job_id)
-                log.info("job %s is being run by %s: waiting for it to end or expire", self.job_id, owner)
-                logged = True
-            time.sleep(LEASE_POLL_S)
-        return True
+    def _come_back_later(self) -> Outcome:
+        """Another worker holds the run lease: skip a job that ended meanwhile, else check again later.
+
+        Waiting here would hold this GPU's only task slot for as long as the other worker's batch
+        runs. One lease TTL later the job is final, or its owner died and its lease has expired.
+        """
+        job = self.jobs.get(self.job_id)
+        if job is None or job.status.is_final:
+            return self._skip(job)
+        settings = self.runtime.settings
+        # The re-published message waits unacked until its countdown: keep that under the
+        # visibility timeout, or kombu would restore it meanwhile.
+        delay = min(settings.heartbeat_ttl, settings.visibility_timeout / 2)
+        owner = self.jobs.lease_owner(job.id)
+        log.info("job %s is being run by %s: delivering it again in %.0f s", job.id, owner, delay)
+        return Outcome(job.status.value, retry_in=delay)
 
     def _start(self, job: Job) -> Outcome:
         if self.jobs.cancel_requested(job.id):
@@ -262,7 +265,7 @@ class JobRunner:
         """Record one job's end: outputs and success, or the reason it failed or was cancelled."""
         status = self._record(job, batch, load_s, outcome)
         if job.id != batch["leader"]:
-            self._release(job.id)  # a delivery waiting on its lease finds it final now
+            self._release(job.id)  # a later delivery of it finds it final
             log.info("job %s (claimed by the batch of %s) ended %s", job.id, batch["leader"], status.value)
         return Outcome(status.value, ran=True)
 

@@ -12,8 +12,11 @@ from worker.runner import JobRunner
 from worker.runtime import get_runtime
 
 
-@app.task(name=TASK_NAME, bind=True)
+@app.task(name=TASK_NAME, bind=True, max_retries=None)  # retries only while another worker runs it
 def process_audio(self: Task, job_id: str) -> dict[str, Any]:
     """Run job `job_id` on this worker's resident engine (see worker.runner for redelivery rules)."""
     worker = self.request.hostname or "unknown"
-    return JobRunner(get_runtime(), job_id, worker).run().to_dict()
+    outcome = JobRunner(get_runtime(), job_id, worker).run()
+    if outcome.retry_in is not None:  # another worker runs it now: this slot is free meanwhile
+        raise self.retry(countdown=outcome.retry_in)
+    return outcome.to_dict()
