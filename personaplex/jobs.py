@@ -68,7 +68,7 @@ class Keys:
     INDEX = PREFIX + "jobs"  # zset: job id -> created_at, newest last
     QUEUED = PREFIX + "jobs:queued"  # zset: ids still queued, for queue_length()
     EXPIRY = PREFIX + "jobs:expiry"  # zset: final job id -> time its retention ends
-    WORKER_PATTERN = PREFIX + "worker:*"
+    WORKERS = PREFIX + "workers"  # set: names of workers that have beaten (pruned once their beat expires)
 
     @classmethod
     def job(cls, job_id: str) -> str:
@@ -415,21 +415,47 @@ class JobStore:
         return ids
 
 
+_LIVE_WORKERS_LUA = """
+-- KEYS[1]: the set of worker names; ARGV[1]: the heartbeat key prefix. Returns the live records
+-- and drops the names whose heartbeat has expired, in one step (a beat cannot slip in between).
+local records = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local record = redis.call('GET', ARGV[1] .. name)
+  if record then
+    table.insert(records, record)
+  else
+    redis.call('SREM', KEYS[1], name)
+  end
+end
+return records
+"""
+
+
 class WorkerRegistry:
-    """Worker heartbeats: each live worker keeps a JSON record with a TTL; a dead one drops out."""
+    """Worker heartbeats: each live worker keeps a JSON record with a TTL; a dead one drops out.
+
+    A set names the workers, so reading the fleet costs one round trip and never scans the keyspace
+    (which holds every job's keys too).
+    """
 
     def __init__(self, redis_client: redis.Redis) -> None:
         self.redis = redis_client
+        self._live = redis_client.register_script(_LIVE_WORKERS_LUA)
 
     def beat(self, name: str, record: dict[str, Any], ttl_s: float) -> None:
         payload = {**record, "worker": name, "timestamp": time.time()}
-        self.redis.set(Keys.worker(name), json.dumps(payload), px=_ms(ttl_s))
+        with self.redis.pipeline() as pipe:
+            pipe.set(Keys.worker(name), json.dumps(payload), px=_ms(ttl_s))
+            pipe.sadd(Keys.WORKERS, name)
+            pipe.execute()
 
     def forget(self, name: str) -> None:
-        self.redis.delete(Keys.worker(name))
+        with self.redis.pipeline() as pipe:
+            pipe.delete(Keys.worker(name))
+            pipe.srem(Keys.WORKERS, name)
+            pipe.execute()
 
     def live(self) -> list[dict[str, Any]]:
         """Every worker whose heartbeat has not expired, sorted by name."""
-        keys = sorted(_text(k) for k in self.redis.scan_iter(match=Keys.WORKER_PATTERN, count=100))
-        values = self.redis.mget(keys) if keys else []
-        return [json.loads(v) for v in values if v]
+        records = [json.loads(v) for v in self._live(keys=[Keys.WORKERS], args=[Keys.worker("")])]
+        return sorted(records, key=lambda record: record["worker"])

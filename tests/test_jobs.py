@@ -213,8 +213,9 @@ def test_heartbeats_expire(redis_client: redis.Redis) -> None:
     live = registry.live()
     assert [w["worker"] for w in live] == ["gpu0@a", "gpu1@a"] and live[1]["model_loaded"] is True
     wait_until(lambda: [w["worker"] for w in registry.live()] == ["gpu1@a"], 5, what="gpu0's beat to expire")
+    assert redis_client.smembers(Keys.WORKERS) == {b"gpu1@a"}  # the expired name was pruned
     registry.forget("gpu1@a")
-    assert registry.live() == []
+    assert registry.live() == [] and not redis_client.exists(Keys.WORKERS)
 
 
 # -- run leases ---------------------------------------------------------------------------------
