@@ -49,7 +49,9 @@ def test_missing_blob_raises_file_not_found(store: BlobStore) -> None:
         store.get(new_job_id(), OUTPUT_JSON)
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "x..y", "IN PUT", "output.wav/.."])
+@pytest.mark.parametrize(
+    "name", ["../x", "a/b", "", ".hidden", "x..y", "IN PUT", "output.wav/..", "other.bin"]
+)
 def test_bad_names_are_refused(store: BlobStore, name: str) -> None:
     with pytest.raises(ValueError):
         store.put(new_job_id(), name, b"x")
