@@ -7,6 +7,7 @@ the end-to-end tests at the bottom run a real `celery -A worker worker` subproce
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -184,8 +185,9 @@ def test_api_key_guards_every_api_route(serve: Callable[..., Live], clip: bytes)
 
 
 def test_events_socket_refuses_a_missing_key_and_takes_access_token(
-    serve: Callable[..., Live], clip: bytes
+    serve: Callable[..., Live], clip: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="werkzeug")
     live = serve(api_key=API_KEY)
     with pytest.raises(simple_websocket.ConnectionError):
         live.ws(HEX_ID)
@@ -195,6 +197,9 @@ def test_events_socket_refuses_a_missing_key_and_takes_access_token(
     ws = live.ws(job_id, f"?access_token={API_KEY}")
     assert json.loads(ws.receive(timeout=5))["status"] == "queued"
     ws.close()
+    # The request line reaches the access log with the key masked.
+    wait_until(lambda: "access_token=***" in caplog.text, 5, what="the socket's access log line")
+    assert API_KEY not in caplog.text
 
 
 # -- submitting -----------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """API-key check for every /api route: `Authorization: Bearer <key>` when a key is configured.
 
 Browsers cannot set headers on a WebSocket, so the events socket also accepts `?access_token=<key>`.
+Request lines carry that query string into access logs, so the key is masked in the logs we own.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import re
 
 from flask import Flask, request
 
@@ -13,6 +16,24 @@ from web.errors import ApiError
 from web.services import services
 
 API_PREFIX = "/api/"
+
+ACCESS_LOGGERS = ("werkzeug", "gunicorn.access")
+"""Loggers that write request lines: the development server's and gunicorn's (with --access-logfile)."""
+
+
+class MaskAccessToken(logging.Filter):
+    """Replaces the value of any `access_token=` query parameter in a log line with `***`."""
+
+    PATTERN = re.compile(r"(access_token=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "access_token=" in message:
+            record.msg, record.args = self.PATTERN.sub(r"\1***", message), ()
+        return True
+
+
+MASK_ACCESS_TOKEN = MaskAccessToken()
 
 
 def _presented_key() -> str | None:
@@ -41,5 +62,7 @@ def _check_api_key() -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Check the API key before every request to an /api route."""
+    """Check the API key before every request to an /api route; keep keys out of access logs."""
     app.before_request(_check_api_key)
+    for name in ACCESS_LOGGERS:
+        logging.getLogger(name).addFilter(MASK_ACCESS_TOKEN)  # the same filter is added once
