@@ -113,6 +113,29 @@ def _check_duration(frames: int, duration_s: float, max_seconds: float | None) -
         )
 
 
+DECODE_CHECK_BLOCK = 1 << 16
+"""Frames decoded at a time by check_decodes (bounded memory whatever the length)."""
+
+
+def check_decodes(source: AudioSource) -> None:
+    """Decode a compressed file (FLAC, OGG) to its end, so a cut-off upload is refused up front.
+
+    Its header names the full length even when the stream stops halfway; only decoding tells. WAV
+    needs no decode: probe compares its data chunk with the file size.
+    """
+    with _open(source) as f:
+        if f.format.upper() == "WAV":
+            return
+        decoded = 0
+        try:
+            while block := len(f.read(DECODE_CHECK_BLOCK, dtype="float32", always_2d=True)):
+                decoded += block
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioError(f"The audio is truncated or corrupt ({exc}).") from exc
+        if decoded < f.frames:
+            raise AudioError(f"The audio is truncated: {decoded} of {f.frames} frames decode.")
+
+
 def load(
     source: AudioSource,
     sample_rate: int = SAMPLE_RATE,

@@ -135,8 +135,19 @@ def test_truncated_wav_is_refused() -> None:
 
 def test_truncated_flac_is_refused() -> None:
     data = _encode(_tone(1.0, SAMPLE_RATE), SAMPLE_RATE, "FLAC")
+    audio.check_decodes(data)  # whole: decodes to its end
+    audio.probe(data[: len(data) // 2])  # the header alone cannot tell
+    with pytest.raises(AudioError, match="truncated"):
+        audio.check_decodes(data[: len(data) // 2])
     with pytest.raises(AudioError):
         audio.load(data[: len(data) // 2])
+
+
+def test_truncated_ogg_is_refused() -> None:
+    data = _encode(_tone(1.0, SAMPLE_RATE), SAMPLE_RATE, "OGG")
+    audio.check_decodes(data)
+    with pytest.raises(AudioError):  # Ogg's length comes from its last page: the header check fails
+        audio.probe(data[: len(data) // 2])
 
 
 def test_files_empty_missing_and_without_samples(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ the end-to-end tests at the bottom run a real `celery -A worker worker` subproce
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ import pytest
 import redis
 import requests
 import simple_websocket
+import soundfile
 from fixtures import SPEECH_20S, RedisServer, speech_clip, wait_until
 
 from personaplex.audio import encode_wav, load
@@ -228,10 +230,17 @@ def _truncated(speech: bytes) -> bytes:
     return speech[: len(speech) // 2]
 
 
+def _as_flac(clip: bytes) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, load(clip), 24000, format="FLAC")
+    return buffer.getvalue()
+
+
 BAD_UPLOADS = [
     ("not audio", lambda clip, long: b"this is not audio at all" * 10, {}, "decode"),
     ("empty", lambda clip, long: b"", {}, "empty"),
     ("truncated WAV", lambda clip, long: _truncated(clip), {}, "truncated"),
+    ("truncated FLAC", lambda clip, long: _truncated(_as_flac(clip)), {}, "truncated"),
     ("too long", lambda clip, long: long, {}, "limit"),
     ("unknown voice", lambda clip, long: clip, {"voice_prompt": "NOPE9"}, "Unknown voice"),
     ("path in voice", lambda clip, long: clip, {"voice_prompt": "../../etc/passwd"}, "Unknown voice"),

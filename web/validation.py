@@ -11,7 +11,7 @@ from typing import Any
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.utils import secure_filename
 
-from personaplex.audio import AudioInfo, probe
+from personaplex.audio import AudioInfo, check_decodes, probe
 from personaplex.catalog import DEFAULT_PROMPT, normalize_voice_name, voice_filenames
 from personaplex.errors import AudioError
 from personaplex.params import GenerationParams
@@ -68,7 +68,9 @@ def check_audio(data: bytes, max_audio_seconds: float | None) -> AudioInfo:
     if not data:
         raise ApiError(400, "The uploaded file is empty.")
     try:
-        return probe(data, max_audio_seconds)
+        info = probe(data, max_audio_seconds)
+        check_decodes(data)
+        return info
     except AudioError as exc:
         raise ApiError(400, str(exc)) from exc
 
