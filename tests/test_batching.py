@@ -30,6 +30,7 @@ from personaplex.params import SAMPLE_RATE, EngineResult, GenerationParams
 from personaplex.settings import Settings
 from personaplex.storage import INPUT, OUTPUT_JSON, FsBlobStore
 from worker import TASK_NAME, create_celery_app
+from worker.control import query_gpu_status
 
 PROMPT = "You enjoy having a good conversation."
 
@@ -284,6 +285,8 @@ def test_a_claimed_job_is_left_to_its_batch_and_can_be_cancelled(
     jobs = [queue.submit(speech_clip(300.0), GenerationParams(seed=s)) for s in (1, 2, 3)]
     worker = start_worker("gpu0")
     wait_until(all_running_on(queue, jobs, worker), 30, what="the batch")
+    status = query_gpu_status(queue.app, [worker.hostname], timeout=5.0)[worker.hostname]
+    assert status["running_jobs"] == [j.id for j in jobs] and status["active_connections"] == 3
     queue.jobs.request_cancel(jobs[1].id)  # claimed and running: its row drops out
     late = queue.submit(speech_clip(1.0), GenerationParams(seed=4))  # queued behind the claimed ones
     queue.app.control.add_consumer("celery", destination=[spare.hostname], reply=True)

@@ -485,12 +485,14 @@ def test_health_is_503_within_2_s_while_redis_hangs(live: Live, redis_server: Re
 
 def test_gpu_status_from_heartbeats(live: Live, redis_client: redis.Redis) -> None:
     gpu = {"name": "H100", "memory_total": 80000.0, "memory_allocated": 15000.0, "memory_reserved": 16000.0}
-    _beat(redis_client, "gpu0@a", model_loaded=True, device="cuda:0", gpu=gpu, running_job=HEX_ID)
+    batch = [HEX_ID, "b" * 32, "c" * 32]
+    _beat(redis_client, "gpu0@a", model_loaded=True, device="cuda:0", gpu=gpu, running_job=HEX_ID,
+          running_jobs=batch, active_connections=3)  # fmt: skip
     _beat(redis_client, "gpu1@b", model_loaded=False, device="cuda:0", gpu={**gpu, "memory_allocated": 0.0})
     status = live.get("/api/gpu/status").json()
     assert status["worker_count"] == 2
     assert [w["worker"] for w in status["workers"]] == ["gpu0@a", "gpu1@b"]
-    assert status["model_loaded"] is True and status["active_connections"] == 1
+    assert status["model_loaded"] is True and status["active_connections"] == 3  # every job of the batch
     assert status["gpu"]["name"] == "H100"
     assert status["gpu"]["memory_total"] == 160000.0 and status["gpu"]["memory_allocated"] == 15000.0
     assert status["idle_timeout"] == 300.0

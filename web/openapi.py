@@ -259,7 +259,16 @@ SCHEMAS: dict[str, Any] = {
             "model_loaded": {"type": "boolean"},
             "device": {"type": ["string", "null"]},
             "gpu": _ref("Gpu"),
-            "running_job": {"type": ["string", "null"]},
+            "running_job": {
+                "type": ["string", "null"],
+                "description": "The first job of its batch still running.",
+            },
+            "running_jobs": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Every job of its batch.",
+            },
+            "active_connections": {"type": "integer", "description": "Running jobs (its batch's size)."},
             "progress": {"type": ["object", "null"]},
             "idle_timeout": {"type": "number"},
             "idle_deadline": {"type": ["number", "null"]},
@@ -271,7 +280,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "model_loaded": {"type": "boolean"},
-            "active_connections": {"type": "integer", "description": "Running jobs."},
+            "active_connections": {"type": "integer", "description": "Running jobs, summed over workers."},
             "idle_timeout": {"type": "number"},
             "gpu": _ref("Gpu"),
             "worker_count": {"type": "integer"},
