@@ -276,6 +276,30 @@ def test_redelivery_of_a_finished_job_does_not_rerun_it(
     assert deliveries(shared_worker, job.id, ran=True) == 1
 
 
+def test_a_job_with_complete_outputs_is_finished_without_rerunning(
+    shared: Harness, shared_worker: WorkerProcess
+) -> None:
+    source = wait_for_job(shared.jobs, shared.submit(speech_clip(1.0)).id)
+    assert source.status is JobStatus.SUCCEEDED
+    # As if a worker wrote the job's outputs and died before its final record: it is still running.
+    job = Job(params=GenerationParams().to_dict(), input_duration_s=1.0)
+    shared.blobs.put(job.id, INPUT, speech_clip(1.0))
+    for name in (OUTPUT_WAV, OUTPUT_JSON):
+        shared.blobs.put(job.id, name, shared.blobs.get(source.id, name))
+    shared.jobs.create(job)
+    assert shared.jobs.mark_running(job.id, "dead@elsewhere").attempts == 1
+    written = shared.blobs.path(job.id, OUTPUT_WAV).stat().st_mtime_ns
+
+    shared.send(job.id)  # the redelivery
+    done = wait_for_job(shared.jobs, job.id)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert (done.attempts, done.worker) == (2, shared_worker.hostname)
+    document = json.loads(shared.blobs.get(job.id, OUTPUT_JSON))
+    assert done.result["text"] == document["text"] and done.result["frames"] == len(document["frames"])
+    assert shared.blobs.path(job.id, OUTPUT_WAV).stat().st_mtime_ns == written  # not written again
+    wait_until(lambda: deliveries(shared_worker, job.id, ran=False) == 1, 20, what="the delivery")
+
+
 def test_attempts_past_the_limit_fail_the_job(shared: Harness) -> None:
     job = shared.submit(speech_clip(1.0), attempts=3)  # as if delivered 3 times already (the default max)
     done = wait_for_job(shared.jobs, job.id)
