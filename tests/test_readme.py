@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from personaplex.audio import probe
 from personaplex.settings import Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -28,3 +34,24 @@ def test_quick_start_has_the_two_commands_and_they_exist() -> None:
         assert (README.parent / command).is_file()
     ci = (README.parent / ".ci" / "run").read_text()
     assert "scripts/test.sh" in ci
+
+
+@pytest.mark.slow
+def test_the_demo_pushes_a_wav_through_the_queue(tmp_path: Path) -> None:
+    """Quick start 1 without its install step: `python -m personaplex.demo`, as scripts/demo.sh runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # it starts its own redis-server
+    demo = subprocess.run(
+        [sys.executable, "-m", "personaplex.demo", "--workdir", str(tmp_path), "--seconds", "2"],
+        cwd=README.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "started a private redis-server" in demo.stdout
+    (job_line,) = re.findall(r"^job (\w{32}) succeeded in .+ end to end$", demo.stdout, flags=re.MULTILINE)
+    output = re.search(r"output audio: (\S+)", demo.stdout)
+    assert output and job_line in output.group(1)
+    assert probe(Path(output.group(1))).duration_s == pytest.approx(2.0, abs=0.01)
+    assert '"rtf"' in demo.stdout and "noise" in demo.stdout
