@@ -37,7 +37,8 @@ EXIT_CODES_HELP = """exit codes:
   0    everything asked for was done (skipped inputs count as done)
   1    some jobs failed or were cancelled (status: the job or batch has failures)
   2    usage or input error: bad arguments, missing or unreadable input, refused by the service (4xx)
-  3    the service is unreachable or unavailable (connection refused, timeout, 502/503/504)
+  3    the service is unreachable or unavailable (connection refused, timeout, 502/503/504;
+       `workers`: no live worker)
   130  interrupted (Ctrl-C)
 
 environment:
@@ -548,9 +549,14 @@ def run_prompts(client: PersonaPlexClient, args: argparse.Namespace) -> int:
 
 
 def run_workers(client: PersonaPlexClient, args: argparse.Namespace) -> int:
+    """The live workers; none is exit 3: jobs would only wait (scripts can check before submitting)."""
     workers = client.gpu_status().get("workers", [])
-    _print(args, workers, lambda ws: "\n".join(_describe_worker(w) for w in ws) or "no live workers")
-    return EXIT_OK
+    if workers or args.json:
+        _print(args, workers, lambda ws: "\n".join(_describe_worker(w) for w in ws))
+    if workers:
+        return EXIT_OK
+    print("no live workers: queued jobs wait until one starts", file=sys.stderr)
+    return EXIT_UNREACHABLE
 
 
 def run_gpu(client: PersonaPlexClient, args: argparse.Namespace) -> int:

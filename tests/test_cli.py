@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,14 @@ def test_exit_codes_for_usage_unreachable_service_and_bad_input(inputs: Path, tm
     for command in (("voices",), ("status", "0" * 32), ("gpu",), ("workers",)):
         assert personaplex(*command, url=down).returncode == 3, command
     assert "exit codes:" in personaplex("--help", url=down).stdout
+
+
+def test_workers_without_a_live_worker_is_exit_3(start_web: Callable[..., Any]) -> None:
+    url = start_web().url
+    none = personaplex("workers", url=url)
+    assert none.returncode == 3 and "no live workers" in none.stderr
+    as_json = personaplex("workers", "--json", url=url)
+    assert as_json.returncode == 3 and json.loads(as_json.stdout) == []
 
 
 @pytest.mark.slow
