@@ -144,6 +144,18 @@ class _RowsDropped(Exception):
         self.frames = frames
 
 
+def reuses_rows(loop_rows: int, jobs: int, graphs: bool) -> bool:
+    """Whether a fast loop with `loop_rows` rows should run a batch of `jobs` (its spare rows idle).
+
+    With CUDA graphs, yes for more than half its rows: a replay at a few more rows costs far less
+    than a new capture, and the loop's memory was already held for a batch that size. Without
+    graphs an idle row is pure waste, so the rows must match.
+    """
+    if jobs == loop_rows:
+        return True
+    return graphs and loop_rows / 2 < jobs < loop_rows
+
+
 class Engine:
     """PersonaPlex on torch + transformers; thread-safe, one job at a time."""
 
@@ -505,13 +517,18 @@ class Engine:
         )
 
     def _fast_loop(self, models: LoadedModels, plans: list):
-        """A FastLoop holding `plans`: the last one if they fit it, else a new one (capacities rounded up)."""
+        """A FastLoop holding `plans`: the last one if they fit it, else a new one (capacities rounded up).
+
+        See `reuses_rows` for when a loop with more rows than jobs is reused.
+        """
         from personaplex.fast import FastLoop
 
         assert self._info is not None
-        if self._fast is not None and self._fast.fits(plans):
-            self._fast.load(plans)
-            return self._fast
+        loop = self._fast
+        graphs = models.device.type == "cuda"
+        if loop is not None and loop.fits(plans) and reuses_rows(loop.batch, len(plans), graphs):
+            loop.load(plans)
+            return loop
         self._fast = None
         frames = -(-max(len(p) for p in plans) // FAST_FRAMES_BUCKET) * FAST_FRAMES_BUCKET
         replay = -(-max(p.replay_frames for p in plans) // FAST_REPLAY_BUCKET) * FAST_REPLAY_BUCKET
@@ -519,7 +536,7 @@ class Engine:
             models,
             plans,
             self._info.lm.delays,
-            capture=models.device.type == "cuda",
+            capture=graphs,
             frames=frames,
             replay_frames=replay,
             sampling=True,

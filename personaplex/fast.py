@@ -248,8 +248,9 @@ def _layer(module: torch.nn.Module, step: int | None = None) -> _Layer:
 class FastLoop:
     """B jobs stepped together, one frame per call; static buffers, optional CUDA graph capture.
 
-    `frames`, `replay_frames`, `topk_text` and `topk_audio` are capacities (default: what `plans`
-    need); a loop can be `load`ed again with other plans that fit them, reusing its graphs.
+    `batch`, `frames`, `replay_frames`, `topk_text` and `topk_audio` are capacities (default: what
+    `plans` need); a loop can be `load`ed again with other plans that fit them, reusing its graphs.
+    Fewer plans than `batch` leave the last rows empty: they idle through every step (length 0).
     """
 
     def __init__(
@@ -261,13 +262,14 @@ class FastLoop:
         frames: int | None = None,
         replay_frames: int | None = None,
         sampling: bool | None = None,
+        batch: int | None = None,
     ) -> None:
         self.models = models
         moshi = models.moshi
         config = moshi.config
         device, dtype = models.device, models.dtype
         self.device, self.dtype = device, dtype
-        B = self.batch = len(plans)
+        B = self.batch = max(batch or 0, len(plans))
         self.frames = T = max(frames or 0, *(len(p) for p in plans))
         self.replay = N = max(replay_frames or 0, *(p.replay_frames for p in plans))
         self.delays_list = list(delays)
@@ -369,7 +371,7 @@ class FastLoop:
     def fits(self, plans: Sequence[JobPlan]) -> bool:
         """Whether `plans` can be loaded into this loop (and its graphs) as it is."""
         return (
-            len(plans) == self.batch
+            0 < len(plans) <= self.batch
             and all(len(p) <= self.frames and p.replay_frames <= self.replay for p in plans)
             and all(min(p.sampling.topk_text, self.text_vocab) <= self.topk_text for p in plans)
             and all(min(p.sampling.topk_audio, self.audio_vocab) <= self.topk_audio for p in plans)
@@ -389,6 +391,7 @@ class FastLoop:
         self.s_embeddings.zero_()
         self.s_cache.copy_(self.initial[None, :, None].expand_as(self.s_cache))
         self.cache_at.fill_(-1)
+        self._idle_settings()
         inf = float("inf")
         for b, plan in enumerate(plans):
             n = len(plan)
@@ -411,8 +414,17 @@ class FastLoop:
             index = torch.arange(AUDIO_STREAMS, device=self.device)[:, None] * ka + cols[None]
             index = torch.where(cols[None] < ka, index, AUDIO_STREAMS * self.topk_audio)
             self.audio_noise_index[b] = index.flatten()
-        self.length.copy_(torch.tensor([len(p) for p in plans]))
-        self.replay_length.copy_(torch.tensor([p.replay_frames for p in plans]))
+        empty = [0] * (self.batch - len(plans))
+        self.length.copy_(torch.tensor([len(p) for p in plans] + empty))
+        self.replay_length.copy_(torch.tensor([p.replay_frames for p in plans] + empty))
+
+    def _idle_settings(self) -> None:
+        """Sampling settings for rows without a job: greedy, and noise that is never drawn."""
+        self.temp_text.fill_(1.0)
+        self.temp_audio.fill_(1.0)
+        self.greedy_text.fill_(True)
+        self.greedy_audio.fill_(True)
+        self.audio_noise_index.fill_(AUDIO_STREAMS * self.topk_audio)  # the +inf column
 
     def _row_topk(self, plan: JobPlan) -> tuple[int, int]:
         s = plan.sampling

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from personaplex import audio as audio_io  # noqa: E402
 from personaplex import codec  # noqa: E402
-from personaplex.engine import Engine  # noqa: E402
+from personaplex.engine import Engine, reuses_rows  # noqa: E402
 from personaplex.fast import FastLoop, JobPlan  # noqa: E402
 from personaplex.params import SAMPLE_RATE, GenerationParams  # noqa: E402
 
@@ -207,6 +207,39 @@ def test_batched_rows_equal_each_job_alone(
     # batch position, beside other jobs, gives the same tokens.
     swapped = _run(fast, [_plan(fast, s, p) for s, p in reversed(jobs[1:])])
     assert swapped[::-1] == batched[1:]
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded"])
+def test_a_loop_with_more_rows_than_jobs_leaves_the_rest_idle(
+    engines: tuple[Engine, Engine], samples: np.ndarray, voice_wav: str, greedy: bool
+) -> None:
+    """What lets one captured loop serve every batch size up to its own: rows without a job idle."""
+    _, fast = engines
+    models = fast._models
+    assert models is not None and fast._info is not None
+    jobs = _jobs(samples, voice_wav, greedy)
+    alone = [_run(fast, [_plan(fast, s, p)])[0] for s, p in jobs]
+    plans = [_plan(fast, s, p) for s, p in jobs]
+    capacity = {"frames": max(len(p) for p in plans), "replay_frames": max(p.replay_frames for p in plans)}
+    loop = FastLoop(models, plans[:1], fast._info.lm.delays, batch=4, **capacity)
+    assert loop.batch == 4 and loop.fits(plans) and loop.fits(plans[1:3])
+    loop.run(loop.frames)
+    assert [r.tolist() for r in loop.results()] == alone[:1]
+    for chosen in ([0, 1, 2, 3], [3, 1]):  # a full batch, then fewer jobs than rows again
+        loop.load([_plan(fast, *jobs[i]) for i in chosen])
+        loop.run(loop.frames)
+        assert [r.tolist() for r in loop.results()] == [alone[i] for i in chosen]
+    assert not loop.fits(plans + plans[:1])  # more jobs than rows
+
+
+@pytest.mark.parametrize(
+    ("loop_rows", "jobs", "graphs", "reused"),
+    [(8, 8, False, True), (8, 5, True, True), (8, 4, True, False), (8, 5, False, False), (4, 8, True, False)],
+)
+def test_a_captured_loop_is_reused_for_smaller_batches_down_to_half(
+    loop_rows: int, jobs: int, graphs: bool, reused: bool
+) -> None:
+    assert reuses_rows(loop_rows, jobs, graphs) is reused
 
 
 def test_plans_start_with_prompt_frames(engines: tuple[Engine, Engine], samples: np.ndarray) -> None:
