@@ -16,7 +16,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -175,6 +175,32 @@ return 1
 """
 
 
+# KEYS: index zset, queued zset, then each job's hash. ARGV: queue limit ('' = none), queued jobs
+# among them, then per job: id, created_at, '1' if queued, field count, field/value pairs.
+# Writes every job, or none when the queued ones would not fit; returns -1, or the queue's length.
+_CREATE_LUA = """
+local queued = redis.call('ZCARD', KEYS[2])
+if ARGV[1] ~= '' and queued + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return queued end
+local i = 3
+for j = 3, #KEYS do
+  local fields = tonumber(ARGV[i + 3])
+  redis.call('HSET', KEYS[j], unpack(ARGV, i + 4, i + 3 + 2 * fields))
+  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+  if ARGV[i + 2] == '1' then redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i]) end
+  i = i + 4 + 2 * fields
+end
+return -1
+"""
+
+
+class QueueFullError(Exception):
+    """The queue had no room for the jobs: nothing was written."""
+
+    def __init__(self, queued: int, incoming: int, limit: int) -> None:
+        super().__init__(f"The queue holds {queued} jobs (limit {limit}); {incoming} more do not fit.")
+        self.queued, self.incoming, self.limit = queued, incoming, limit
+
+
 # KEYS: lease. ARGV: owner, ttl ms ('0' = release). Changes the lease only if `owner` holds it.
 _LEASE_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -191,20 +217,34 @@ class JobStore:
         self.retention_s = retention_s
         self._transition = redis_client.register_script(_TRANSITION_LUA)
         self._lease = redis_client.register_script(_LEASE_LUA)
+        self._create = redis_client.register_script(_CREATE_LUA)
 
     # -- records -------------------------------------------------------------------------------
 
-    def create(self, job: Job) -> Job:
-        """Store a new queued job, index it and publish "queued"."""
-        check_job_id(job.id)
-        pipe = self.redis.pipeline()
-        pipe.hset(Keys.job(job.id), mapping=job.to_hash())
-        pipe.zadd(Keys.INDEX, {job.id: job.created_at})
-        if job.status is JobStatus.QUEUED:
-            pipe.zadd(Keys.QUEUED, {job.id: job.created_at})
-        pipe.execute()
-        self.publish(job.id, {"type": "queued", "status": job.status.value})
+    def create(self, job: Job, queue_limit: int | None = None) -> Job:
+        """Store a new queued job, index it and publish "queued" (QueueFullError past `queue_limit`)."""
+        self.create_many([job], queue_limit)
         return job
+
+    def create_many(self, jobs: Sequence[Job], queue_limit: int | None = None) -> None:
+        """Store every job, or none if the queued ones would take the queue past `queue_limit`.
+
+        The room check and the writes are one script, so requests arriving together cannot pass the
+        limit between them.
+        """
+        args: list[str | float] = []
+        for job in jobs:
+            record = job.to_hash()
+            args += [check_job_id(job.id), job.created_at, int(job.status is JobStatus.QUEUED), len(record)]
+            args += [item for pair in record.items() for item in pair]
+        incoming = sum(job.status is JobStatus.QUEUED for job in jobs)
+        limit = "" if queue_limit is None else queue_limit
+        keys = [Keys.INDEX, Keys.QUEUED, *(Keys.job(job.id) for job in jobs)]
+        queued = int(self._create(keys=keys, args=[limit, incoming, *args]))
+        if queued >= 0:
+            raise QueueFullError(queued, incoming, int(limit))
+        for job in jobs:
+            self.publish(job.id, {"type": "queued", "status": job.status.value})
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None if the id is malformed, unknown or expired."""

@@ -15,6 +15,7 @@ from personaplex.jobs import (
     JobStatus,
     JobStore,
     Keys,
+    QueueFullError,
     WorkerRegistry,
     check_job_id,
     is_valid_job_id,
@@ -26,6 +27,18 @@ from personaplex.params import GenerationParams
 def make_job(store: JobStore, **fields: object) -> Job:
     job = Job(params=GenerationParams().to_dict(), input_name="talk.wav", input_duration_s=2.0, **fields)
     return store.create(job)
+
+
+def test_create_many_writes_every_job_or_none(job_store: JobStore) -> None:
+    make_job(job_store)
+    pair = [Job(params=GenerationParams().to_dict()) for _ in range(2)]
+    with pytest.raises(QueueFullError) as full:
+        job_store.create_many(pair, queue_limit=2)
+    assert (full.value.queued, full.value.incoming, full.value.limit) == (1, 2, 2)
+    assert job_store.get_many(j.id for j in pair) == [] and job_store.queue_length() == 1
+    job_store.create_many(pair, queue_limit=3)
+    assert job_store.queue_length() == 3
+    assert {j.id for j in pair} <= {j.id for j in job_store.list_recent(status="queued")}
 
 
 @pytest.fixture

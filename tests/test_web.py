@@ -10,8 +10,10 @@ import io
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +281,23 @@ def test_queue_full_answers_429_with_retry_after(serve: Callable[..., Live], cli
     assert response.status_code == 429
     assert int(response.headers["Retry-After"]) >= 1
     assert response.json()["queue_length"] == 2
+
+
+def test_the_queue_limit_holds_under_concurrent_submissions(serve: Callable[..., Live], clip: bytes) -> None:
+    """Room is checked and the job written in one step: 16 requests at once cannot pass a limit of 3."""
+    live = serve(max_queue=3)
+    barrier = threading.Barrier(16)
+
+    def submit(_: int) -> int:
+        barrier.wait()
+        return live.submit(clip).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = sorted(pool.map(submit, range(16)))
+    assert codes == [202] * 3 + [429] * 13
+    assert live.jobs.queue_length() == 3
+    stored = [p.name for p in (live.blobs.root / "jobs").iterdir()]
+    assert sorted(stored) == sorted(j.id for j in live.jobs.list_recent())  # no input left by a refusal
 
 
 def test_failed_enqueue_keeps_the_job_as_failed(live: Live, clip: bytes) -> None:

@@ -32,7 +32,7 @@ from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV
 from web.api_jobs import revoke_quietly
 from web.errors import ApiError
 from web.services import Services, services
-from web.submit import accept, check_capacity, job_urls, new_job
+from web.submit import check_capacity, enqueue, job_urls, new_job, store_jobs
 from web.validation import PARAM_FIELDS, Upload, check_audio, parse_params, safe_input_name
 
 log = logging.getLogger(__name__)
@@ -318,17 +318,27 @@ def queue_batch(svc: Services, uploads: list[Upload]) -> Batch:
         jobs.append(job)
     batch.inputs = [BatchInput(u.input_name, j.id) for u, j in zip(uploads, jobs, strict=True)]
     svc.batches.create(batch)
+    try:
+        store_jobs(svc, jobs, uploads)
+    except Exception:
+        svc.batches.delete(batch.id)
+        raise
     queued: list[str] = []
     try:
-        for upload, job in zip(uploads, jobs, strict=True):
-            accept(svc, upload, job, check=False)
+        for job in jobs:
+            enqueue(svc, job.id)
             queued.append(job.id)
     except Exception:
-        log.error("Batch %s failed after %d of %d jobs; cancelling those", batch.id, len(queued), len(jobs))
-        for job_id in queued:
-            svc.jobs.request_cancel(job_id)
+        # Every record exists, but not every message: cancel them all (a queued job without a
+        # message would wait forever) and drop the messages already sent.
+        log.error("Batch %s failed after %d of %d jobs; cancelling them", batch.id, len(queued), len(jobs))
+        try:
+            for job in jobs:
+                svc.jobs.request_cancel(job.id)
+            svc.batches.delete(batch.id)
+        except Exception as exc:  # Redis itself is down: the client's error says so already
+            log.error("Could not cancel the jobs of batch %s: %s", batch.id, exc)
         revoke_quietly(svc, queued)
-        svc.batches.delete(batch.id)
         raise
     return batch
 

@@ -11,7 +11,7 @@ import math
 
 from flask import url_for
 
-from personaplex.jobs import Job
+from personaplex.jobs import Job, QueueFullError
 from personaplex.storage import INPUT
 from web.errors import ApiError
 from web.services import Services
@@ -28,18 +28,46 @@ RETRY_AFTER_PER_JOB_S = 5
 
 
 def check_capacity(svc: Services, incoming: int = 1) -> None:
-    """429 with Retry-After when the queue has no room for `incoming` more jobs."""
+    """429 with Retry-After when the queue has no room for `incoming` more jobs.
+
+    An early answer, before any blob is stored; `store_jobs` checks again as it writes the jobs.
+    """
     queued = svc.jobs.queue_length()
-    limit = svc.settings.max_queue
-    if queued + incoming > limit:
-        retry_after = max(1, min(3600, math.ceil(RETRY_AFTER_PER_JOB_S * (queued + incoming - limit))))
-        room = f"; {incoming} jobs were sent" if incoming > 1 else ""
-        raise ApiError(
-            429,
-            f"The queue is full ({queued} jobs waiting, limit {limit}{room}); retry later.",
-            headers={"Retry-After": str(retry_after)},
-            queue_length=queued,
-        )
+    if queued + incoming > svc.settings.max_queue:
+        raise queue_full(QueueFullError(queued, incoming, svc.settings.max_queue))
+
+
+def queue_full(full: QueueFullError) -> ApiError:
+    """The 429 for a full queue, with a Retry-After that grows with the overflow."""
+    overflow = full.queued + full.incoming - full.limit
+    retry_after = max(1, min(3600, math.ceil(RETRY_AFTER_PER_JOB_S * overflow)))
+    sent = f"; {full.incoming} jobs were sent" if full.incoming > 1 else ""
+    return ApiError(
+        429,
+        f"The queue is full ({full.queued} jobs waiting, limit {full.limit}{sent}); retry later.",
+        headers={"Retry-After": str(retry_after)},
+        queue_length=full.queued,
+    )
+
+
+def store_jobs(svc: Services, jobs: list[Job], uploads: list[Upload]) -> None:
+    """Store the inputs, then write the queued records at once if the queue has room (429 if not).
+
+    Either every job is written or none is, and a refused job's input is deleted again.
+    """
+    stored: list[str] = []
+    try:
+        for job, upload in zip(jobs, uploads, strict=True):
+            svc.blobs.put(job.id, INPUT, upload.data)
+            stored.append(job.id)
+        svc.jobs.create_many(jobs, svc.settings.max_queue)
+    except Exception as exc:
+        for job_id in stored:  # no record was written: the client gets an error, nothing is orphaned
+            svc.blobs.delete(job_id)
+        if isinstance(exc, QueueFullError):
+            raise queue_full(exc) from exc
+        raise
+    _cleanup_quietly(svc)
 
 
 def new_job(upload: Upload) -> Job:
@@ -51,22 +79,12 @@ def new_job(upload: Upload) -> Job:
     )
 
 
-def accept(svc: Services, upload: Upload, job: Job | None = None, *, check: bool = True) -> Job:
-    """Store and enqueue a validated upload (as `job` if given); returns the queued job.
-
-    `check=False` skips the queue check, for a caller that checked room for several jobs at once.
-    """
-    if check:
-        check_capacity(svc)
+def accept(svc: Services, upload: Upload, job: Job | None = None) -> Job:
+    """Store and enqueue a validated upload (as `job` if given); returns the queued job."""
+    check_capacity(svc)
     job = job or new_job(upload)
-    svc.blobs.put(job.id, INPUT, upload.data)
-    try:
-        svc.jobs.create(job)
-    except Exception:
-        svc.blobs.delete(job.id)  # no record was written: the client gets an error, nothing is orphaned
-        raise
+    store_jobs(svc, [job], [upload])
     enqueue(svc, job.id)
-    _cleanup_quietly(svc)
     return job
 
 
