@@ -14,7 +14,7 @@ import pytest
 import redis
 import requests
 import soundfile
-from fixtures import SPEECH_40S, speech_clip, wait_until
+from fixtures import SPEECH_40S, free_port, speech_clip, wait_until
 
 from personaplex.audio import encode_wav, load, probe
 from personaplex.batches import Batch, BatchInput, BatchKeys, BatchStore, output_stems, unique_names
@@ -280,6 +280,21 @@ def test_a_zip_with_folders_and_colliding_stems(live_service: str, clips: list[b
     _, archive = _archive(live_service, body["batch_id"])
     names = set(archive.namelist())
     assert {"set_a.wav", "set_a.json", "set_a-2.wav", "set_a-2.json", "other_a.wav", "other_a.json"} <= names
+
+
+def test_a_batch_whose_messages_cannot_be_sent_leaves_no_job_waiting(
+    start_web: Callable[..., ServerThread], clips: list[bytes]
+) -> None:
+    from celery import Celery
+
+    server = start_web()
+    dead_broker = Celery("dead", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
+    server.app.extensions["personaplex"]._celery = dead_broker  # Redis is up, the broker is not
+    response = _post(server.url, [("files", (f"c{i}.wav", clips[i])) for i in range(3)])
+    assert response.status_code == 503 and "enqueue" in response.json()["error"]
+    jobs = requests.get(f"{server.url}/api/jobs", timeout=10).json()["jobs"]
+    # The first send failed that job; the others, written but never sent, were cancelled.
+    assert sorted(j["status"] for j in jobs) == ["cancelled", "cancelled", "failed"]
 
 
 @pytest.mark.slow
