@@ -55,6 +55,10 @@ def _open(source: AudioSource) -> sf.SoundFile:
         raise AudioError(f"Could not decode the audio ({reason}). Send WAV, FLAC or OGG audio.") from exc
 
 
+RIFF_FORMATS = frozenset({"WAV", "WAVEX"})
+"""libsndfile's names for RIFF/WAVE files, whose data chunk probe checks against the file size."""
+
+
 def probe(source: AudioSource, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> AudioInfo:
     """Read the header only and check the duration; raises AudioError on anything unusable."""
     header = source[:65536] if isinstance(source, bytes) else _head(source)
@@ -67,7 +71,7 @@ def probe(source: AudioSource, max_seconds: float | None = DEFAULT_MAX_SECONDS) 
             format=f.format,
         )
     _check_duration(info.frames, info.duration_s, max_seconds)
-    if info.format.upper() == "WAV":
+    if info.format.upper() in RIFF_FORMATS:
         size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
         _check_wav_complete(header, size)
     return info
@@ -124,7 +128,7 @@ def check_decodes(source: AudioSource) -> None:
     needs no decode: probe compares its data chunk with the file size.
     """
     with _open(source) as f:
-        if f.format.upper() == "WAV":
+        if f.format.upper() in RIFF_FORMATS:
             return
         decoded = 0
         try:

@@ -221,9 +221,9 @@ class JobStore:
 
     # -- records -------------------------------------------------------------------------------
 
-    def create(self, job: Job, queue_limit: int | None = None) -> Job:
-        """Store a new queued job, index it and publish "queued" (QueueFullError past `queue_limit`)."""
-        self.create_many([job], queue_limit)
+    def create(self, job: Job) -> Job:
+        """Store a new queued job, index it and publish "queued"."""
+        self.create_many([job])
         return job
 
     def create_many(self, jobs: Sequence[Job], queue_limit: int | None = None) -> None:
@@ -392,8 +392,8 @@ class JobStore:
 
     # -- run leases ------------------------------------------------------------------------------
     # A job outliving the visibility timeout is redelivered while its first worker still runs it.
-    # The lease (owner token with a TTL the running worker keeps refreshing) makes the second delivery
-    # wait instead of running the job twice at once; a dead owner's lease simply expires.
+    # The lease (owner token with a TTL the running worker keeps refreshing) sends the second delivery
+    # away to come back later instead of running the job twice at once; a dead owner's lease expires.
 
     def acquire_lease(self, job_id: str, owner: str, ttl_s: float) -> bool:
         """Take the job's run lease if nobody holds it."""

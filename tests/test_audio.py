@@ -133,6 +133,13 @@ def test_truncated_wav_is_refused() -> None:
     assert len(audio.load(data)) == SAMPLE_RATE
 
 
+def test_truncated_wavex_is_refused() -> None:
+    data = _encode(_tone(1.0, SAMPLE_RATE), SAMPLE_RATE, "WAVEX", "PCM_16")
+    assert audio.probe(data).format == "WAVEX"
+    with pytest.raises(AudioError, match="truncated"):
+        audio.probe(data[: len(data) // 2])
+
+
 def test_truncated_flac_is_refused() -> None:
     data = _encode(_tone(1.0, SAMPLE_RATE), SAMPLE_RATE, "FLAC")
     audio.check_decodes(data)  # whole: decodes to its end

@@ -188,6 +188,20 @@ def test_api_key_guards_every_api_route(serve: Callable[..., Live], clip: bytes)
     ws.close()
 
 
+def test_access_log_records_keep_their_shape_with_the_key_masked() -> None:
+    from web.auth import MASK_ACCESS_TOKEN
+
+    def record(msg: str, args: object) -> logging.LogRecord:
+        return logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, msg, args, None)  # type: ignore[arg-type]
+
+    gunicorn = record('%(h)s "%(r)s"', {"h": "10.0.0.1", "r": f"GET /x?access_token={API_KEY}&a=1 HTTP/1.1"})
+    assert MASK_ACCESS_TOKEN.filter(gunicorn) and isinstance(gunicorn.args, dict)
+    assert gunicorn.getMessage() == '10.0.0.1 "GET /x?access_token=***&a=1 HTTP/1.1"'
+    werkzeug = record('"%s" %s %s', (f"GET /ws?access_token={API_KEY} HTTP/1.1", "101", "-"))
+    assert MASK_ACCESS_TOKEN.filter(werkzeug)
+    assert werkzeug.getMessage() == '"GET /ws?access_token=*** HTTP/1.1" 101 -'
+
+
 def test_events_socket_refuses_a_missing_key_and_takes_access_token(
     serve: Callable[..., Live], clip: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:

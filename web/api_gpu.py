@@ -49,20 +49,13 @@ def fleet(svc: Services) -> list[dict[str, Any]]:
     return [records[name] for name in sorted(records, key=str)]
 
 
-def _running_jobs(worker: dict[str, Any]) -> int:
-    """Jobs the worker runs now: every job of its batch (a record without the count: its one job)."""
-    if "active_connections" in worker:
-        return int(worker["active_connections"] or 0)
-    return 1 if worker.get("running_job") else 0
-
-
 def summarize(workers: list[dict[str, Any]], idle_timeout: float) -> dict[str, Any]:
     """The seed's single-GPU fields, computed over the fleet (memory summed over workers)."""
     gpus = [w.get("gpu") or {} for w in workers]
     names = sorted({g["name"] for g in gpus if g.get("name")})
     return {
         "model_loaded": any(bool(w.get("model_loaded")) for w in workers),
-        "active_connections": sum(_running_jobs(w) for w in workers),
+        "active_connections": sum(int(w.get("active_connections") or 0) for w in workers),
         "idle_timeout": idle_timeout,
         "gpu": {
             "name": ", ".join(names) or None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+from collections.abc import Mapping
 
 from flask import Flask, request
 
@@ -22,15 +23,26 @@ ACCESS_LOGGERS = ("werkzeug", "gunicorn.access")
 
 
 class MaskAccessToken(logging.Filter):
-    """Replaces the value of any `access_token=` query parameter in a log line with `***`."""
+    """Replaces the value of any `access_token=` query parameter in a log record with `***`.
+
+    The record keeps its shape (message template, then a tuple or, for gunicorn's access log, a
+    mapping of arguments), so formatters that read the arguments still find them.
+    """
 
     PATTERN = re.compile(r"(access_token=)[^&\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "access_token=" in message:
-            record.msg, record.args = self.PATTERN.sub(r"\1***", message), ()
+        record.msg = self._mask(record.msg)
+        if isinstance(record.args, Mapping):
+            record.args = {key: self._mask(value) for key, value in record.args.items()}
+        elif isinstance(record.args, tuple):
+            record.args = tuple(self._mask(value) for value in record.args)
         return True
+
+    def _mask(self, value: object) -> object:
+        if isinstance(value, str) and "access_token=" in value:
+            return self.PATTERN.sub(r"\1***", value)
+        return value
 
 
 MASK_ACCESS_TOKEN = MaskAccessToken()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 
 from worker.celery_app import app
 from worker.config import TASK_NAME
@@ -18,5 +19,11 @@ def process_audio(self: Task, job_id: str) -> dict[str, Any]:
     worker = self.request.hostname or "unknown"
     outcome = JobRunner(get_runtime(), job_id, worker).run()
     if outcome.retry_in is not None:  # another worker runs it now: this slot is free meanwhile
-        raise self.retry(countdown=outcome.retry_in)
+        try:
+            retry = self.retry(countdown=outcome.retry_in, throw=False)
+        except Exception as exc:
+            # The new message was not published (Celery then rejects this one without requeueing):
+            # the job would have no message left if its worker died. Put this one back instead.
+            raise Reject(exc, requeue=True) from exc
+        raise retry
     return outcome.to_dict()
