@@ -455,12 +455,12 @@ class JobStore:
         return ids
 
 
+# KEYS: the set of worker names, then each named worker's heartbeat key; ARGV: the names. Returns the
+# live records and drops the names whose heartbeat has expired, in one step (no beat slips between).
 _LIVE_WORKERS_LUA = """
--- KEYS[1]: the set of worker names; ARGV[1]: the heartbeat key prefix. Returns the live records
--- and drops the names whose heartbeat has expired, in one step (a beat cannot slip in between).
 local records = {}
-for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local record = redis.call('GET', ARGV[1] .. name)
+for i, name in ipairs(ARGV) do
+  local record = redis.call('GET', KEYS[i + 1])
   if record then
     table.insert(records, record)
   else
@@ -474,7 +474,7 @@ return records
 class WorkerRegistry:
     """Worker heartbeats: each live worker keeps a JSON record with a TTL; a dead one drops out.
 
-    A set names the workers, so reading the fleet costs one round trip and never scans the keyspace
+    A set names the workers, so reading the fleet costs two round trips and never scans the keyspace
     (which holds every job's keys too).
     """
 
@@ -497,5 +497,8 @@ class WorkerRegistry:
 
     def live(self) -> list[dict[str, Any]]:
         """Every worker whose heartbeat has not expired, sorted by name."""
-        records = [json.loads(v) for v in self._live(keys=[Keys.WORKERS], args=[Keys.worker("")])]
-        return sorted(records, key=lambda record: record["worker"])
+        names = sorted(_text(name) for name in self.redis.smembers(Keys.WORKERS))
+        if not names:
+            return []
+        records = self._live(keys=[Keys.WORKERS, *map(Keys.worker, names)], args=names)
+        return sorted((json.loads(v) for v in records), key=lambda record: record["worker"])
