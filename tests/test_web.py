@@ -549,6 +549,30 @@ def test_job_record_round_trips_through_the_api(live: Live, clip: bytes) -> None
 # -- end to end: a real `celery -A worker worker` subprocess on the tiny model ------------------------
 
 
+@pytest.mark.slow
+def test_a_redis_restart_with_a_live_worker_shows_in_health_and_the_service_recovers(
+    serve: Callable[..., Live], start_worker: Callable[..., Any], redis_server: RedisServer, speech: Any
+) -> None:
+    live = serve()
+    start_worker("gpu0")
+    wait_until(lambda: live.get("/health").json()["status"] == "healthy", 30, what="the worker's heartbeat")
+    redis_server.stop()  # no persistence: the queue, the records and the heartbeats are gone
+    try:
+        started = time.monotonic()
+        down = live.get("/health")
+        assert down.status_code == 503 and time.monotonic() - started < 2.0
+        assert down.json()["status"] == "unhealthy"
+        time.sleep(1.0)  # the worker's connection breaks too
+    finally:
+        redis_server.start()
+    wait_until(lambda: live.get("/health").json()["status"] == "healthy", 30, what="the worker to beat again")
+    job_id = _queued(live, encode_wav(speech[:24000], 24000, subtype="PCM_16"))
+    done = wait_until(
+        lambda: (j := live.get(f"/api/jobs/{job_id}").json())["status"] == "succeeded" and j, 60
+    )
+    assert done["worker"] == "gpu0@test"
+
+
 def _wav_seconds(data: bytes) -> float:
     from personaplex.audio import probe
 
