@@ -621,13 +621,12 @@ def test_end_to_end_with_a_real_worker(
 
 @pytest.mark.slow
 def test_status_offload_and_cancel_while_a_real_worker_runs_a_job(
-    serve: Callable[..., Live], start_worker: Callable[..., Any], speech: Any
+    serve: Callable[..., Live], start_worker: Callable[..., Any]
 ) -> None:
     live = serve(max_audio_seconds=600.0, max_upload_mb=64.0)
     start_worker("gpu0")
-    job_id = _queued(
-        live, speech_clip(300.0)
-    )  # seconds of work even on a fast CPU: it is still running below
+    # Seconds of work even on a fast CPU: the job is still running below.
+    job_id = _queued(live, speech_clip(300.0))
     ws = live.ws(job_id)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
