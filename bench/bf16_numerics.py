@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from engine import CapturedBench, _input, build_random_engine, logit_difference, recorded_logits
 
-from personaplex import frames, loaders
+from personaplex import frames
 from personaplex.audio import encode_wav
 from personaplex.checkpoint import LMConfig
 from personaplex.fast import FastLoop
@@ -35,24 +35,19 @@ def first_frame_logits(
 ) -> list[torch.Tensor]:
     """Text logits, then the first depth step's, of the first generated frame (greedy)."""
     device = torch.device("cpu")
-    original = loaders.lm_dtype_for
-    loaders.lm_dtype_for = lambda _device: dtype  # build_random_engine reads the LM dtype from here
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.manual_seed(0)  # the random voice prompt comes from the global generator
-            engine = build_random_engine(device, Path(tmp), lm)
-            engine.load()
-            greedy = GenerationParams(greedy=True)
-            if fast:
-                with recorded_logits(FastLoop, "_sample", 1) as seen:
-                    CapturedBench(engine, device, graphs=False).tokens([(samples, greedy)])
-            else:
-                engine.captured = False
-                with recorded_logits(frames, "sample", 0) as seen:
-                    engine.process(encode_wav(samples), greedy)
-            return seen
-    finally:
-        loaders.lm_dtype_for = original
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)  # the random voice prompt comes from the global generator
+        engine = build_random_engine(device, Path(tmp), lm, dtype)
+        engine.load()
+        greedy = GenerationParams(greedy=True)
+        if fast:
+            with recorded_logits(FastLoop, "_sample", 1) as seen:
+                CapturedBench(engine, device, graphs=False).tokens([(samples, greedy)])
+        else:
+            engine.captured = False
+            with recorded_logits(frames, "sample", 0) as seen:
+                engine.process(encode_wav(samples), greedy)
+        return seen
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,8 +54,12 @@ SMALL_LM = LMConfig(
 """The real structure at a size a CPU can run: a smoke test of the `real` path."""
 
 
-def build_random_engine(device: torch.device, workdir: Path, lm: LMConfig | None = None) -> Engine:
-    """Real-size modules, random weights, a random catalog voice and the tiny tokenizer."""
+def build_random_engine(
+    device: torch.device, workdir: Path, lm: LMConfig | None = None, dtype: torch.dtype | None = None
+) -> Engine:
+    """Real-size modules, random weights, a random catalog voice and the tiny tokenizer.
+
+    `dtype`: the LM's (default: what the service uses on `device`, bf16 on CUDA, fp32 on a CPU)."""
     from accelerate import init_empty_weights
     from transformers import MimiModel, MoshiForConditionalGeneration
 
@@ -66,7 +70,7 @@ def build_random_engine(device: torch.device, workdir: Path, lm: LMConfig | None
     lm, mimi_spec = lm or LMConfig(), MimiSpec()
     config = moshi_config(lm, mimi_spec)
     config._attn_implementation = "sdpa"
-    dtype = lm_dtype_for(device)
+    dtype = dtype or lm_dtype_for(device)
     with init_empty_weights():
         moshi = MoshiForConditionalGeneration(config)
     moshi.audio_encoder = None

@@ -62,7 +62,6 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def build_loop(dtype: torch.dtype, batch: int):
     import bench.engine as bench_engine
-    import personaplex.loaders as loaders
     from personaplex.checkpoint import LMConfig
     from personaplex.fast import FastLoop
     from personaplex.params import GenerationParams
@@ -76,10 +75,9 @@ def build_loop(dtype: torch.dtype, batch: int):
         depformer_dim_feedforward=96,
         depformer_num_layers=6,
     )
-    loaders.lm_dtype_for = lambda device: dtype  # type: ignore[assignment]
     tmp = Path(tempfile.mkdtemp())
     atexit.register(shutil.rmtree, tmp, True)
-    engine = bench_engine.build_random_engine(torch.device("cpu"), tmp, lm)
+    engine = bench_engine.build_random_engine(torch.device("cpu"), tmp, lm, dtype)
     bench = bench_engine.CapturedBench(engine, torch.device("cpu"), graphs=False)
     samples = bench_engine._input(1.0)
     plans, _ = bench.plans([samples] * batch, [GenerationParams(seed=1 + b) for b in range(batch)])
