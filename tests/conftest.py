@@ -3,7 +3,7 @@
 Sections (add new fixtures to the section they belong to, or start a new one):
   1. Redis: `redis_server` (session; .url, .stop(), .start()), `redis_client` (flushed per test)
   2. Settings and stores: `settings`, `job_store`, `blob_store`; `start_web` (factory: web server thread)
-  3. Engine on the tiny model: `shared_dir`, `tiny_checkpoint` (session), `tiny_engine` (session)
+  3. Engine on the tiny model: `tiny_checkpoint` (session), `tiny_engine` (session)
   4. Audio: `speech_wav` (path of 20 s of real speech)
   5. Workers: `worker_env` (env for a worker subprocess), `start_worker` (factory; all stopped after)
   6. The whole service stack: `live_service` (module; base URL of web + worker + its own Redis)
@@ -96,16 +96,6 @@ def start_web(
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The shared test data beside the repository root (golden vectors, speech recordings)."""
-    from fixtures import SHARED_DIR
-
-    if not SHARED_DIR.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DIR} (expected beside the repository root)")
-    return SHARED_DIR
-
-
-@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random checkpoint (personaplex.tiny, seed 0) in the real hub layout, written once."""
     from personaplex.tiny import write_tiny_checkpoint
@@ -140,9 +130,7 @@ def tiny_engine(tiny_checkpoint: Path, torch_single_thread: None):
 
 @pytest.fixture(scope="session")
 def speech_wav() -> Path:
-    """20 s of real English speech (shared/testdata, laid beside the repository by CI)."""
-    if not SPEECH_20S.is_file():
-        pytest.fail(f"test data missing: {SPEECH_20S} (the shared/ directory belongs beside the repo)")
+    """20 s of real English speech (tests/data/recordings)."""
     return SPEECH_20S
 
 

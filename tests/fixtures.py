@@ -1,7 +1,7 @@
 """Helpers behind the fixtures in conftest.py: real processes, no mocks.
 
 - `RedisServer`: a private `redis-server` on a free loopback port that a test can stop and start.
-- Paths to the shared test data (the `shared/` directory beside the repository root) and
+- Paths to the test data the repository carries (tests/data: real speech, golden vectors) and
   `speech_clip(seconds)`, real speech of any length as WAV bytes.
 - `WorkerProcess`: a `celery -A worker worker` subprocess with its own environment.
 - `wait_for_job(store, job_id, ...)`: poll a job record until a condition holds.
@@ -26,10 +26,11 @@ from personaplex.jobs import Job, JobStore, Keys
 from personaplex.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
-TESTDATA_DIR = SHARED_DIR / "testdata"
-SPEECH_20S = TESTDATA_DIR / "input_service.wav"
-SPEECH_40S = TESTDATA_DIR / "input_assistant.wav"
+DATA_DIR = REPO_ROOT / "tests" / "data"
+RECORDINGS_DIR = DATA_DIR / "recordings"
+GOLDEN_DIR = DATA_DIR / "golden"
+SPEECH_20S = RECORDINGS_DIR / "input_service.wav"
+SPEECH_40S = RECORDINGS_DIR / "input_assistant.wav"
 CELERY = str(Path(sys.executable).with_name("celery"))
 
 
