@@ -64,6 +64,12 @@ class LMConfig:
         return 2 * (2 * self.depformer_dim_feedforward // 3)
 
     @property
+    def attention_window(self) -> int:
+        """Positions the temporal transformer attends to, the current one included: the reference's
+        streaming attention admits `context - 1` of them (2999 for the real model)."""
+        return self.context - 1
+
+    @property
     def max_delay(self) -> int:
         return max(self.delays)
 

@@ -58,8 +58,9 @@ def mimi_config(spec: MimiSpec) -> MimiConfig:
 def moshi_config(lm: LMConfig, spec: MimiSpec) -> MoshiConfig:
     """The Moshi config for our 8-step depth decoder.
 
-    The reference attends to the last `context` positions, the current one included; transformers'
-    sliding window counts the same way, so the window equals the context.
+    The reference's temporal transformer attends to the last `context - 1` positions, the current
+    one included (2999 for the real model); transformers' `sliding_window` counts the current
+    position too, so it is `context - 1`. Every loop reads the window from here.
     """
     depth = {
         "hidden_size": lm.depformer_dim,
@@ -78,7 +79,7 @@ def moshi_config(lm: LMConfig, spec: MimiSpec) -> MoshiConfig:
         num_attention_heads=lm.num_heads,
         num_key_value_heads=lm.num_heads,
         ffn_dim=lm.ffn_dim,
-        sliding_window=lm.context,
+        sliding_window=lm.attention_window,
         max_position_embeddings=lm.context,
         rms_norm_eps=1e-8,
         num_codebooks=AGENT_CODEBOOKS,

@@ -12,8 +12,9 @@ CUDA graph can hold, with as few kernels per frame as the same results allow:
 - every buffer is allocated once (token ring, KV caches, schedules, noise, outputs) and updated
   in place; shapes never change between frames;
 - the temporal KV cache is a ring per layer, `[B, H, slots, head_dim]`, written at
-  `position % window` where `window = min(context, frames)`; each slot remembers the position it
-  holds, so an explicit per-row mask admits exactly the last `context` positions that row wrote;
+  `position % window` where `window = min(sliding_window, frames)`; each slot remembers the position
+  it holds, so an explicit per-row mask admits exactly the last `sliding_window` positions that row
+  wrote (the config's window, `context - 1` as the reference attends: see convert.moshi_config);
 - each row has its own position, token-ring offset and frame counter, so rows of different
   lengths and prompts run side by side and each gets exactly what it gets alone;
 - what each row is fed at each frame (forced text, agent and user tokens, replayed voice
@@ -276,8 +277,8 @@ class FastLoop:
         K = self.streams = len(delays)
         self.max_delay = max(delays)
         S = self.ring_slots = self.max_delay + 3
-        self.context = int(config.sliding_window)
-        self.window = min(self.context, T)
+        self.sliding_window = int(config.sliding_window)
+        self.window = min(self.sliding_window, T)
         self.slots = -(-(self.window + 1) // SLOT_ALIGN) * SLOT_ALIGN  # +1: a scratch slot
         text_vocab, audio_vocab = config.vocab_size, config.audio_vocab_size
         self.text_vocab, self.audio_vocab = text_vocab, audio_vocab
@@ -597,7 +598,7 @@ class FastLoop:
         sin = (angles.sin() * self.sin_sign).to(self.dtype)  # first half negated: see _swap_halves
         slot = torch.where(run, position % self.window, self.window)  # rows that do not run: scratch
         self.slot_position.scatter_(1, slot[:, None], torch.where(run, position, -1)[:, None])
-        valid = (self.slot_position >= 0) & (self.slot_position > position[:, None] - self.context)
+        valid = (self.slot_position >= 0) & (self.slot_position > position[:, None] - self.sliding_window)
         # The additive mask SDPA would build from a boolean one in every layer, built once per frame.
         mask = torch.where(valid | ~run[:, None], self.mask_open, self.mask_shut)[:, None, None, :]
         write = slot[:, None, None, None].expand(B, H, 1, hd)

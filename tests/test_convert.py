@@ -8,17 +8,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import transformers  # noqa: F401 (the engine extra must be installed)
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from transformers import MimiModel, MoshiForConditionalGeneration
+from transformers.models.moshi.modeling_moshi import MoshiAttention
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from accelerate import init_empty_weights  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import MimiModel, MoshiForConditionalGeneration  # noqa: E402
-from transformers.models.moshi.modeling_moshi import MoshiAttention  # noqa: E402
-
-from personaplex.checkpoint import LMConfig, MimiSpec, read_checkpoint  # noqa: E402
-from personaplex.convert import (  # noqa: E402
+from personaplex.checkpoint import LMConfig, MimiSpec, read_checkpoint
+from personaplex.convert import (
     AGENT_CODEBOOKS,
     convert_lm,
     convert_mimi,
@@ -27,10 +25,10 @@ from personaplex.convert import (  # noqa: E402
     moshi_config,
     rope_inverse_frequencies,
 )
-from personaplex.errors import CheckpointError  # noqa: E402
-from personaplex.frames import FrameLoop, Sampling  # noqa: E402
-from personaplex.loaders import load_models  # noqa: E402
-from personaplex.tiny import write_tiny_checkpoint  # noqa: E402
+from personaplex.errors import CheckpointError
+from personaplex.frames import FrameLoop, Sampling
+from personaplex.loaders import load_models
+from personaplex.tiny import write_tiny_checkpoint
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -214,10 +212,11 @@ def reference_attention(
     out_proj: torch.Tensor,
     heads: int,
     max_period: float,
-    context: int,
+    window: int,
 ) -> torch.Tensor:
     """The reference's attention in plain torch (float64): one projection split (p h d), rotary on
-    pairs (2i, 2i+1) with freqs exp(-2i/D ln P) and angle pos * freq, causal within `context`."""
+    pairs (2i, 2i+1) with freqs exp(-2i/D ln P) and angle pos * freq, causal over the last `window`
+    positions, the current one included (the reference's `context - 1`)."""
     x, in_proj, out_proj = x.double(), in_proj.double(), out_proj.double()
     batch, steps, dim = x.shape
     d = dim // heads
@@ -233,7 +232,7 @@ def reference_attention(
 
     q, k = rotate(q), rotate(k)
     delta = torch.arange(steps)[:, None] - torch.arange(steps)[None]
-    allowed = (delta >= 0) & (delta < context)
+    allowed = (delta >= 0) & (delta < window)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     scores = scores.masked_fill(~allowed, float("-inf"))
     y = torch.softmax(scores, dim=-1) @ v
@@ -272,7 +271,7 @@ def test_rope_permutation_matches_interleaved_reference(dim: int, heads: int) ->
     out_proj = torch.randn(dim, dim, generator=gen) / math.sqrt(dim)
     x = torch.randn(2, 50, dim, generator=gen)
 
-    expected = reference_attention(x, in_proj, out_proj, heads, 10000.0, context=10**6).float()
+    expected = reference_attention(x, in_proj, out_proj, heads, 10000.0, window=10**6).float()
     got = _run_transformers(_transformers_attention(in_proj, out_proj, heads, permute=True), x)
     assert torch.allclose(got, expected, atol=2e-5, rtol=1e-4), float((got - expected).abs().max())
 
@@ -306,7 +305,7 @@ def reference_temporal(source: dict[str, torch.Tensor], lm: LMConfig, x: torch.T
             source[f"{p}.self_attn.out_proj.weight"],
             lm.num_heads,
             lm.max_period,
-            lm.context,
+            lm.attention_window,
         )
         h = h + attn
         g = rms(h, source[f"{p}.norm2.alpha"]) @ source[f"{p}.gating.linear_in.weight"].double().T
