@@ -1,6 +1,7 @@
 """Shared fixtures. Real parts only: a private redis-server, real worker processes, the tiny model.
 
 Sections (add new fixtures to the section they belong to, or start a new one):
+  0. Skips: the summary counts them; under CI=true any skip fails the run
   1. Redis: `redis_server` (session; .url, .stop(), .start()), `redis_client` (flushed per test)
   2. Settings and stores: `settings`, `job_store`, `blob_store`; `start_web` (factory: web server thread)
   3. Engine on the tiny model: `tiny_checkpoint` (session), `tiny_engine` (session)
@@ -14,6 +15,7 @@ because it has no __init__.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +30,26 @@ from personaplex.storage import FsBlobStore
 
 if TYPE_CHECKING:
     from web.server_thread import ServerThread
+
+# -- 0. Skips: counted always, refused in CI -------------------------------------------------------
+# A skip is only for an optional tool missing on a developer's machine; in CI every tool is
+# installed, so a skip there hides a test that could have run.
+
+
+def _skipped(config: pytest.Config) -> int:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    return len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    terminalreporter.write_line(f"skipped tests: {_skipped(config)}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI") and exitstatus == 0 and _skipped(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nCI allows no skipped test: {_skipped(session.config)} skipped (the short test summary gives each reason)")
+
 
 # -- 1. Redis ------------------------------------------------------------------------------------
 
