@@ -6,17 +6,22 @@ from dataclasses import asdict, dataclass
 
 DEFAULT_VOICE = "NATF2.pt"
 DEFAULT_SEED = 42424242
+VOICE_SUFFIX = ".pt"  # every catalog id ends with it; callers may leave it off
 
 
 @dataclass(frozen=True)
 class Voice:
+    """A catalog voice; its id is the legacy server's ("NATF2.pt"), which is also its file in voices.tgz."""
+
     id: str
     name: str
     category: str
 
     @property
     def filename(self) -> str:
-        return f"{self.id}.pt"
+        # The legacy contract made the id the file name; keeping the property (and the JSON key)
+        # spares clients and the tiny checkpoint builder that read `filename` a second spelling.
+        return self.id
 
     def to_dict(self) -> dict[str, str]:
         return {**asdict(self), "filename": self.filename}
@@ -33,14 +38,14 @@ class PromptExample:
 
 
 _CATEGORIES = {
-    "NATF": ("Natural female", range(4)),
-    "NATM": ("Natural male", range(4)),
-    "VARF": ("Variety female", range(5)),
-    "VARM": ("Variety male", range(5)),
+    "NATF": ("Natural Female", range(4)),
+    "NATM": ("Natural Male", range(4)),
+    "VARF": ("Variety Female", range(5)),
+    "VARM": ("Variety Male", range(5)),
 }
 
 VOICES: tuple[Voice, ...] = tuple(
-    Voice(id=f"{prefix}{i}", name=f"{label} {i}", category=label.split()[0].lower())
+    Voice(id=f"{prefix}{i}{VOICE_SUFFIX}", name=f"{label} {i}", category=label.split()[0].lower())
     for prefix, (label, numbers) in _CATEGORIES.items()
     for i in numbers
 )
@@ -76,14 +81,24 @@ DEFAULT_PROMPT = ASSISTANT_PROMPT
 
 
 def voice_ids() -> list[str]:
+    """The catalog ids in order ("NATF0.pt" ... "VARM4.pt"), as the legacy server listed them."""
     return [voice.id for voice in VOICES]
 
 
-def voice_filenames() -> list[str]:
-    return [voice.filename for voice in VOICES]
+def _stem(name: str) -> str:
+    """'natf2.pt', 'NATF2.PT' and ' NATF2 ' all become 'NATF2'."""
+    name = name.strip()
+    if name.lower().endswith(VOICE_SUFFIX):
+        name = name[: -len(VOICE_SUFFIX)]
+    return name.upper()
+
+
+_IDS_BY_STEM = {_stem(voice.id): voice.id for voice in VOICES}
 
 
 def normalize_voice_name(name: str) -> str | None:
-    """Map 'NATF2', 'NATF2.pt' or 'natf2' to the catalog file name, or None if unknown."""
-    stem = name.strip().removesuffix(".pt").upper()
-    return f"{stem}.pt" if stem in voice_ids() else None
+    """Map 'NATF2', 'NATF2.pt' or 'natf2' to the catalog id 'NATF2.pt', or None if unknown.
+
+    The one place that accepts the short and lower-case spellings, so every entry point agrees.
+    """
+    return _IDS_BY_STEM.get(_stem(name))

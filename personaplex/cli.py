@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("inputs", nargs="+", metavar="FILES_OR_DIRS", help="audio files or folders of them")
     submit.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    submit.add_argument("--voice", help="voice prompt, e.g. NATF2 (see `personaplex voices`)")
+    submit.add_argument("--voice", help="voice prompt, e.g. NATF2.pt or NATF2 (see `personaplex voices`)")
     prompt = submit.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="persona text prompt")
     prompt.add_argument("--prompt-file", type=Path, help="read the persona text prompt from a file")
@@ -536,9 +536,7 @@ def _describe_batch(batch: dict[str, Any]) -> str:
 
 def run_voices(client: PersonaPlexClient, args: argparse.Namespace) -> int:
     voices = client.voices()
-    _print(
-        args, voices, lambda vs: "\n".join(f"{v['filename']:<10} {v['name']} ({v['category']})" for v in vs)
-    )
+    _print(args, voices, lambda vs: "\n".join(f"{v['id']:<10} {v['name']} ({v['category']})" for v in vs))
     return EXIT_OK
 
 

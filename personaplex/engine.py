@@ -25,7 +25,7 @@ import torch
 
 from personaplex import audio as audio_io
 from personaplex import codec
-from personaplex.catalog import normalize_voice_name, voice_filenames
+from personaplex.catalog import normalize_voice_name, voice_ids
 from personaplex.checkpoint import CheckpointInfo, extract_voices, resolve_model
 from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
 from personaplex.frames import TEXT_PAD, FrameLoop, Sampling
@@ -633,7 +633,7 @@ class Engine:
         for path in candidates:
             if path.suffix in (".pt", ".wav") and path.is_file():
                 return path
-        raise UnknownVoiceError(name, voice_filenames())
+        raise UnknownVoiceError(name, voice_ids())
 
     @staticmethod
     def _normalized_voice_audio(path: Path) -> np.ndarray:

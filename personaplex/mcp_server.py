@@ -39,7 +39,7 @@ from personaplex.catalog import (
     DEFAULT_SEED,
     DEFAULT_VOICE,
     normalize_voice_name,
-    voice_filenames,
+    voice_ids,
 )
 from personaplex.client import FINAL_STATUSES, ClientError, PersonaPlexClient
 
@@ -141,9 +141,13 @@ class OffloadResult(TypedDict, total=False):
 
 class VoiceInfo(TypedDict):
     id: str
+    """The legacy server's id and the value for voice_prompt, e.g. "NATF2.pt"."""
     name: str
+    """E.g. "Natural Female 2"."""
     category: str
+    """natural or variety."""
     filename: str
+    """The same as id (kept for clients that read it)."""
 
 
 class VoicesResult(TypedDict, total=False):
@@ -318,7 +322,7 @@ def check_voice(voice_prompt: str) -> str:
     voice = normalize_voice_name(voice_prompt or "")
     if voice is None:
         raise ToolError(
-            f"Unknown voice prompt {voice_prompt!r}. Use one of: {', '.join(voice_filenames())} "
+            f"Unknown voice prompt {voice_prompt!r}. Use one of: {', '.join(voice_ids())} "
             "(list_voices describes them)."
         )
     return voice
@@ -562,7 +566,7 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
     def list_voices() -> VoicesResult:
         """The 18 voices PersonaPlex can answer in (natural and variety, female and male).
 
-        Pass a voice's `filename` (e.g. "NATF2.pt") or its id ("NATF2") as voice_prompt.
+        Pass a voice's `id` (e.g. "NATF2.pt") as voice_prompt; "NATF2" and "natf2" work too.
         """
 
         def body() -> dict[str, Any]:
@@ -667,7 +671,7 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
         input_file: absolute path of the recording (WAV, FLAC, MP3, ...; any rate, mono or stereo).
         output_file: absolute path for the answer (24 kHz mono WAV, as long as the input); parent
             folders are created and an existing file is replaced.
-        voice_prompt: one of list_voices' filenames, default "NATF2.pt".
+        voice_prompt: one of list_voices' ids, default "NATF2.pt" ("NATF2" works too).
         text_prompt: the persona (see get_prompt_examples); default: a wise and friendly teacher.
         seed: sampling seed; the same inputs and seed give the same answer.
 

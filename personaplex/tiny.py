@@ -3,8 +3,9 @@
 The directory matches ``nvidia/personaplex-7b-v1`` file for file (see DESIGN.md §2 "Checkpoint
 directory"): ``model.safetensors`` (the LM, ``n_q`` = ``dep_q`` = 16 like the real one),
 ``tokenizer-e351c8d8-checkpoint125.safetensors`` (Mimi), ``tokenizer_spm_32k_3.model`` (a real
-SentencePiece model), ``voices.tgz`` (``voices/<ID>.pt`` for every catalog voice), ``config.json`` and
-``mimi_config.json``. Every parameter is random, norms included, so a mis-mapped tensor cannot hide.
+SentencePiece model), ``voices.tgz`` (``voices/<id>``, e.g. ``voices/NATF2.pt``, for every catalog
+voice), ``config.json`` and ``mimi_config.json``. Every parameter is random, norms included, so a
+mis-mapped tensor cannot hide.
 The defaults are the golden checkpoint's sizes; keyword overrides change the LM's.
 
 Output is a pure function of the seed and the overrides: the same arguments give byte-identical files.

@@ -230,7 +230,8 @@ def test_status_catalog_gpu_and_workers(live_service: str, inputs: Path, tmp_pat
     assert failed.returncode == 1 and "1 cancelled" in failed.stdout
 
     voices = personaplex("voices", url=live_service)
-    assert voices.returncode == 0 and "NATF2.pt" in voices.stdout and len(voices.stdout.splitlines()) == 18
+    assert voices.returncode == 0 and len(voices.stdout.splitlines()) == 18
+    assert "NATF2.pt   Natural Female 2 (natural)" in voices.stdout.splitlines()
     prompts = personaplex("prompts", "--json", url=live_service)
     assert prompts.returncode == 0 and any(p["id"] == "assistant" for p in json.loads(prompts.stdout))
 

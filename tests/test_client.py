@@ -34,7 +34,8 @@ def client(serve: Callable[..., str]) -> PersonaPlexClient:
 
 
 def test_catalog_and_service_calls(client: PersonaPlexClient) -> None:
-    assert len(client.voices()) == 18
+    voices = client.voices()
+    assert len(voices) == 18 and voices[2]["id"] == "NATF2.pt" and voices[2]["name"] == "Natural Female 2"
     assert any(p["id"] == "assistant" for p in client.prompts())
     assert client.health()["status"] == "degraded"  # Redis up, no worker yet
     assert client.gpu_status()["workers"] == []

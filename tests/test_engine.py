@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
+import torch
+from fixtures import SPEECH_20S, SPEECH_40S
 
-torch = pytest.importorskip("torch")
-soxr = pytest.importorskip("soxr")
-
-from personaplex import audio as audio_io  # noqa: E402
-from personaplex import codec  # noqa: E402
-from personaplex import engine as engine_module  # noqa: E402
-from personaplex.catalog import voice_filenames  # noqa: E402
-from personaplex.engine import Engine  # noqa: E402
-from personaplex.errors import AudioError, CancelledError, UnknownVoiceError  # noqa: E402
-from personaplex.frames import SILENCE_TOKENS, SINE_TOKENS, FrameLoop  # noqa: E402
-from personaplex.params import FRAME_SIZE, SAMPLE_RATE, GenerationParams  # noqa: E402
+from personaplex import audio as audio_io
+from personaplex import codec
+from personaplex import engine as engine_module
+from personaplex.catalog import voice_ids
+from personaplex.engine import Engine
+from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
+from personaplex.frames import SILENCE_TOKENS, SINE_TOKENS, FrameLoop
+from personaplex.params import FRAME_SIZE, SAMPLE_RATE, GenerationParams
 
 PROMPT_SILENCE = 6  # documented: 6 frames of silence before and after the text prompt
 TEXT_PAD = 3
@@ -36,9 +36,9 @@ SHORT_PROMPT = "You enjoy having a good conversation."
 
 
 @pytest.fixture(scope="module")
-def speech(shared_dir: Path) -> np.ndarray:
+def speech() -> np.ndarray:
     """20 s of speech at 24 kHz, float32 mono."""
-    samples, rate = sf.read(shared_dir / "testdata" / "input_service.wav", dtype="float32")
+    samples, rate = sf.read(SPEECH_20S, dtype="float32")
     assert rate == SAMPLE_RATE
     return samples
 
@@ -52,9 +52,9 @@ def clip(speech: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def voice_wav(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def voice_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 2 s of another speaker, as a voice prompt WAV."""
-    samples, rate = sf.read(shared_dir / "testdata" / "input_assistant.wav", dtype="float32")
+    samples, rate = sf.read(SPEECH_40S, dtype="float32")
     path = tmp_path_factory.mktemp("voices") / "speaker.wav"
     sf.write(path, samples[2 * rate : 4 * rate], rate)
     return path
@@ -211,7 +211,7 @@ def test_unknown_voice_lists_valid_names(tiny_engine: Engine, clip: Path, voice:
     with pytest.raises(UnknownVoiceError) as info:
         tiny_engine.process(clip, _params(voice_prompt=voice))
     assert info.value.voice == voice
-    assert info.value.valid == voice_filenames()
+    assert info.value.valid == voice_ids()
     assert len(info.value.valid) == 18
     assert "NATF0.pt" in str(info.value) and "VARM4.pt" in str(info.value)
 

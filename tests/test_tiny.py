@@ -8,17 +8,15 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 import pytest
+import sentencepiece as spm
+import torch
+from fixtures import GOLDEN_DIR
+from safetensors import safe_open
 
-torch = pytest.importorskip("torch")
-safetensors = pytest.importorskip("safetensors")
-spm = pytest.importorskip("sentencepiece")
+from personaplex import tiny
+from personaplex.catalog import VOICES
 
-from safetensors import safe_open  # noqa: E402
-
-from personaplex import tiny  # noqa: E402
-from personaplex.catalog import VOICES  # noqa: E402
-
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "checkpoint"
+GOLDEN = GOLDEN_DIR / "checkpoint"
 SAFETENSORS_FILES = (tiny.MODEL_FILE, tiny.MIMI_FILE)
 ALL_FILES = {
     *SAFETENSORS_FILES,
@@ -53,7 +51,6 @@ def test_writes_all_files(ckpt: Path) -> None:
     assert {p.name for p in ckpt.iterdir()} == ALL_FILES
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden checkpoint not found at {GOLDEN}")
 @pytest.mark.parametrize("name", SAFETENSORS_FILES)
 def test_keys_and_shapes_match_golden(ckpt: Path, name: str) -> None:
     ours, golden = _shapes(ckpt / name), _shapes(GOLDEN / name)
@@ -61,7 +58,6 @@ def test_keys_and_shapes_match_golden(ckpt: Path, name: str) -> None:
     assert {k: v for k, v in ours.items() if golden[k] != v} == {}
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden checkpoint not found at {GOLDEN}")
 @pytest.mark.parametrize("name", [tiny.CONFIG_FILE, tiny.MIMI_CONFIG_FILE])
 def test_configs_match_golden(ckpt: Path, name: str) -> None:
     assert json.loads((ckpt / name).read_text()) == json.loads((GOLDEN / name).read_text())
@@ -97,7 +93,7 @@ def test_parameters_are_random_and_sane(ckpt: Path) -> None:
 
 def test_voices_archive_holds_exactly_the_catalog(ckpt: Path) -> None:
     members = _voice_members(ckpt / tiny.VOICES_FILE)
-    assert sorted(m.name for m in members) == sorted(f"voices/{v.id}.pt" for v in VOICES)
+    assert sorted(m.name for m in members) == sorted(f"voices/{v.filename}" for v in VOICES)
     for member in members:
         path = PurePosixPath(member.name)
         assert member.isreg() and not path.is_absolute() and ".." not in path.parts

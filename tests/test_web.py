@@ -131,6 +131,16 @@ def test_voices_and_prompts(live: Live) -> None:
     assert voices["count"] == len(voices["voices"]) == 18
     assert voices["default"] == "NATF2.pt"
     assert {"id", "name", "category", "filename"} <= set(voices["voices"][0])
+    # The legacy server's shape: clients compare ids with "NATF2.pt".
+    ids = [voice["id"] for voice in voices["voices"]]
+    assert all(i.endswith(".pt") for i in ids) and voices["default"] in ids
+    assert voices["voices"][0] == {
+        "id": "NATF0.pt",
+        "name": "Natural Female 0",
+        "category": "natural",
+        "filename": "NATF0.pt",
+    }
+    assert voices["voices"][-1]["name"] == "Variety Male 4"
     prompts = live.get("/api/prompts").json()
     assert prompts["prompts"] and prompts["default"].startswith("You are")
 
@@ -148,6 +158,11 @@ def test_openapi_documents_every_route(live: Live) -> None:
     document = live.get("/openapi.json").json()
     assert document["openapi"].startswith("3.1")
     paths = document["paths"]
+    voice_field = paths["/api/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    voice_field = voice_field["properties"]["voice_prompt"]
+    assert voice_field["default"] == "NATF2.pt" and "NATF2.pt" in voice_field["enum"]
+    voice_schema = document["components"]["schemas"]["Voice"]["properties"]["id"]
+    assert voice_schema["enum"] == voice_field["enum"]
     app = live.server.app
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static" or rule.rule == "/":
@@ -240,6 +255,21 @@ def test_submit_queues_stores_and_enqueues(live: Live, clip: bytes, redis_client
     message = json.loads(redis_client.lindex("celery", 0))
     assert message["headers"]["id"] == job_id
     assert message["headers"]["task"] == "personaplex.process_audio"
+
+
+@pytest.mark.parametrize("spelling", ["NATF0", "natf0", "NATF0.pt", " natf0.PT "])
+def test_submit_accepts_every_voice_spelling_and_stores_the_legacy_id(
+    live: Live, clip: bytes, spelling: str
+) -> None:
+    job_id = _queued(live, clip, voice_prompt=spelling)
+    assert live.get(f"/api/jobs/{job_id}").json()["params"]["voice_prompt"] == "NATF0.pt"
+
+
+def test_unknown_voice_lists_the_legacy_ids(live: Live, clip: bytes) -> None:
+    response = live.submit(clip, voice_prompt="NATF9")
+    assert response.status_code == 400
+    valid = response.json()["valid_voices"]
+    assert len(valid) == 18 and valid[0] == "NATF0.pt" and "NATF2.pt" in valid and valid[-1] == "VARM4.pt"
 
 
 def _truncated(speech: bytes) -> bytes:
@@ -587,7 +617,7 @@ def test_end_to_end_with_a_real_worker(
     start_worker("gpu0")
     clip = encode_wav(speech[: 3 * 24000], 24000, subtype="PCM_16")
 
-    job_id = _queued(live, clip, voice_prompt="NATM0", seed="1234")
+    job_id = _queued(live, clip, voice_prompt="NATF0", seed="1234")  # no ".pt": the worker still finds it
     events = _events_until_closed(live.ws(job_id), timeout=120)
     kinds = [e["type"] for e in events]
     assert kinds[0] == "state" and kinds[-1] == "succeeded", kinds
@@ -595,6 +625,7 @@ def test_end_to_end_with_a_real_worker(
 
     job = live.get(f"/api/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["worker"] == "gpu0@test" and job["attempts"] == 1
+    assert job["params"]["voice_prompt"] == "NATF0.pt"
     assert {"queue_wait_s", "inference_s", "rtf"} <= set(job["result"]["timings"])
     audio = live.get(f"/api/jobs/{job_id}/audio")
     assert audio.headers["Content-Type"] == "audio/wav"

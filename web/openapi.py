@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from personaplex import __version__
-from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_VOICE, voice_filenames
+from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_VOICE, voice_ids
 from personaplex.jobs import JobStatus
 
 bp = Blueprint("openapi", __name__)
@@ -47,8 +47,8 @@ UPLOAD_FIELDS: dict[str, Any] = {
     "voice_prompt": {
         "type": "string",
         "default": DEFAULT_VOICE,
-        "enum": voice_filenames(),
-        "description": "Voice file name; 'NATF2' and 'natf2' work too.",
+        "enum": voice_ids(),
+        "description": "Voice id as GET /api/voices lists it (e.g. 'NATF2.pt'); 'NATF2' and 'natf2' work too.",
     },
     "text_prompt": {"type": "string", "default": DEFAULT_PROMPT, "maxLength": 8000},
     "seed": {"type": "integer", "default": DEFAULT_SEED, "minimum": -1, "description": "-1: random."},
@@ -295,6 +295,28 @@ SCHEMAS: dict[str, Any] = {
             "workers": {"type": "array", "items": {"type": "object"}},
         },
     },
+    "Voice": {
+        "type": "object",
+        "required": ["id", "name", "category", "filename"],
+        "properties": {
+            "id": {
+                "type": "string",
+                "enum": voice_ids(),
+                "description": "The legacy server's id, e.g. 'NATF2.pt'; pass it as voice_prompt.",
+            },
+            "name": {"type": "string", "examples": ["Natural Female 2"]},
+            "category": {"type": "string", "enum": ["natural", "variety"]},
+            "filename": {"type": "string", "description": "The same as id (kept for older clients)."},
+        },
+    },
+    "VoiceList": {
+        "type": "object",
+        "properties": {
+            "voices": {"type": "array", "items": _ref("Voice")},
+            "default": {"type": "string", "const": DEFAULT_VOICE},
+            "count": {"type": "integer"},
+        },
+    },
     "Health": {
         "type": "object",
         "properties": {
@@ -358,7 +380,7 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "The 18 voices",
                 "tags": ["catalog"],
-                "responses": {"200": _json({"type": "object"}, "Voices and the default.")},
+                "responses": {"200": _json(_ref("VoiceList"), "Voices and the default.")},
             }
         },
         "/api/prompts": {

@@ -12,7 +12,7 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.utils import secure_filename
 
 from personaplex.audio import AudioInfo, check_decodes, probe
-from personaplex.catalog import DEFAULT_PROMPT, normalize_voice_name, voice_filenames
+from personaplex.catalog import DEFAULT_PROMPT, normalize_voice_name, voice_ids
 from personaplex.errors import AudioError
 from personaplex.params import GenerationParams
 from web.errors import ApiError
@@ -98,7 +98,7 @@ def parse_voice(raw: str | None) -> str:
         raise ApiError(
             400,
             f"Unknown voice prompt {raw[:64]!r}. See GET /api/voices.",
-            valid_voices=voice_filenames(),
+            valid_voices=voice_ids(),
         )
     return voice
 
