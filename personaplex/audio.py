@@ -163,10 +163,38 @@ def load(
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+SFC_SET_ADD_PEAK_CHUNK = 0x1050
+"""libsndfile's sf_command switch for the PEAK chunk (sndfile.h); soundfile's cdef leaves it out."""
+
+
 def encode_wav(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, subtype: str = "FLOAT") -> bytes:
+    """WAV bytes of `samples` ([T] or [T, C]); the same samples always give the same bytes.
+
+    Every WAV the service writes comes from here, so that callers can hash outputs to cache them.
+    """
+    data = np.asarray(samples, dtype=np.float32)
+    channels = 1 if data.ndim == 1 else data.shape[1]
     buffer = io.BytesIO()
-    sf.write(buffer, np.asarray(samples, dtype=np.float32), sample_rate, format="WAV", subtype=subtype)
+    with sf.SoundFile(buffer, "w", sample_rate, channels, subtype, format="WAV") as f:
+        _drop_peak_chunk(f)
+        f.write(data)
     return buffer.getvalue()
+
+
+def _drop_peak_chunk(f: sf.SoundFile) -> None:
+    """Turn off the PEAK chunk of float WAVs: it carries the time of writing, so the same samples
+    gave different bytes a second later. Only works before the first frame is written.
+
+    soundfile has no API for this switch but binds sf_command, so it goes through soundfile's cffi
+    handle (`_snd`, `SoundFile._file`) rather than stripping the chunk from the bytes afterwards.
+    The header libsndfile wrote at open is rewritten with a zero-filled PAD chunk where PEAK was:
+    fixed bytes, so still deterministic. Other subtypes have no PEAK chunk; the command is a no-op.
+    """
+    handle = f._file
+    sf._snd.sf_command(handle, SFC_SET_ADD_PEAK_CHUNK, sf._ffi.NULL, sf._snd.SF_FALSE)
+    # Switching off returns SF_FALSE on success and on failure alike: only the error state tells.
+    if error := sf._snd.sf_error(handle):
+        raise sf.LibsndfileError(error, prefix="Could not drop the WAV PEAK chunk: ")
 
 
 def write_wav_atomic(path: str | os.PathLike, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:

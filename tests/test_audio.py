@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,20 @@ def test_encode_wav_round_trips() -> None:
     data = audio.encode_wav(samples)
     assert data[:4] == b"RIFF"
     assert np.array_equal(audio.load(data), samples)
+
+
+def test_encode_wav_gives_the_same_bytes_a_second_later() -> None:
+    rng = np.random.default_rng(7)
+    signals = [rng.uniform(-1, 1, 2400).astype(np.float32), rng.uniform(-1, 1, (2400, 2)).astype(np.float32)]
+    first = [audio.encode_wav(samples) for samples in signals]
+    time.sleep(1.1)  # libsndfile's PEAK chunk stamps the time in whole seconds
+    assert [audio.encode_wav(samples) for samples in signals] == first
+    for samples, data in zip(signals, first, strict=True):
+        assert b"PEAK" not in data
+        info = sf.info(io.BytesIO(data))
+        assert (info.subtype, info.channels, info.samplerate) == ("FLOAT", samples.ndim, SAMPLE_RATE)
+        read, _ = sf.read(io.BytesIO(data), dtype="float32")
+        assert np.array_equal(read, samples)
+    # 16-bit WAVs never had a PEAK chunk; the switch leaves them as they were.
+    pcm = audio.encode_wav(signals[0], subtype="PCM_16")
+    assert pcm == _encode(signals[0], SAMPLE_RATE, "WAV", "PCM_16")

@@ -141,7 +141,10 @@ def test_service_and_catalog_tools(live_service: str) -> None:
     voices = results["list_voices"]
     assert voices["status"] == "ok" and voices["count"] == 18 == len(voices["voices"])
     assert voices["default"] == "NATF2.pt"
-    assert {"id": "NATF2", "filename": "NATF2.pt"}.items() <= voices["voices"][2].items()
+    legacy = {"id": "NATF2.pt", "name": "Natural Female 2", "filename": "NATF2.pt"}
+    assert legacy.items() <= voices["voices"][2].items()
+    assert all(voice["id"].endswith(".pt") for voice in voices["voices"])
+    assert voices["default"] in {voice["id"] for voice in voices["voices"]}
     prompts = results["get_prompt_examples"]
     assert prompts["status"] == "ok" and prompts["default"] == ASSISTANT_PROMPT
     assert "assistant" in {p["id"] for p in prompts["prompts"]}
@@ -311,6 +314,8 @@ def test_submit_status_result_and_cancel(live_service: str, clips: dict[str, Pat
     result = seen["result"]
     assert result["status"] == "success" and result["voice_used"] == "NATM3.pt" and result["seed"] == 7
     assert probe(output, None).duration_s == pytest.approx(3.0, abs=0.01)
+    # The answer is the service's WAV byte for byte: the tool adds no bytes of its own to what a seed fixes.
+    assert output.read_bytes() == rest(live_service).download_audio(submitted["job_id"])
 
     assert seen["cancel_finished"]["status"] == "error"
     assert "already succeeded" in seen["cancel_finished"]["error"]

@@ -7,17 +7,18 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
+import torch  # noqa: F401 (the engine extra must be installed)
+from fixtures import SPEECH_20S
 
-pytest.importorskip("torch")
-soxr = pytest.importorskip("soxr")
-
-from personaplex.engine import Engine  # noqa: E402
-from personaplex.params import FRAME_SIZE, SAMPLE_RATE, GenerationParams  # noqa: E402
+from personaplex.engine import Engine
+from personaplex.params import FRAME_SIZE, SAMPLE_RATE, GenerationParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INPUT_RATE = 16000
@@ -25,8 +26,8 @@ INPUT_SECONDS = 1.3
 
 
 @pytest.fixture(scope="module")
-def input_16k(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    speech, rate = sf.read(shared_dir / "testdata" / "input_service.wav", dtype="float32")
+def input_16k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    speech, rate = sf.read(SPEECH_20S, dtype="float32")
     piece = soxr.resample(speech[rate : rate + int(INPUT_SECONDS * rate)], rate, INPUT_RATE)
     path = tmp_path_factory.mktemp("cli") / "question.wav"
     sf.write(path, piece, INPUT_RATE)
@@ -105,3 +106,27 @@ def test_cli_bad_voice_exits_with_a_clear_message(
     assert "NATF2.pt" in done.stderr  # lists the valid voices
     assert "Traceback" not in done.stderr
     assert not out_wav.exists()
+
+
+def test_cli_runs_with_the_same_seed_write_the_same_bytes(
+    tiny_checkpoint: Path, input_16k: Path, tmp_path: Path
+) -> None:
+    def run(name: str) -> bytes:
+        out_wav = tmp_path / f"{name}.wav"
+        args = _flags(
+            input_wav=str(input_16k),
+            output_wav=str(out_wav),
+            output_text=str(tmp_path / f"{name}.json"),
+            voice_prompt="NATF2.pt",
+            seed="1234",
+            model=str(tiny_checkpoint),
+            device="cpu",
+        )
+        done = _run(args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return out_wav.read_bytes()
+
+    first = run("first")
+    time.sleep(1.1)  # a write-time stamp (libsndfile's PEAK chunk) has second resolution
+    assert run("second") == first
+    assert (tmp_path / "second.json").read_bytes() == (tmp_path / "first.json").read_bytes()

@@ -9,6 +9,9 @@ Everything is validated before anything is queued: one bad file or parameter ans
 and no job exists afterwards. A zip may hold audio files in folders; folders, `__MACOSX/` and hidden
 files (`.DS_Store`) are skipped; an absolute path, `..`, a link, an encrypted member or a file that is
 not audio refuses the whole batch.
+
+The archive is reproducible: its members all carry the fixed time ARCHIVE_DATE_TIME (1980-01-01), so
+downloading it again gives the same bytes, and the WAVs of equal inputs and seeds are equal members.
 """
 
 from __future__ import annotations
@@ -449,12 +452,27 @@ class _Sink:
         return data
 
 
+ARCHIVE_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+"""The modification time of every archive member: the zip format's earliest date, a fixed value.
+
+A clock time would make the same outputs a different zip on each download. The jobs' finish times
+would be fixed too, but a zip stores local time without a zone, so they would still depend on the
+web server's TZ, and two batches of the same inputs would differ in every member header."""
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    """The header of one archive member: fixed time and permissions, WAVs stored, JSON deflated."""
+    info = zipfile.ZipInfo(name, date_time=ARCHIVE_DATE_TIME)
+    info.external_attr = 0o600 << 16  # what writestr(name) gives, kept for existing users
+    info.compress_type = zipfile.ZIP_STORED if name.endswith(".wav") else zipfile.ZIP_DEFLATED
+    return info
+
+
 def _zip_stream(entries: Iterator[tuple[str, bytes]]) -> Iterator[bytes]:
-    """A zip written as it is sent: WAVs stored as they are, JSON deflated."""
+    """A zip written as it is sent; the same outputs always give the same bytes."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w") as archive:  # type: ignore[arg-type]
         for name, data in entries:
-            kind = zipfile.ZIP_STORED if name.endswith(".wav") else zipfile.ZIP_DEFLATED
-            archive.writestr(name, data, compress_type=kind)
+            archive.writestr(_member(name), data)
             yield sink.take()
     yield sink.take()
