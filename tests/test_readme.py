@@ -55,3 +55,11 @@ def test_the_demo_pushes_a_wav_through_the_queue(tmp_path: Path) -> None:
     assert output and job_line in output.group(1)
     assert probe(Path(output.group(1))).duration_s == pytest.approx(2.0, abs=0.01)
     assert '"rtf"' in demo.stdout and "noise" in demo.stdout
+    # The time is accounted for: the cold start on its own line, then the timed job's parts.
+    assert re.search(r"^cold start: .+ took \d+\.\d+ s", demo.stdout, flags=re.MULTILINE)
+    parts = re.search(
+        r"succeeded in (\S+) s end to end\n  = (\S+) s queued \+ (\S+) s inference \+ (\S+) s", demo.stdout
+    )
+    assert parts, demo.stdout
+    total, *split = (float(x) for x in parts.groups())
+    assert sum(split) == pytest.approx(total, abs=0.02)
