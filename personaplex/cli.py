@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 from personaplex.batches import output_stems
@@ -195,7 +199,67 @@ class Item:
         return self.stem + self.path.suffix.lower()
 
 
+class SigintLatch:
+    """Remembers every SIGINT while a batch runs, so none is lost.
+
+    Python's own handler raises KeyboardInterrupt wherever the main thread happens to be, and some
+    places drop it without a trace: the IOBase finalizer that runs as each HTTP response is freed (at
+    the end of every request) clears any exception raised inside it, as do __del__ methods and weakref
+    callbacks. This handler still raises (to break a sleep or a long request at once) but first counts
+    the signal, and `check()` raises again at the batch loop's safe points when the first raise was
+    swallowed. While a batch is being sent (`deferred()`), the first SIGINT only counts: raising then
+    would lose the batch id of jobs the service has already queued, so they could not be cancelled.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._deferring = False
+        self._previous: Any = None
+
+    def __enter__(self) -> SigintLatch:
+        # signal.signal works only in the main thread; elsewhere SIGINT never raises anyway.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Put back the handler that was there before (Python's: SIGINT raises KeyboardInterrupt)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        if self._deferring and self.count == 1:
+            return  # raised by check() once the batch is recorded; a second Ctrl-C stops at once
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a SIGINT came since the latch was set (even one swallowed)."""
+        if self.count:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold the first SIGINT until the block ends, then raise it."""
+        self.check()
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        self.check()
+
+
 def run_submit(client: PersonaPlexClient, args: argparse.Namespace) -> int:
+    with SigintLatch() as latch:
+        return _submit(client, args, latch)
+
+
+def _submit(client: PersonaPlexClient, args: argparse.Namespace, latch: SigintLatch) -> int:
     params = {"voice_prompt": args.voice, "text_prompt": _prompt_text(args), "seed": args.seed}
     paths = find_inputs(args.inputs)
     items = [
@@ -211,11 +275,14 @@ def run_submit(client: PersonaPlexClient, args: argparse.Namespace) -> int:
     check_inputs(todo)
     args.out.mkdir(parents=True, exist_ok=True)
     show_bars = sys.stderr.isatty() if args.progress is None else args.progress
-    run = BatchRun(client, todo, params, show_bars, args.poll_interval)
+    run = BatchRun(client, todo, params, show_bars, args.poll_interval, latch)
     try:
         run.run()
     except KeyboardInterrupt:
         run.close_bars()
+        # Python's handler again: a Ctrl-C at the prompt means "leave them running", and a second
+        # one while cancelling stops the CLI.
+        latch.release()
         run.interrupted(sys.stdin)
         return EXIT_INTERRUPTED
     finally:
@@ -291,6 +358,7 @@ class BatchRun:
     params: dict[str, Any]
     show_bars: bool
     poll_interval: float = POLL_INTERVAL_S
+    latch: SigintLatch = field(default_factory=SigintLatch)
     batches: list[str] = field(default_factory=list)
     _pending: list[list[Item]] = field(default_factory=list)
     _by_job: dict[str, Item] = field(default_factory=dict)
@@ -308,15 +376,20 @@ class BatchRun:
             total=len(self.items), desc="batch", unit="file", file=sys.stderr, disable=not self.show_bars
         )
         while True:
+            self.latch.check()
             if self._pending and time.monotonic() >= self._next_send:
-                self._send(self._pending[0])
+                with self.latch.deferred():
+                    self._send(self._pending[0])
             for batch_id in sorted(self._open_batches):
                 self._follow(batch_id)
+                self.latch.check()
             if not self._pending and not self._open_batches:
+                self.latch.check()  # a SIGINT swallowed during the last look still counts
                 return
             time.sleep(self.poll_interval)
 
     def _send(self, chunk: list[Item]) -> None:
+        """POST one chunk and record its job ids (run with SIGINT deferred: see SigintLatch)."""
         try:
             answer = self.client.submit_batch(
                 [(item.upload_name, item.path) for item in chunk], **self.params

@@ -8,6 +8,8 @@ to the PersonaPlex Queue service through `personaplex.client`. Environment:
     PERSONAPLEX_API_URL       the service (default http://localhost:8998)
     PERSONAPLEX_API_KEY       sent as a bearer token when set
     PERSONAPLEX_MCP_MAX_WAIT  seconds process_audio waits before handing back the job id (default 600)
+    PERSONAPLEX_MAX_UPLOAD_MB the service's upload limit (default 200, as the service's): larger inputs
+                              are refused before they are read
 
 Tools: health_check, get_gpu_status, offload_gpu, list_voices, get_prompt_examples, process_audio,
 and, for clients that cut calls at about 60 s, submit_audio_job, get_job_status, get_job_result and
@@ -21,9 +23,12 @@ import inspect
 import logging
 import math
 import os
+import secrets
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,6 +71,36 @@ REQUEST_TIMEOUT_S = 30.0
 FRAME_RATE_HZ = 12.5
 """Model frames per second of audio (one frame = 1920 samples at 24 kHz)."""
 
+MB = 1024 * 1024
+
+DEFAULT_MAX_UPLOAD_MB = 200.0
+"""The service's default PERSONAPLEX_MAX_UPLOAD_MB (its 413 limit); the service does not report it."""
+DEFAULT_MAX_UPLOAD_BYTES = int(DEFAULT_MAX_UPLOAD_MB * MB)
+
+SYSTEM_TREES = ("/proc", "/sys", "/dev")
+"""Kernel and device files: never sent as audio (/proc/self/environ holds the API key), never written."""
+
+
+def _path_limit(name: str, default: int) -> int:
+    try:
+        return int(os.pathconf("/", name))
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no such limit
+        return default
+
+
+PATH_MAX = _path_limit("PC_PATH_MAX", 4096)
+"""Bytes of a path, its terminating NUL included (Linux: 4096)."""
+
+NAME_MAX = _path_limit("PC_NAME_MAX", 255)
+"""Bytes of one file or folder name."""
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_PINNED_FOLDER = (
+    hasattr(os, "O_DIRECTORY") and {os.open, os.stat, os.replace, os.unlink} <= os.supports_dir_fd
+)
+"""Whether the folder can be held open so that the last check and the rename see the same folder."""
+
 T = TypeVar("T")
 
 
@@ -79,23 +114,34 @@ class McpConfig:
     api_url: str = DEFAULT_API_URL
     api_key: str | None = None
     max_wait_s: float = DEFAULT_MAX_WAIT_S
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    """The service's upload limit. It is not in any API answer, so it comes from the same variable the
+    service reads (in the web container that is the service's own value)."""
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MB)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> McpConfig:
         env = os.environ if environ is None else environ
-        raw_wait = env.get("PERSONAPLEX_MCP_MAX_WAIT", "").strip()
-        try:
-            max_wait = float(raw_wait) if raw_wait else DEFAULT_MAX_WAIT_S
-        except ValueError:
-            log.warning(
-                "PERSONAPLEX_MCP_MAX_WAIT=%r is not a number; using %g s", raw_wait, DEFAULT_MAX_WAIT_S
-            )
-            max_wait = DEFAULT_MAX_WAIT_S
+        upload_mb = _env_number(env, "PERSONAPLEX_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)
         return cls(
             api_url=(env.get("PERSONAPLEX_API_URL") or DEFAULT_API_URL).rstrip("/"),
             api_key=env.get("PERSONAPLEX_API_KEY") or None,
-            max_wait_s=max(max_wait, 0.0),
+            max_wait_s=max(_env_number(env, "PERSONAPLEX_MCP_MAX_WAIT", DEFAULT_MAX_WAIT_S), 0.0),
+            max_upload_mb=upload_mb if upload_mb > 0 else DEFAULT_MAX_UPLOAD_MB,
         )
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
+    """The variable as a float; `default` (with a warning) when it is not a number."""
+    raw = env.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        log.warning("%s=%r is not a number; using %g", name, raw, default)
+        return default
 
 
 # -- result types (each tool publishes its output schema from these) -----------------------------
@@ -293,28 +339,127 @@ def guarded(config: McpConfig, what: str, body: Callable[[], dict[str, Any]]) ->
         return error(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}")
 
 
-def read_input(input_file: str) -> tuple[bytes, str]:
-    """The input recording's bytes and name; ToolError if it is missing or unreadable."""
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` cut for an error message (a 10,000-character path would drown the message)."""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def checked_path(raw: str, what: str) -> Path:
+    """`raw` as an absolute path (~ expanded, links not resolved), or ToolError when no file system
+    could take it: a NUL character, an undecodable name, a path over PATH_MAX or a name over NAME_MAX."""
+    if "\x00" in raw:
+        raise ToolError(f"{what} path {shorten(raw)!r} contains a NUL character: pass a plain file path.")
+    try:
+        path = Path(raw).expanduser().absolute()
+        encoded = os.fsencode(path)
+    except (UnicodeError, RuntimeError) as exc:  # RuntimeError: "~" with no home folder
+        raise ToolError(
+            f"{what} path {shorten(raw)!r} is not usable ({exc}): pass a plain file path."
+        ) from exc
+    if len(encoded) >= PATH_MAX:
+        raise ToolError(
+            f"{what} path {shorten(str(path))!r} is {len(encoded)} bytes long, over the system's limit "
+            f"of {PATH_MAX - 1}: pass a shorter path."
+        )
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ToolError(
+                f"{what} path {shorten(str(path))!r} has a name of {len(os.fsencode(part))} bytes "
+                f"({shorten(part, 40)!r}), over the system's limit of {NAME_MAX}: pass shorter names."
+            )
+    return path
+
+
+def system_tree(path: str | Path) -> str | None:
+    """/proc, /sys or /dev when `path`, its links resolved, lies in one of them; else None."""
+    real = os.path.realpath(path)
+    return next((tree for tree in SYSTEM_TREES if real == tree or real.startswith(tree + "/")), None)
+
+
+def file_kind(mode: int) -> str:
+    """'a symbolic link', 'a FIFO (named pipe)', ... for a mode that is not a regular file's."""
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def read_input(input_file: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> tuple[bytes, str]:
+    """The input recording's bytes and name; ToolError if it is missing, unreadable, not a regular
+    file, a kernel or device file, or over the upload limit (checked before a byte is read)."""
     if not input_file or not input_file.strip():
         raise ToolError("input_file is empty: pass the absolute path of a WAV, FLAC or MP3 recording.")
-    path = Path(input_file).expanduser()
-    if not path.exists():
-        where = "" if path.is_absolute() else f" in {os.getcwd()!r}, the MCP server's working folder"
+    path = checked_path(input_file, "Input")
+    if tree := system_tree(path):
+        raise ToolError(
+            f"Input file {str(path)!r} is in {tree} (kernel and device files, never audio): refused. "
+            "Pass the path of an audio file."
+        )
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        relative = not Path(input_file).expanduser().is_absolute()
+        where = f" in {os.getcwd()!r}, the MCP server's working folder" if relative else ""
         raise ToolError(
             f"Input file {str(path)!r} does not exist{where}. Pass the absolute path of an existing "
             "audio file, as the MCP server sees it (inside the container when it runs in one)."
+        ) from None
+    except OSError as exc:
+        raise ToolError(f"Input file {str(path)!r} cannot be read ({exc.strerror or exc}).") from exc
+    # Checked before opening: opening a FIFO blocks, and opening a device can act on it.
+    check_input_stat(path, info, max_bytes)
+    data = read_opened(path, max_bytes)
+    if not data:
+        raise ToolError(f"Input file {str(path)!r} is empty: pass a recording with audio in it.")
+    return data, path.name
+
+
+def check_input_stat(path: Path, info: os.stat_result, max_bytes: int) -> None:
+    """ToolError unless `info` is a regular file within the upload limit."""
+    if not stat.S_ISREG(info.st_mode):
+        raise ToolError(
+            f"Input path {str(path)!r} is not a regular file ({file_kind(info.st_mode)}): "
+            "pass the path of an audio file."
         )
-    if not path.is_file():
-        raise ToolError(f"Input path {str(path)!r} is not a regular file: pass the path of an audio file.")
+    if info.st_size > max_bytes:
+        raise ToolError(
+            f"Input file {str(path)!r} is {info.st_size / MB:,.1f} MB, over the service's upload limit "
+            f"of {max_bytes / MB:g} MB (PERSONAPLEX_MAX_UPLOAD_MB), so it was neither read nor sent. "
+            "Pass a shorter recording or a compressed one (FLAC, MP3)."
+        )
+
+
+def read_opened(path: Path, max_bytes: int) -> bytes:
+    """Read `path`, checking again what was opened: the path may have been swapped since it was
+    checked (a FIFO, a link into /proc), and the descriptor's file is the one whose bytes are sent."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, flags)
     except OSError as exc:
         raise ToolError(
             f"Input file {str(path)!r} cannot be read ({exc.strerror or exc}). Check its permissions."
         ) from exc
-    if not data:
-        raise ToolError(f"Input file {str(path)!r} is empty: pass a recording with audio in it.")
-    return data, path.name
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        check_input_stat(path, info, max_bytes)
+        try:  # Linux names the opened file in /proc/self/fd; elsewhere the checks above stand
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            opened = None
+        if opened is not None and (tree := system_tree(opened)):
+            raise ToolError(f"Input file {str(path)!r} leads into {tree}: refused.")
+        try:
+            data = handle.read(info.st_size + 1)  # one byte more tells a file still growing
+        except OSError as exc:
+            raise ToolError(f"Input file {str(path)!r} cannot be read ({exc.strerror or exc}).") from exc
+    if len(data) > info.st_size:
+        raise ToolError(f"Input file {str(path)!r} grew while it was read: call again once it is complete.")
+    return data
 
 
 def check_voice(voice_prompt: str) -> str:
@@ -329,18 +474,24 @@ def check_voice(voice_prompt: str) -> str:
 
 
 def check_output(output_file: str) -> Path:
-    """The absolute output path, after proving its folder can be created and written."""
+    """The absolute output path, after proving it is a regular file or a new name (never a link, a
+    device, a FIFO or a socket: writing there would replace it) in a folder that can be written."""
     if not output_file or not output_file.strip():
         raise ToolError("output_file is empty: pass the absolute path where the answer WAV should go.")
-    path = Path(output_file).expanduser().absolute()
-    if path.is_dir():
+    path = checked_path(output_file, "Output")
+    try:
+        refuse_unsafe_output(path)
+    except OSError as exc:
+        raise ToolError(f"Output file {str(path)!r} is not writable ({exc.strerror or exc}).") from exc
+    if tree := system_tree(path):
         raise ToolError(
-            f"Output path {str(path)!r} is a directory: pass a file path such as {str(path / 'answer.wav')!r}."
+            f"Output path {str(path)!r} is in {tree} (kernel and device files): refused. "
+            "Choose a path in a folder of your own."
         )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.{os.getpid()}.probe"
-        probe.write_bytes(b"")
+        path.parent.mkdir(parents=True, exist_ok=True)  # documented: missing folders are created
+        probe = path.parent / f".personaplex-probe.{os.getpid()}.{secrets.token_hex(4)}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600))
         probe.unlink()
     except OSError as exc:
         raise ToolError(
@@ -350,17 +501,69 @@ def check_output(output_file: str) -> Path:
     return path
 
 
+def refuse_unsafe_output(path: Path, folder: int | None = None) -> None:
+    """ToolError if `path` (its name looked up in `folder`, an open folder, when given) exists and is
+    not a regular file; OSError if it cannot be looked at. Links are looked at, never followed."""
+    name = path.name if folder is not None else path
+    try:
+        info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # a new file (or a missing folder, which creating it reports)
+    if stat.S_ISREG(info.st_mode):
+        return  # documented: an existing answer is replaced
+    if stat.S_ISDIR(info.st_mode):
+        raise ToolError(
+            f"Output path {str(path)!r} is a directory: pass a file path such as {str(path / 'answer.wav')!r}."
+        )
+    raise ToolError(
+        f"Output path {str(path)!r} is {file_kind(info.st_mode)}, not a regular file: the MCP server "
+        "never writes through or replaces one. Pass the path of a regular file or a new one."
+    )
+
+
 def write_output(path: Path, data: bytes) -> None:
     """Write atomically (a temporary file renamed into place), creating parent folders."""
-    from personaplex.audio import write_bytes_atomic
-
     try:
-        write_bytes_atomic(path, data)
+        replace_atomically(path, data)
+    except ToolError as exc:  # the path became a link, a device, ... while the job ran
+        raise ToolError(f"{exc} Then call get_job_result with the job id to fetch the answer.") from exc
     except OSError as exc:
         raise ToolError(
             f"Could not write the output to {str(path)!r} ({exc.strerror or exc}). "
             "Choose a writable path, then call get_job_result with the job id to fetch it again."
         ) from exc
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write a temporary file beside `path` and rename it over `path`.
+
+    The job ran for a while since check_output: the target is checked again right before the rename
+    (a link, device or FIFO put there meanwhile is refused, not replaced). The folder is held open,
+    so the check and the rename act on the same folder even if a parent is swapped for a link; the
+    rename itself never follows a link.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC) if _PINNED_FOLDER else None
+
+    def at(name: str) -> str:
+        return name if folder is not None else str(path.parent / name)
+
+    temp = f".personaplex-output.{secrets.token_hex(6)}.tmp"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+        fd = os.open(at(temp), flags, 0o666, dir_fd=folder)  # 0o666 less the umask, as open() gives
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            refuse_unsafe_output(path, folder)
+            os.replace(at(temp), at(path.name), src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(at(temp), dir_fd=folder)
+            raise
+    finally:
+        if folder is not None:
+            os.close(folder)
 
 
 def estimated_frames(job: Mapping[str, Any]) -> int:
@@ -604,7 +807,7 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
     ) -> tuple[dict[str, Any], Path | None]:
         """Check the voice, the input and (if given) the output path, then queue the job."""
         voice = check_voice(voice_prompt)
-        data, name = read_input(input_file)
+        data, name = read_input(input_file, config.max_upload_bytes)
         output = check_output(output_file) if output_file is not None else None
         submitted = client().submit_job(
             data, filename=name, voice_prompt=voice, text_prompt=text_prompt, seed=seed

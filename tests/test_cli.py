@@ -208,6 +208,80 @@ def test_ctrl_c_without_a_terminal_cancels_the_remaining_jobs(
     assert written <= {e["output"] for e in batch["jobs"] if e["status"] == "succeeded"}
 
 
+# A SIGINT raised inside the CLI at one exact point, so each window is hit every run, not by luck.
+# `raise_signal` runs the Python-level handler before it returns, i.e. inside the hooked code.
+SIGINT_AT = r"""
+import signal, sys
+import urllib3.response
+from personaplex import cli
+from personaplex.client import PersonaPlexClient
+
+point = sys.argv.pop(1)
+armed = False
+
+def ctrl_c():
+    signal.raise_signal(signal.SIGINT)
+
+write = cli.BatchRun._write
+def _write(self, message):
+    global armed
+    write(self, message)
+    if "jobs queued" in message:
+        armed = True
+        if point == "queued":
+            ctrl_c()
+cli.BatchRun._write = _write
+
+if point == "finalizer":
+    # The IOBase finalizer of each HTTP response reads `closed` when the response is freed (at the end
+    # of every request) and silently drops any exception, a KeyboardInterrupt included.
+    closed = urllib3.response.HTTPResponse.closed
+    def closed_in_finalizer(self):
+        global armed
+        if armed:
+            armed = False
+            ctrl_c()
+        return closed.fget(self)
+    urllib3.response.HTTPResponse.closed = property(closed_in_finalizer)
+
+if point == "upload":
+    submit = PersonaPlexClient.submit_batch
+    def submit_batch(self, *args, **kwargs):
+        answer = submit(self, *args, **kwargs)
+        ctrl_c()  # the service has queued the jobs; the CLI has not yet seen their ids
+        return answer
+    PersonaPlexClient.submit_batch = submit_batch
+
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("point", ["queued", "finalizer", "upload"])
+def test_ctrl_c_at_any_point_cancels_every_job_and_exits_130(
+    start_web: Callable[..., Any], inputs: Path, tmp_path: Path, point: str
+) -> None:
+    """No worker runs, so the jobs stay queued: a lost SIGINT shows as a CLI that never ends."""
+    url = start_web().url
+    files = [inputs / f"q{i:02d}.wav" for i in range(4)]
+    command = [sys.executable, "-c", SIGINT_AT, point, "submit", *map(str, files), "--out", str(tmp_path)]
+    try:
+        done = subprocess.run(
+            command,
+            cwd=REPO_ROOT,
+            env=_env(url),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the SIGINT at {point!r} was lost: the CLI kept waiting\n{exc.stderr}")
+    assert done.returncode == 130, done.stderr
+    assert "stdin is not a terminal: cancelling the 4 unfinished jobs" in done.stderr, done.stderr
+    jobs = PersonaPlexClient(url).list_jobs()
+    assert len(jobs) == 4 and {job["status"] for job in jobs} == {"cancelled"}, jobs
+
+
 @pytest.mark.slow
 def test_status_catalog_gpu_and_workers(live_service: str, inputs: Path, tmp_path: Path) -> None:
     client = PersonaPlexClient(live_service)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -83,6 +84,19 @@ def wav_clip(path: Path, seconds: float) -> Path:
     samples = load(SPEECH_20S)[: int(seconds * 24_000)]
     path.write_bytes(encode_wav(samples, 24_000, subtype="PCM_16"))
     return path
+
+
+def run_in_memory(url: str, scenario: Callable[[Client], Awaitable[Any]]) -> Any:
+    """Connect the mcp SDK's Client to the server in this process (no subprocess: the file checks
+    need no protocol round trip), run `scenario(client)`, return its result."""
+    from personaplex.mcp_server import McpConfig, create_server
+
+    async def main() -> Any:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with Client(create_server(McpConfig(url))) as client:
+                return await scenario(client)
+
+    return anyio.run(main)
 
 
 def rest(url: str) -> PersonaPlexClient:
@@ -401,6 +415,191 @@ def test_bad_inputs_are_explained(live_service: str, clips: dict[str, Path], tmp
     assert {job["id"] for job in rest(live_service).list_jobs()} == before
 
 
+# -- file handling: only regular files are read, only regular files or new names are written -------
+
+
+def special_files(folder: Path) -> dict[str, Path]:
+    """A character device, a FIFO, a socket and a symlink to a file elsewhere, in `folder`.
+
+    The device is a private null device where mknod is allowed (root), else the system's /dev/null,
+    which a user who cannot mknod cannot replace either: the test never risks the real one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    device = folder / "null"
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        device = Path("/dev/null")
+    os.mkfifo(folder / "fifo.wav")
+    os.mknod(folder / "socket.wav", stat.S_IFSOCK | 0o600)  # no bind(): its path length is limited
+    (elsewhere := folder.parent / "elsewhere").mkdir(exist_ok=True)
+    (target := elsewhere / "keep.wav").write_bytes(b"not to be touched")
+    (folder / "link.wav").symlink_to(target)
+    return {
+        "device": device,
+        "fifo": folder / "fifo.wav",
+        "socket": folder / "socket.wav",
+        "link": folder / "link.wav",
+    }
+
+
+def kinds(paths: dict[str, Path]) -> dict[str, int]:
+    return {name: stat.S_IFMT(os.lstat(path).st_mode) for name, path in paths.items()}
+
+
+EXPECTED_KINDS = {
+    "device": stat.S_IFCHR,
+    "fifo": stat.S_IFIFO,
+    "socket": stat.S_IFSOCK,
+    "link": stat.S_IFLNK,
+}
+KIND_WORDS = {
+    "device": "a character device",
+    "fifo": "a FIFO",
+    "socket": "a socket",
+    "link": "a symbolic link",
+}
+
+
+@pytest.mark.slow
+def test_get_job_result_never_replaces_a_device_fifo_socket_or_link(
+    live_service: str, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """The answer is written by renaming a temporary file over the path: over a device, a FIFO or a
+    link that rename would replace it (as root, /dev/null itself). Only regular files are replaced."""
+    job = rest(live_service).submit_job(clips["short"])
+    assert rest(live_service).wait(job["job_id"], timeout=60, poll_interval=0.2)["status"] == "succeeded"
+    targets = special_files(tmp_path / "out")
+    (old := tmp_path / "out" / "old.wav").write_bytes(b"an earlier answer")
+    listing = sorted(p.name for p in (tmp_path / "out").iterdir())
+
+    async def scenario(client: Client) -> dict[str, dict[str, Any]]:
+        paths = {**targets, "old": old}
+        return {
+            name: await call(client, "get_job_result", job_id=job["job_id"], output_file=str(path))
+            for name, path in paths.items()
+        }
+
+    results = run_in_memory(live_service, scenario)
+    for name, words in KIND_WORDS.items():
+        assert results[name]["status"] == "error", (name, results[name])
+        assert f"is {words}" in results[name]["error"] and "not a regular file" in results[name]["error"]
+    assert kinds(targets) == EXPECTED_KINDS
+    assert (tmp_path / "elsewhere" / "keep.wav").read_bytes() == b"not to be touched"
+    assert results["old"]["status"] == "success"  # documented: an existing file is replaced
+    assert old.read_bytes() == rest(live_service).download_audio(job["job_id"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == listing  # no temporary left
+
+
+@pytest.mark.slow
+def test_a_link_put_at_the_output_path_while_the_job_runs_is_not_replaced(
+    live_service: str, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """check_output passes a new path; the link appears at the first progress report, long before
+    the answer is written: the last check, right before the rename, refuses it."""
+    output = tmp_path / "answer.wav"
+    target = tmp_path / "elsewhere.wav"
+    target.write_bytes(b"not to be touched")
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        if not output.is_symlink():
+            output.symlink_to(target)
+
+    async def scenario(client: Client) -> Any:
+        return await client.call_tool(
+            "process_audio",
+            {"input_file": str(clips["short"]), "output_file": str(output)},
+            progress_callback=on_progress,
+        )
+
+    result = run_in_memory(live_service, scenario)
+    assert result.structured_content["status"] == "error", result.structured_content
+    assert "is a symbolic link" in result.structured_content["error"]
+    assert "get_job_result" in result.structured_content["error"]  # the answer can still be fetched
+    assert output.is_symlink() and target.read_bytes() == b"not to be touched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answer.wav", "elsewhere.wav"]
+
+
+def test_inputs_and_outputs_that_must_not_be_used_are_refused_before_anything_is_sent(
+    start_web: Callable[..., Any], clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """Against a real service (no worker needed): every case is refused by the MCP server itself,
+    quickly, with a clear error, and no job is created."""
+    url = start_web().url
+    with (sparse := tmp_path / "sparse.wav").open("wb") as handle:
+        handle.truncate(1 << 30)  # 1 GB that takes no disk: reading it whole takes seconds
+    (environ_link := tmp_path / "environ.wav").symlink_to("/proc/self/environ")
+    (zero_link := tmp_path / "zero.wav").symlink_to("/dev/zero")
+    specials = special_files(tmp_path / "specials")
+    good, out = str(clips["short"]), str(tmp_path / "answer.wav")
+    too_long = str(tmp_path / ("x" * 10_000))
+    long_name = str(tmp_path / ("y" * 300) / "answer.wav")
+    inputs = {
+        "1 GB sparse": (str(sparse), "is 1,024.0 MB, over the service's upload limit of 200 MB"),
+        "/proc/self/environ": ("/proc/self/environ", "is in /proc"),
+        "link to /proc/self/environ": (str(environ_link), "is in /proc"),
+        "link to /dev/zero": (str(zero_link), "is in /dev"),
+        "/sys file": ("/sys/kernel/uevent_seqnum", "is in /sys"),
+        "FIFO": (str(specials["fifo"]), "not a regular file (a FIFO"),
+        "NUL": (good + "\x00.wav", "contains a NUL character"),
+        "10,000 characters": (too_long, "bytes long, over the system's limit of 4095"),
+        "300-byte name": (long_name, "has a name of 300 bytes"),
+    }
+    outputs = {
+        "device": (str(specials["device"]), "is a character device, not a regular file"),
+        "FIFO": (str(specials["fifo"]), "is a FIFO (named pipe), not a regular file"),
+        "link": (str(specials["link"]), "is a symbolic link, not a regular file"),
+        "in /dev": ("/dev/shm/answer.wav", "is in /dev"),
+        "NUL": (out + "\x00", "contains a NUL character"),
+        "10,000 characters": (too_long, "bytes long, over the system's limit of 4095"),
+        "300-byte name": (long_name, "has a name of 300 bytes"),
+    }
+
+    async def timed(client: Client, tool: str, **arguments: Any) -> tuple[float, dict[str, Any]]:
+        started = time.monotonic()
+        result = await call(client, tool, **arguments)
+        return time.monotonic() - started, result
+
+    async def scenario(client: Client) -> dict[str, tuple[float, dict[str, Any]]]:
+        results = {}
+        for case, (path, _) in inputs.items():
+            results[f"submit_audio_job input {case}"] = await timed(
+                client, "submit_audio_job", input_file=path
+            )
+            results[f"process_audio input {case}"] = await timed(
+                client, "process_audio", input_file=path, output_file=out
+            )
+        for case, (path, _) in outputs.items():
+            results[f"process_audio output {case}"] = await timed(
+                client, "process_audio", input_file=good, output_file=path
+            )
+            results[f"get_job_result output {case}"] = await timed(
+                client, "get_job_result", job_id="0" * 32, output_file=path
+            )
+        return results
+
+    results = run_in_memory(url, scenario)
+    expected = {
+        f"{tool} input {case}": words
+        for case, (_, words) in inputs.items()
+        for tool in ("submit_audio_job", "process_audio")
+    }
+    expected |= {
+        f"{tool} output {case}": words
+        for case, (_, words) in outputs.items()
+        for tool in ("process_audio", "get_job_result")
+    }
+    for case, words in expected.items():
+        seconds, result = results[case]
+        assert result["status"] == "error" and words in result["error"], (case, result)
+        assert "unexpectedly" not in result["error"], (case, result)
+        assert seconds < 2.0, (case, seconds)  # refused from a stat, not after reading a gigabyte
+    assert "neither read nor sent" in results["submit_audio_job input 1 GB sparse"][1]["error"]
+    assert "PERSONAPLEX_MAX_UPLOAD_MB" in results["submit_audio_job input 1 GB sparse"][1]["error"]
+    assert rest(url).list_jobs() == []
+    assert kinds(specials) == EXPECTED_KINDS
+    assert not Path("/dev/shm/answer.wav").exists()
+
+
 @pytest.mark.slow
 def test_a_failed_job_reports_the_workers_reason(live_service: str, tmp_path: Path) -> None:
     """A float WAV holding NaN samples: its header is sound (so the service queues it), but the
@@ -495,6 +694,9 @@ def test_config_reads_the_environment() -> None:
         "http://gpu-box:9000", "k", 50.0
     )
     assert McpConfig.from_env({"PERSONAPLEX_MCP_MAX_WAIT": "soon"}).max_wait_s == 600.0
+    assert McpConfig.from_env({}).max_upload_bytes == 200 * 1024 * 1024  # the service's default
+    assert McpConfig.from_env({"PERSONAPLEX_MAX_UPLOAD_MB": "0.5"}).max_upload_bytes == 512 * 1024
+    assert McpConfig.from_env({"PERSONAPLEX_MAX_UPLOAD_MB": "lots"}).max_upload_mb == 200.0
 
 
 def test_progress_values_always_rise_and_end_at_the_total() -> None:
