@@ -41,6 +41,7 @@ class Batch:
     id: str = field(default_factory=new_batch_id)
     created_at: float = field(default_factory=time.time)
     inputs: list[BatchInput] = field(default_factory=list)
+    owner: str | None = None  # the name of the API key that made it; None: made without keys
 
     @property
     def job_ids(self) -> list[str]:
@@ -48,13 +49,16 @@ class Batch:
 
     def to_json(self) -> str:
         inputs = [[item.name, item.job_id] for item in self.inputs]
-        return json.dumps({"id": self.id, "created_at": self.created_at, "inputs": inputs})
+        return json.dumps(
+            {"id": self.id, "created_at": self.created_at, "inputs": inputs, "owner": self.owner}
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Batch:
         data = json.loads(raw)
         inputs = [BatchInput(name, job_id) for name, job_id in data["inputs"]]
-        return cls(id=data["id"], created_at=data["created_at"], inputs=inputs)
+        # Records written before owners existed have none: only admin keys see them.
+        return cls(id=data["id"], created_at=data["created_at"], inputs=inputs, owner=data.get("owner"))
 
 
 class BatchKeys:

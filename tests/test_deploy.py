@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import fnmatch
+import json
 import os
 import re
 import shlex
@@ -164,6 +165,31 @@ def test_web_runs_the_documented_gunicorn_command_on_8998(services: dict[str, di
     assert any(str(port).endswith(":8998") for port in web_service["ports"])
     check = healthcheck_command(web_service)
     assert "http://127.0.0.1:8998/health" in check
+
+
+def test_web_never_starts_an_open_api(services: dict[str, dict[str, Any]]) -> None:
+    """Compose refuses to start without the admin key, and the command's config checks the bind."""
+    from web.bind import OpenBindError, check_bind
+
+    web_service = services["web"]
+    declared = web_service["environment"]
+    assert declared["PERSONAPLEX_API_KEY"].startswith("${PERSONAPLEX_API_KEY:?"), "the key must be required"
+    for name in ("PERSONAPLEX_API_KEYS", "PERSONAPLEX_ADMIN_KEYS"):
+        assert declared[name] == f"${{{name}:-}}"  # optional, from the host, never written here
+    for name, service in services.items():
+        assert not Settings.from_env(environment(service)).allow_open, f"{name} serves an open API"
+    command = web_service["command"]
+    assert command[command.index("-c") + 1] == "python:web.gunicorn_conf"
+    bind = command[command.index("-b") + 1].rsplit(":", 1)[0]
+    check_bind([bind], Settings.from_env(environment(web_service)), "compose")  # the key is set: starts
+    keyless = {k: v for k, v in environment(web_service).items() if k != "PERSONAPLEX_API_KEY"}
+    with pytest.raises(OpenBindError):
+        check_bind([bind], Settings.from_env(keyless), "compose")
+
+
+def test_the_web_image_runs_the_documented_gunicorn_command() -> None:
+    (cmd,) = [args for instruction, args in dockerfile_instructions("Dockerfile.web") if instruction == "CMD"]
+    assert json.loads(cmd) == documented_gunicorn_command()
 
 
 def test_worker_reserves_a_gpu_and_is_named_by_gpu_and_host(services: dict[str, dict[str, Any]]) -> None:

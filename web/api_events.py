@@ -18,6 +18,7 @@ from simple_websocket import Server
 
 from personaplex.jobs import is_valid_job_id
 from web.api_jobs import job_view
+from web.auth import current_principal
 from web.pubsub import is_final_event, next_event, subscription
 from web.services import services
 
@@ -42,7 +43,7 @@ def job_events(ws: Server, job_id: str) -> None:
     try:
         with subscription(svc, job_id) as pubsub:
             job = svc.jobs.get(job_id)
-            if job is None:
+            if job is None or not current_principal().can_see(job.owner):
                 _fail(ws, CLOSE_POLICY_VIOLATION, _missing(job_id))
                 return
             _send(ws, {"type": "state", "job_id": job.id, "status": job.status.value, "job": job_view(job)})

@@ -2,6 +2,9 @@
 
 Status merges two sources: each live worker's heartbeat record in Redis and, fresher, the replies
 to a `gpu_status` control broadcast (answered within ~25 ms even mid-job; we wait at most 1 s).
+
+With per-client keys, status is for every key but a client key does not see which jobs run (they may
+be another client's); offload acts on the whole fleet, so it takes an admin key.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from web.auth import current_principal, require_admin
 from web.errors import ApiError
 from web.services import Services, services
 from worker.control import query_gpu_status, request_offload
@@ -24,6 +28,8 @@ CONTROL_TIMEOUT_S = 1.0
 
 _OFFLOAD_RANK = {"offloaded": 2, "deferred": 1, "not_loaded": 0}
 _MEMORY_FIELDS = ("memory_total", "memory_allocated", "memory_reserved")
+_JOB_FIELDS = ("running_job", "running_jobs", "progress")
+"""Worker fields naming jobs: left out for client keys (active_connections still counts them)."""
 
 
 def broadcast(svc: Services, command: str, worker: str | None, expected: int) -> list[dict[str, Any]]:
@@ -69,11 +75,15 @@ def summarize(workers: list[dict[str, Any]], idle_timeout: float) -> dict[str, A
 @bp.get("/status")
 def gpu_status() -> Response:
     svc = services()
-    return jsonify(summarize(fleet(svc), svc.settings.gpu_idle_timeout))
+    workers = fleet(svc)
+    if not current_principal().admin:
+        workers = [{k: v for k, v in w.items() if k not in _JOB_FIELDS} for w in workers]
+    return jsonify(summarize(workers, svc.settings.gpu_idle_timeout))
 
 
 @bp.post("/offload")
 def offload() -> Response:
+    require_admin("POST /api/gpu/offload")
     svc = services()
     worker = request.args.get("worker") or None
     replies = broadcast(svc, "offload", worker, len(svc.workers.live()))

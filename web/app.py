@@ -15,6 +15,7 @@ from web.api_events import bp as events_bp
 from web.api_gpu import bp as gpu_bp
 from web.api_jobs import bp as jobs_bp
 from web.api_offline import bp as offline_bp
+from web.bind import check_app_server
 from web.health import bp as health_bp
 from web.openapi import bp as openapi_bp
 from web.static_page import bp as page_bp
@@ -46,6 +47,7 @@ def create_app(
     """
     overrides = dict(test_config or {})
     settings = Settings.from_env(environ, **{k: v for k, v in overrides.items() if k.islower()})
+    check_app_server(settings)  # under gunicorn without its config: no open API (web/bind.py)
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
     app.config.update(

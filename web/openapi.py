@@ -147,6 +147,10 @@ SCHEMAS: dict[str, Any] = {
             "result": {"type": ["object", "null"], "description": "duration, text, frames, timings"},
             "error": {"type": ["string", "null"]},
             "batch_id": {"type": ["string", "null"]},
+            "owner": {
+                "type": ["string", "null"],
+                "description": "Name of the API key that made the job; null when made without keys.",
+            },
             "urls": _ref("JobUrls"),
         },
     },
@@ -412,6 +416,7 @@ def _paths() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _json(_ref("OffloadResult"), "What the workers did."),
+                    "403": _error("A client key: offloading acts on the fleet and takes an admin key."),
                     "404": _error("The named worker did not answer."),
                 },
             }
@@ -446,7 +451,10 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "A job record",
                 "tags": ["jobs"],
-                "responses": {"200": _json(_ref("Job"), "The job."), "404": _error("Unknown job.")},
+                "responses": {
+                    "200": _json(_ref("Job"), "The job."),
+                    "404": _error("Unknown job, or another client's."),
+                },
             },
             "delete": {
                 "summary": "Cancel a queued or running job",
@@ -454,7 +462,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(_ref("Job"), "Was queued: cancelled now."),
                     "202": _json(_ref("Job"), "Is running: stops at its next frame."),
-                    "404": _error("Unknown job."),
+                    "404": _error("Unknown job, or another client's."),
                     "409": _error("Already final."),
                 },
             },
@@ -466,7 +474,7 @@ def _paths() -> dict[str, Any]:
                 "tags": ["jobs"],
                 "responses": {
                     "200": _wav("24 kHz mono WAV."),
-                    "404": _error("Unknown job."),
+                    "404": _error("Unknown job, or another client's."),
                     "409": _error("Not succeeded."),
                     "410": _error("Output deleted."),
                 },
@@ -479,7 +487,7 @@ def _paths() -> dict[str, Any]:
                 "tags": ["jobs"],
                 "responses": {
                     "200": _json(_ref("TextOutput"), "Text, per-frame pieces, tokens, timings."),
-                    "404": _error("Unknown job."),
+                    "404": _error("Unknown job, or another client's."),
                     "409": _error("Not succeeded."),
                     "410": _error("Output deleted."),
                 },
@@ -526,7 +534,10 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Counts by state and each job's status",
                 "tags": ["batches"],
-                "responses": {"200": _json(_ref("Batch"), "The batch."), "404": _error("Unknown batch.")},
+                "responses": {
+                    "200": _json(_ref("Batch"), "The batch."),
+                    "404": _error("Unknown batch, or another client's."),
+                },
             },
             "delete": {
                 "summary": "Cancel every job of the batch that has not finished",
@@ -534,7 +545,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(_ref("Batch"), "Queued jobs cancelled."),
                     "202": _json(_ref("Batch"), "Some jobs were running: they stop at their next frame."),
-                    "404": _error("Unknown batch."),
+                    "404": _error("Unknown batch, or another client's."),
                     "409": _error("Every job is already final."),
                 },
             },
@@ -558,7 +569,7 @@ def _paths() -> dict[str, Any]:
                             }
                         },
                     },
-                    "404": _error("Unknown batch."),
+                    "404": _error("Unknown batch, or another client's."),
                     "409": _error("Some jobs are still queued or running; the body has `counts`."),
                 },
             },
@@ -608,7 +619,12 @@ def build_document() -> dict[str, Any]:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "Needed on /api routes when PERSONAPLEX_API_KEY is set.",
+                    "description": (
+                        "Needed on /api routes when any key is set (PERSONAPLEX_API_KEY, "
+                        "PERSONAPLEX_API_KEYS, PERSONAPLEX_ADMIN_KEYS). A client key sees only its own "
+                        "jobs and batches (another's id answers 404, like an unknown one); an admin key "
+                        "sees all and may offload."
+                    ),
                 }
             },
         },
