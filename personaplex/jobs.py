@@ -67,6 +67,8 @@ class Keys:
     PREFIX = "personaplex:"
     INDEX = PREFIX + "jobs"  # zset: job id -> created_at, newest last
     QUEUED = PREFIX + "jobs:queued"  # zset: ids still queued, for queue_length()
+    RUNNING = PREFIX + "jobs:running"  # zset: ids running -> start time, for recover_stalled()
+    OUTBOX = PREFIX + "jobs:outbox"  # zset: queued ids -> time their message must have been sent by
     EXPIRY = PREFIX + "jobs:expiry"  # zset: final job id -> time its retention ends
     WORKERS = PREFIX + "workers"  # set: names of workers that have beaten (pruned once their beat expires)
 
@@ -91,6 +93,11 @@ class Keys:
         return f"{cls.PREFIX}blob:{check_job_id(job_id)}:{name}"
 
     @classmethod
+    def outputs(cls, job_id: str) -> str:
+        """The hash of a job's outputs per attempt, in the Redis blob store."""
+        return f"{cls.PREFIX}blob:{check_job_id(job_id)}:outputs"
+
+    @classmethod
     def worker(cls, name: str) -> str:
         return f"{cls.PREFIX}worker:{name}"
 
@@ -113,6 +120,9 @@ class Job:
     result: dict[str, Any] | None = None
     error: str | None = None
     batch_id: str | None = None
+    owner: str | None = None  # the name of the API key that made it; None: made without keys
+    note: str | None = None
+    """What the service did to the job beyond its status (e.g. queued again after its worker died)."""
 
     def __post_init__(self) -> None:
         self.status = JobStatus(self.status)
@@ -140,6 +150,10 @@ def _encode(values: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v.value if isinstance(v, JobStatus) else v) for k, v in values.items()}
 
 
+FENCE_REFUSED = -2
+"""What the transition script answers when a fenced write's lease or attempt no longer holds."""
+
+
 def _ms(seconds: float) -> int:
     return max(int(seconds * 1000), 1)
 
@@ -148,12 +162,16 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-# KEYS: job hash, queued zset, expiry zset, cancel flag.
+# KEYS: job hash, queued zset, expiry zset, cancel flag, run lease, running zset.
 # ARGV: job id, allowed statuses (JSON-encoded, comma separated; '' = any), new status JSON ('' = none),
-#       increment attempts ('1'/'0'), ttl seconds ('0' = none), expiry score, then field/value pairs.
-# Returns -1 if the job is missing, 0 if its status is not allowed, 1 if updated.
+#       increment attempts ('1'/'0'), ttl seconds ('0' = none), expiry score, fence owner ('' = none),
+#       fence attempt ('' = none), now, then field/value pairs.
+# Returns -1 if the job is missing, -2 if the fence does not hold (the lease is not the owner's, or the
+# record has moved on to another attempt), 0 if its status is not allowed, 1 if updated.
 _TRANSITION_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if ARGV[7] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[7] then return -2 end
+if ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[8] then return -2 end
 if ARGV[2] ~= '' then
   local current = redis.call('HGET', KEYS[1], 'status')
   local allowed = false
@@ -163,8 +181,13 @@ if ARGV[2] ~= '' then
   if not allowed then return 0 end
 end
 if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
 if ARGV[3] ~= '' and ARGV[3] ~= '"queued"' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+if ARGV[3] == '"running"' then
+  redis.call('ZADD', KEYS[6], ARGV[9], ARGV[1])
+elseif ARGV[3] ~= '' then
+  redis.call('ZREM', KEYS[6], ARGV[1])
+end
 local ttl = tonumber(ARGV[5])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -175,21 +198,70 @@ return 1
 """
 
 
-# KEYS: index zset, queued zset, then each job's hash. ARGV: queue limit ('' = none), queued jobs
-# among them, then per job: id, created_at, '1' if queued, field count, field/value pairs.
+# KEYS: index zset, queued zset, outbox zset, then each job's hash. ARGV: queue limit ('' = none),
+# queued jobs among them, the time their messages must be sent by, then per job: id, created_at,
+# '1' if queued, field count, field/value pairs.
 # Writes every job, or none when the queued ones would not fit; returns -1, or the queue's length.
 _CREATE_LUA = """
 local queued = redis.call('ZCARD', KEYS[2])
 if ARGV[1] ~= '' and queued + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return queued end
-local i = 3
-for j = 3, #KEYS do
+local i = 4
+for j = 4, #KEYS do
   local fields = tonumber(ARGV[i + 3])
   redis.call('HSET', KEYS[j], unpack(ARGV, i + 4, i + 3 + 2 * fields))
   redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
-  if ARGV[i + 2] == '1' then redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i]) end
+  if ARGV[i + 2] == '1' then
+    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
+    redis.call('ZADD', KEYS[3], ARGV[3], ARGV[i])
+  end
   i = i + 4 + 2 * fields
 end
 return -1
+"""
+
+
+# KEYS: running zset, queued zset, outbox zset, then each job's hash, then each job's lease.
+# ARGV: now, then the ids. A running job whose lease is gone (its worker died or lost Redis for
+# longer than the lease) goes back to queued, its message due at once; entries of jobs that are no
+# longer running are dropped. Returns the ids queued again.
+_RECOVER_LUA = """
+local n = #ARGV - 1
+local requeued = {}
+for i = 1, n do
+  local id, job, lease = ARGV[i + 1], KEYS[3 + i], KEYS[3 + n + i]
+  if redis.call('EXISTS', lease) == 0 then
+    local status = redis.call('HGET', job, 'status')
+    if status == '"running"' then
+      local attempts = redis.call('HGET', job, 'attempts') or '0'
+      local worker = redis.call('HGET', job, 'worker') or 'null'
+      local note = 'Attempt ' .. attempts .. ' stopped: its worker ' .. cjson.decode(worker) ..
+        ' lost the job (no lease renewal); queued again for attempt ' .. (tonumber(attempts) + 1) .. '.'
+      redis.call('HSET', job, 'status', '"queued"', 'progress', '{}', 'note', cjson.encode(note))
+      redis.call('ZADD', KEYS[2], tonumber(redis.call('HGET', job, 'created_at')), id)
+      redis.call('ZADD', KEYS[3], ARGV[1], id)
+      table.insert(requeued, id)
+    end
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return requeued
+"""
+
+
+# KEYS: outbox zset, then each due job's hash. ARGV: the time the next try is due, then the ids.
+# A due job still queued is handed out (and put back, due again later, in case its message is not
+# sent this time either); any other is dropped from the outbox. Returns the ids to send.
+_DUE_LUA = """
+local due = {}
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[i], 'status') == '"queued"' then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+    table.insert(due, ARGV[i])
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return due
 """
 
 
@@ -201,23 +273,58 @@ class QueueFullError(Exception):
         self.queued, self.incoming, self.limit = queued, incoming, limit
 
 
-# KEYS: lease. ARGV: owner, ttl ms ('0' = release). Changes the lease only if `owner` holds it.
+# KEYS: lease, job hash. ARGV: owner, ttl ms ('0' = release), attempt ('' = never take it back).
+# Changes the lease only if `owner` holds it. A lease that is gone (it expired while Redis was
+# unreachable, say) is taken back only while the record still says this attempt is running: if the
+# job was queued again or another attempt started, the owner has lost it. Returns 1 (held), 2 (taken
+# back) or 0 (lost).
 _LEASE_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if current or ARGV[2] == '0' or ARGV[3] == '' then return 0 end
+if redis.call('HGET', KEYS[2], 'status') ~= '"running"' then return 0 end
+if redis.call('HGET', KEYS[2], 'attempts') ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 2
 """
+
+
+@dataclass(frozen=True)
+class Fence:
+    """One attempt's right to write a job: the run lease's owner token and the attempt number.
+
+    A write under a fence happens only while the lease is still the owner's and the record still
+    counts this attempt, checked in the same script as the write: a worker that was paused past its
+    lease (SIGSTOP, a long GC, a network partition) can no longer overwrite the attempt that took over.
+    """
+
+    owner: str
+    attempt: int
+
+
+class LeaseLost(Exception):
+    """A worker's write was refused: its run lease expired and the job moved on (another attempt, or
+    queued again). The worker must stop that job and write nothing more for it."""
 
 
 class JobStore:
     """Reads and changes job records; `retention_s` is how long a finished job is kept."""
 
-    def __init__(self, redis_client: redis.Redis, retention_s: float = 24 * 3600.0) -> None:
+    def __init__(
+        self, redis_client: redis.Redis, retention_s: float = 24 * 3600.0, dispatch_grace_s: float = 10.0
+    ) -> None:
         self.redis = redis_client
         self.retention_s = retention_s
+        self.dispatch_grace_s = dispatch_grace_s
+        """Seconds a queued job may wait for its message to be sent before a sweeper sends it."""
         self._transition = redis_client.register_script(_TRANSITION_LUA)
         self._lease = redis_client.register_script(_LEASE_LUA)
         self._create = redis_client.register_script(_CREATE_LUA)
+        self._recover = redis_client.register_script(_RECOVER_LUA)
+        self._due = redis_client.register_script(_DUE_LUA)
 
     # -- records -------------------------------------------------------------------------------
 
@@ -239,8 +346,9 @@ class JobStore:
             args += [item for pair in record.items() for item in pair]
         incoming = sum(job.status is JobStatus.QUEUED for job in jobs)
         limit = "" if queue_limit is None else queue_limit
-        keys = [Keys.INDEX, Keys.QUEUED, *(Keys.job(job.id) for job in jobs)]
-        queued = int(self._create(keys=keys, args=[limit, incoming, *args]))
+        send_by = time.time() + self.dispatch_grace_s
+        keys = [Keys.INDEX, Keys.QUEUED, Keys.OUTBOX, *(Keys.job(job.id) for job in jobs)]
+        queued = int(self._create(keys=keys, args=[limit, incoming, send_by, *args]))
         if queued >= 0:
             raise QueueFullError(queued, incoming, int(limit))
         for job in jobs:
@@ -303,14 +411,16 @@ class JobStore:
             self.publish(job_id, {"type": "started", "worker": worker, "attempts": job.attempts})
         return job
 
-    def mark_succeeded(self, job_id: str, result: dict[str, Any]) -> bool:
-        return self._finish(job_id, JobStatus.SUCCEEDED, {"result": result}, {"result": result})
+    # The worker passes its attempt's `fence`; a refused fence raises LeaseLost.
 
-    def mark_failed(self, job_id: str, error: str) -> bool:
-        return self._finish(job_id, JobStatus.FAILED, {"error": error}, {"error": error})
+    def mark_succeeded(self, job_id: str, result: dict[str, Any], fence: Fence | None = None) -> bool:
+        return self._finish(job_id, JobStatus.SUCCEEDED, {"result": result}, {"result": result}, fence=fence)
 
-    def mark_cancelled(self, job_id: str) -> bool:
-        return self._finish(job_id, JobStatus.CANCELLED, {}, {})
+    def mark_failed(self, job_id: str, error: str, fence: Fence | None = None) -> bool:
+        return self._finish(job_id, JobStatus.FAILED, {"error": error}, {"error": error}, fence=fence)
+
+    def mark_cancelled(self, job_id: str, fence: Fence | None = None) -> bool:
+        return self._finish(job_id, JobStatus.CANCELLED, {}, {}, fence=fence)
 
     def _finish(
         self,
@@ -319,6 +429,7 @@ class JobStore:
         values: dict[str, Any],
         event: dict[str, Any],
         allowed: Iterable[JobStatus] = ACTIVE_STATUSES,
+        fence: Fence | None = None,
     ) -> bool:
         now = time.time()
         changed = self._apply(
@@ -327,7 +438,10 @@ class JobStore:
             allowed=allowed,
             ttl_s=self.retention_s,
             expires_at=now + self.retention_s,
+            fence=fence,
         )
+        if changed == FENCE_REFUSED:
+            raise LeaseLost(f"job {job_id}: attempt {fence.attempt if fence else '?'} no longer holds it")
         if changed == 1:
             self.publish(job_id, {"type": status.value, "status": status.value, **event})
         return changed == 1
@@ -340,6 +454,7 @@ class JobStore:
         incr_attempts: bool = False,
         ttl_s: float = 0,
         expires_at: float = 0,
+        fence: Fence | None = None,
     ) -> int:
         if not is_valid_job_id(job_id):
             return -1
@@ -352,17 +467,30 @@ class JobStore:
             "1" if incr_attempts else "0",
             str(max(int(ttl_s), 1) if ttl_s else 0),
             repr(expires_at),
+            fence.owner if fence else "",
+            str(fence.attempt) if fence else "",
+            repr(time.time()),
             *pairs,
         ]
-        keys = [Keys.job(job_id), Keys.QUEUED, Keys.EXPIRY, Keys.cancel(job_id)]
+        keys = [
+            Keys.job(job_id),
+            Keys.QUEUED,
+            Keys.EXPIRY,
+            Keys.cancel(job_id),
+            Keys.lease(job_id),
+            Keys.RUNNING,
+        ]
         return int(self._transition(keys=keys, args=args))
 
     # -- progress, cancel, events ----------------------------------------------------------------
 
-    def set_progress(self, job_id: str, phase: str, done: int, total: int) -> bool:
-        """Record and publish progress of a running job; False if it is not running (any more)."""
+    def set_progress(
+        self, job_id: str, phase: str, done: int, total: int, fence: Fence | None = None
+    ) -> bool:
+        """Record and publish progress of a running job; False if it is not running (any more), or
+        not by this attempt."""
         progress = {"phase": phase, "done": int(done), "total": int(total)}
-        if self._apply(job_id, {"progress": progress}, allowed=(JobStatus.RUNNING,)) != 1:
+        if self._apply(job_id, {"progress": progress}, allowed=(JobStatus.RUNNING,), fence=fence) != 1:
             return False
         self.publish(job_id, {"type": "progress", **progress})
         return True
@@ -399,25 +527,77 @@ class JobStore:
         """Take the job's run lease if nobody holds it."""
         return bool(self.redis.set(Keys.lease(job_id), owner, nx=True, px=_ms(ttl_s)))
 
-    def refresh_lease(self, job_id: str, owner: str, ttl_s: float) -> bool:
-        """Extend the lease; False if `owner` no longer holds it."""
-        return bool(self._lease(keys=[Keys.lease(job_id)], args=[owner, _ms(ttl_s)]))
+    def refresh_lease(self, job_id: str, owner: str, ttl_s: float, attempt: int | None = None) -> bool:
+        """Extend the lease; False if `owner` no longer holds it.
+
+        With `attempt`, a lease that vanished is taken back while the record still says that attempt
+        runs (after a Redis outage longer than the TTL); otherwise the job has moved on and is lost.
+        """
+        args = [owner, _ms(ttl_s), "" if attempt is None else str(attempt)]
+        return bool(self._lease(keys=[Keys.lease(job_id), Keys.job(job_id)], args=args))
 
     def release_lease(self, job_id: str, owner: str) -> bool:
-        return bool(self._lease(keys=[Keys.lease(job_id)], args=[owner, 0]))
+        return bool(self._lease(keys=[Keys.lease(job_id), Keys.job(job_id)], args=[owner, 0, ""]))
 
     def lease_owner(self, job_id: str) -> str | None:
         owner = self.redis.get(Keys.lease(job_id)) if is_valid_job_id(job_id) else None
         return _text(owner) if owner is not None else None
 
+    # -- recovery: stalled jobs and unsent messages --------------------------------------------------
+    # Every worker's housekeeping runs these, so a job never waits on Celery's visibility timeout
+    # (hours) for a dead worker, nor forever for a message its web process died before sending.
+
+    def recover_stalled(self, limit: int = 500) -> list[str]:
+        """Queue again every running job whose lease has expired; returns their ids (due to be sent).
+
+        A running job's lease is refreshed by its live worker every fraction of its TTL, so a gone
+        lease means its worker died, or lost Redis for longer than the TTL. The record says what
+        happened (`note`), and the next attempt counts as one.
+        """
+        ids = [_text(i) for i in self.redis.zrange(Keys.RUNNING, 0, max(limit, 1) - 1)]
+        ids = [i for i in ids if is_valid_job_id(i)]
+        if not ids:
+            return []
+        keys = [Keys.RUNNING, Keys.QUEUED, Keys.OUTBOX, *map(Keys.job, ids), *map(Keys.lease, ids)]
+        requeued = [_text(i) for i in self._recover(keys=keys, args=[repr(time.time()), *ids])]
+        for job_id in requeued:
+            job = self.get(job_id)
+            self.publish(job_id, {"type": "requeued", "status": "queued", "note": job.note if job else None})
+        return requeued
+
+    def due_for_dispatch(self, limit: int = 100) -> list[str]:
+        """Queued jobs whose message should have been sent by now; each comes back due again after
+        the grace unless `mark_dispatched` says it was sent."""
+        now = time.time()
+        ids = self.redis.zrangebyscore(Keys.OUTBOX, "-inf", now, start=0, num=limit)
+        ids = [i for i in map(_text, ids) if is_valid_job_id(i)]
+        if not ids:
+            return []
+        keys = [Keys.OUTBOX, *map(Keys.job, ids)]
+        return [_text(i) for i in self._due(keys=keys, args=[repr(now + self.dispatch_grace_s), *ids])]
+
+    def mark_dispatched(self, *job_ids: str) -> None:
+        """The jobs' messages are with the broker: no sweeper needs to send them."""
+        if job_ids:
+            self.redis.zrem(Keys.OUTBOX, *job_ids)
+
     # -- listing and retention -------------------------------------------------------------------
 
-    def list_recent(self, status: JobStatus | str | None = None, limit: int = 50) -> list[Job]:
-        """Newest jobs first, optionally only those in one status."""
+    def list_recent(
+        self, status: JobStatus | str | None = None, limit: int = 50, owner: str | None = None
+    ) -> list[Job]:
+        """Newest jobs first, optionally only those in one status and (`owner`) of one key's name.
+
+        Filters read the index until `limit` jobs match: at worst every job retention keeps.
+        """
         wanted = JobStatus(status) if status is not None else None
         found: list[Job] = []
         for chunk in self._index_chunks(max(limit, 1) * 2):
-            found.extend(j for j in self.get_many(chunk) if wanted is None or j.status is wanted)
+            found.extend(
+                j
+                for j in self.get_many(chunk)
+                if (wanted is None or j.status is wanted) and (owner is None or j.owner == owner)
+            )
             if len(found) >= limit:
                 break
         return found[:limit]
@@ -449,6 +629,8 @@ class JobStore:
         pipe.zrem(Keys.EXPIRY, *ids)
         pipe.zrem(Keys.INDEX, *ids)
         pipe.zrem(Keys.QUEUED, *ids)
+        pipe.zrem(Keys.RUNNING, *ids)
+        pipe.zrem(Keys.OUTBOX, *ids)
         for job_id in ids:
             pipe.delete(Keys.job(job_id), Keys.cancel(job_id), Keys.lease(job_id))
         pipe.execute()

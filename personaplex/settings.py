@@ -8,6 +8,7 @@ those fields, so there is one place to read what can be configured.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,34 @@ def parse_bool(text: str) -> bool:
 
 def _optional_str(text: str) -> str | None:
     return text.strip() or None
+
+
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+"""A key's name: what job records store as their owner (never the secret itself)."""
+
+NamedKeys = tuple[tuple[str, str], ...]
+"""(name, key) pairs, in the order they were written."""
+
+
+def parse_named_keys(text: str) -> NamedKeys | None:
+    """Read `name:key,name2:key2` (spaces around items ignored; empty: None).
+
+    A name is letters, digits and `_ . @ -`; a key is everything after the first colon up to the
+    next comma, so keys may hold colons but not commas. Errors never quote a key, since a malformed
+    entry may be a bare secret.
+    """
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    pairs: list[tuple[str, str]] = []
+    for number, entry in enumerate(entries, start=1):
+        name, colon, key = (part.strip() for part in entry.partition(":"))
+        if not colon or not key:
+            raise ValueError(f"entry {number} is not name:key (write name:key,name2:key2)")
+        if not KEY_NAME_RE.fullmatch(name):
+            raise ValueError(f"entry {number}: a name is 1-64 letters, digits, '_', '.', '@' or '-'")
+        if name in (taken for taken, _ in pairs):
+            raise ValueError(f"the name {name!r} is given twice")
+        pairs.append((name, key))
+    return tuple(pairs) or None
 
 
 def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -74,7 +103,24 @@ class Settings:
         _positive(float),
         "Seconds before an unacked job is redelivered; must exceed the longest job",
     )
-    api_key: str | None = option("PERSONAPLEX_API_KEY", None, _optional_str, "Bearer token for /api if set")
+    api_key: str | None = option(
+        "PERSONAPLEX_API_KEY", None, _optional_str, "Bearer token for /api if set: an admin key named admin"
+    )
+    api_keys: NamedKeys | None = option(
+        "PERSONAPLEX_API_KEYS",
+        None,
+        parse_named_keys,
+        "Client keys, name:key,...: each sees only its own jobs",
+    )
+    admin_keys: NamedKeys | None = option(
+        "PERSONAPLEX_ADMIN_KEYS",
+        None,
+        parse_named_keys,
+        "Admin keys, name:key,...: see every job, may offload",
+    )
+    allow_open: bool = option(
+        "PERSONAPLEX_ALLOW_OPEN", False, parse_bool, "Serve /api without any key on a non-loopback address"
+    )
     max_upload_mb: float = option("PERSONAPLEX_MAX_UPLOAD_MB", 200.0, _positive(float), "Largest upload, MB")
     max_audio_seconds: float = option(
         "PERSONAPLEX_MAX_AUDIO_SECONDS", 600.0, _positive(float), "Longest input audio, seconds"
@@ -97,7 +143,16 @@ class Settings:
         "PERSONAPLEX_OFFLINE_TIMEOUT", 600.0, _positive(float), "Seconds POST /api/offline waits, then 504"
     )
     heartbeat_ttl: float = option(
-        "PERSONAPLEX_HEARTBEAT_TTL", 15.0, _positive(float), "Seconds a worker heartbeat lives"
+        "PERSONAPLEX_HEARTBEAT_TTL",
+        15.0,
+        _positive(float),
+        "Seconds a worker heartbeat and a job's run lease live; a dead worker's jobs are queued again after it",
+    )
+    dispatch_grace_s: float = option(
+        "PERSONAPLEX_DISPATCH_GRACE_S",
+        10.0,
+        _positive(float),
+        "Seconds a queued job may wait for its message before a worker sends it (web died mid-submit)",
     )
     max_batch: int = option(
         "PERSONAPLEX_MAX_BATCH", 8, _positive(int), "Waiting jobs a GPU worker runs together in one batch"
@@ -107,6 +162,9 @@ class Settings:
         30000,
         _positive(int),
         "Memory bound per batch: rows x longest job's frames (12.5/s, prompt included)",
+    )
+    host: str = option(
+        "HOST", "127.0.0.1", str, "Interface of the development web server; off loopback it needs a key"
     )
     port: int = option("PORT", 8998, _positive(int), "Port of the development web server")
 
@@ -133,6 +191,11 @@ class Settings:
     def retention_s(self) -> float:
         """Retention in seconds: the TTL of finished job records and Redis blobs."""
         return self.retention_hours * 3600.0
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether /api asks for a key: any of PERSONAPLEX_API_KEY, _API_KEYS, _ADMIN_KEYS is set."""
+        return bool(self.api_key or self.api_keys or self.admin_keys)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -8,6 +8,7 @@ Sections (add new fixtures to the section they belong to, or start a new one):
   4. Audio: `speech_wav` (path of 20 s of real speech)
   5. Workers: `worker_env` (env for a worker subprocess), `start_worker` (factory; all stopped after)
   6. The whole service stack: `live_service` (module; base URL of web + worker + its own Redis)
+  7. Queueing like the web, without it: `queue` (a fixtures.Queue on the test's Redis)
 
 Helper classes and paths live in tests/fixtures.py (imported as `fixtures`: tests/ is on sys.path
 because it has no __init__.py).
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from fixtures import SPEECH_20S, RedisServer, WorkerProcess, stop_all, worker_environment
+from fixtures import SPEECH_20S, Queue, RedisServer, WorkerProcess, stop_all, worker_environment
 
 from personaplex.jobs import JobStore
 from personaplex.settings import Settings
@@ -48,7 +49,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("CI") and exitstatus == 0 and _skipped(session.config):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        print(f"\nCI allows no skipped test: {_skipped(session.config)} skipped (the short test summary gives each reason)")
+        print(
+            f"\nCI allows no skipped test: {_skipped(session.config)} skipped (the short test summary gives each reason)"
+        )
 
 
 # -- 1. Redis ------------------------------------------------------------------------------------
@@ -221,3 +224,13 @@ def live_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
         worker.stop()
         redis_server.stop()
         print(f"----- log of worker {worker.hostname} -----\n{worker.log()}")
+
+
+# -- 7. Queueing like the web, without it ---------------------------------------------------------
+
+
+@pytest.fixture
+def queue(settings: Settings, redis_client: redis.Redis) -> Iterator[Queue]:
+    q = Queue(settings, redis_client)
+    yield q
+    q.app.close()

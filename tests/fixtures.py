@@ -5,6 +5,8 @@
   `speech_clip(seconds)`, real speech of any length as WAV bytes.
 - `WorkerProcess`: a `celery -A worker worker` subprocess with its own environment.
 - `wait_for_job(store, job_id, ...)`: poll a job record until a condition holds.
+- `Queue`: submits jobs as the web does (input, record, message) without a web server;
+  `deliveries`/`runs` count from a worker's log how often it delivered or ran a job.
 
 Plain classes and functions live here so tests can import them; conftest.py only wires fixtures.
 """
@@ -21,9 +23,13 @@ from pathlib import Path
 
 import redis
 
+from personaplex import audio as audio_io
 from personaplex.devstack import RedisServer, ServiceProcess, free_port, wait_until  # noqa: F401
 from personaplex.jobs import Job, JobStore, Keys
+from personaplex.params import GenerationParams
 from personaplex.settings import Settings
+from personaplex.storage import INPUT, OUTPUT_JSON, FsBlobStore, read_output
+from worker import TASK_NAME, create_celery_app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "tests" / "data"
@@ -129,3 +135,36 @@ def collect_events(client: redis.Redis) -> Iterator[list[dict]]:
     stop.set()
     thread.join()
     pubsub.close()
+
+
+class Queue:
+    """What the web does: a job record with its input duration, the input blob, then the task."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.app = create_celery_app(settings)
+        self.jobs = JobStore(client, settings.retention_s)
+        self.blobs = FsBlobStore(settings.data_dir)
+
+    def submit(self, audio: bytes, params: GenerationParams) -> Job:
+        seconds = audio_io.probe(audio).duration_s
+        job = Job(params=params.to_dict(), input_duration_s=seconds)
+        self.blobs.put(job.id, INPUT, audio)  # before the record: a queued record is claimable at once
+        self.jobs.create(job)
+        self.app.send_task(TASK_NAME, args=[job.id], task_id=job.id)
+        self.jobs.mark_dispatched(job.id)
+        return job
+
+    def tokens(self, job_id: str) -> list[list[int]]:
+        return json.loads(read_output(self.blobs, self.jobs.get(job_id), OUTPUT_JSON))["tokens"]
+
+
+def deliveries(worker: WorkerProcess, job_id: str, ran: bool) -> int:
+    """How many deliveries of the job the worker finished, with or without running the engine."""
+    marker = f"'ran': {ran}}}"
+    return sum(1 for line in worker.log().splitlines() if f"[{job_id}]" in line and marker in line)
+
+
+def runs(worker: WorkerProcess, job_id: str) -> int:
+    """How often the worker ran the job: as its delivery's own job, or claimed into another's batch."""
+    claimed = sum(1 for line in worker.log().splitlines() if f"job {job_id} (claimed by the batch" in line)
+    return deliveries(worker, job_id, ran=True) + claimed

@@ -11,10 +11,12 @@ import redis
 from fixtures import collect_events, wait_until
 
 from personaplex.jobs import (
+    Fence,
     Job,
     JobStatus,
     JobStore,
     Keys,
+    LeaseLost,
     QueueFullError,
     WorkerRegistry,
     check_job_id,
@@ -254,3 +256,92 @@ def test_lease_has_one_owner_and_expires(job_store: JobStore) -> None:
     assert job_store.lease_owner(job.id) == "b"
     assert job_store.release_lease(job.id, "b")
     assert job_store.lease_owner(job.id) is None
+
+
+# -- fences, recovery and the outbox -----------------------------------------------------------------
+
+
+def start_attempt(store: JobStore, job: Job, owner: str, ttl_s: float = 30.0) -> Fence:
+    """What a worker does to start a job: take its lease, then count the attempt."""
+    assert store.acquire_lease(job.id, owner, ttl_s)
+    return Fence(owner, store.mark_running(job.id, owner).attempts)
+
+
+def test_a_fenced_write_needs_the_lease_and_the_attempt(
+    job_store: JobStore, redis_client: redis.Redis
+) -> None:
+    job = make_job(job_store)
+    stale = start_attempt(job_store, job, "w1", ttl_s=0.2)
+    wait_until(lambda: job_store.lease_owner(job.id) is None, 5, what="w1's lease to expire")
+    fresh = start_attempt(job_store, job, "w2")  # a second delivery took the job over
+    assert fresh.attempt == 2
+
+    assert not job_store.set_progress(job.id, "generate", 1, 9, fence=stale)
+    with pytest.raises(LeaseLost):
+        job_store.mark_succeeded(job.id, {"text": "stale", "attempt": 1}, fence=stale)
+    with pytest.raises(LeaseLost):  # the lease alone is not enough: the attempt must match too
+        job_store.mark_failed(job.id, "stale", fence=Fence("w2", 1))
+    assert job_store.get(job.id).status is JobStatus.RUNNING
+
+    assert job_store.set_progress(job.id, "generate", 1, 9, fence=fresh)
+    assert job_store.mark_succeeded(job.id, {"text": "fresh", "attempt": 2}, fence=fresh)
+    done = job_store.get(job.id)
+    assert (done.status, done.result["text"], done.attempts) == (JobStatus.SUCCEEDED, "fresh", 2)
+    assert redis_client.zscore(Keys.RUNNING, job.id) is None  # off the running index once final
+
+
+def test_a_lease_that_vanished_is_taken_back_only_while_the_attempt_still_runs(
+    job_store: JobStore, redis_client: redis.Redis
+) -> None:
+    job = make_job(job_store)
+    fence = start_attempt(job_store, job, "w1")
+    redis_client.delete(Keys.lease(job.id))  # as if it expired while Redis was unreachable
+    assert not job_store.refresh_lease(job.id, "w1", 30)  # without the attempt: no take-back
+    assert job_store.refresh_lease(job.id, "w1", 30, attempt=fence.attempt)
+    assert job_store.lease_owner(job.id) == "w1"
+
+    redis_client.delete(Keys.lease(job.id))
+    assert job_store.recover_stalled() == [job.id]  # a sweeper saw it first: queued again
+    assert not job_store.refresh_lease(job.id, "w1", 30, attempt=fence.attempt)
+    assert job_store.lease_owner(job.id) is None
+
+
+def test_recover_stalled_queues_again_only_running_jobs_without_a_lease(
+    job_store: JobStore, redis_client: redis.Redis, events: list[dict]
+) -> None:
+    alive, dead, finished = (make_job(job_store) for _ in range(3))
+    start_attempt(job_store, alive, "w1")
+    start_attempt(job_store, dead, "w2", ttl_s=0.2)
+    start_attempt(job_store, finished, "w1")
+    job_store.mark_succeeded(finished.id, {"attempt": 1})
+    job_store.mark_dispatched(alive.id, dead.id, finished.id)
+    wait_until(lambda: job_store.lease_owner(dead.id) is None, 5, what="w2's lease to expire")
+
+    assert job_store.recover_stalled() == [dead.id]
+    requeued = job_store.get(dead.id)
+    assert (requeued.status, requeued.attempts, requeued.progress) == (JobStatus.QUEUED, 1, {})
+    assert "w2" in requeued.note and "attempt 2" in requeued.note
+    assert job_store.queued_ids(10) == [dead.id] and job_store.queue_length() == 1
+    assert job_store.due_for_dispatch() == [dead.id]  # its message is due at once
+    assert job_store.get(alive.id).status is JobStatus.RUNNING
+    assert job_store.recover_stalled() == []  # nothing twice
+    assert redis_client.zrange(Keys.RUNNING, 0, -1) == [alive.id.encode()]
+    wait_until(lambda: any(e["type"] == "requeued" for e in events), 5, what="the requeued event")
+    assert job_store.mark_running(dead.id, "w1").attempts == 2  # the next start is attempt 2
+
+
+def test_the_outbox_hands_out_unsent_queued_jobs_after_the_grace(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client, dispatch_grace_s=0.3)
+    sent, unsent, cancelled = (make_job(store) for _ in range(3))
+    store.mark_dispatched(sent.id)
+    store.request_cancel(cancelled.id)
+    assert store.due_for_dispatch() == []  # within the grace: the web may still be sending them
+    time.sleep(0.4)
+    assert store.due_for_dispatch() == [unsent.id]
+    assert store.due_for_dispatch() == []  # handed out once per grace, even to several sweepers
+    time.sleep(0.4)
+    assert store.due_for_dispatch() == [unsent.id]  # not marked sent: due again
+    store.mark_dispatched(unsent.id)
+    time.sleep(0.4)
+    assert store.due_for_dispatch() == []
+    assert redis_client.zcard(Keys.OUTBOX) == 0  # the cancelled job's entry was dropped too

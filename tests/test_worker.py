@@ -33,6 +33,7 @@ from fixtures import (
     RedisServer,
     WorkerProcess,
     collect_events,
+    deliveries,
     speech_clip,
     wait_for_job,
     wait_until,
@@ -42,7 +43,7 @@ from fixtures import (
 from personaplex.jobs import Job, JobStatus, JobStore, Keys, WorkerRegistry
 from personaplex.params import GenerationParams
 from personaplex.settings import Settings
-from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, FsBlobStore, RedisBlobStore
+from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, FsBlobStore, RedisBlobStore, read_output
 from worker import TASK_NAME, create_celery_app
 from worker.control import query_gpu_status, request_offload
 from worker.runtime import WorkerRuntime
@@ -193,12 +194,6 @@ def test_runtime_offloads_when_idle(runtime: WorkerRuntime) -> None:
 # -- real workers ---------------------------------------------------------------------------------
 
 
-def deliveries(worker: WorkerProcess, job_id: str, ran: bool) -> int:
-    """How many deliveries of the job the worker finished, with or without running the engine."""
-    marker = f"'ran': {ran}}}"
-    return sum(1 for line in worker.log().splitlines() if f"[{job_id}]" in line and marker in line)
-
-
 def test_job_runs_end_to_end(shared: Harness, shared_worker: WorkerProcess, events: list[dict]) -> None:
     status, _ = shared.gpu_status(shared_worker)
     assert status["running_job"] is None and status["worker"] == shared_worker.hostname
@@ -213,9 +208,10 @@ def test_job_runs_end_to_end(shared: Harness, shared_worker: WorkerProcess, even
     timings = done.result["timings"]
     assert {"queue_wait_s", "load_s", "inference_s", "rtf", "generate_s"} <= set(timings)
     assert timings["rtf"] == pytest.approx(timings["inference_s"] / 3.0, rel=1e-3)
-    info = sf.info(shared.blobs.path(job.id, OUTPUT_WAV))
+    assert done.result["attempt"] == 1  # the attempt whose outputs the record commits
+    info = sf.info(shared.blobs.path(job.id, OUTPUT_WAV, attempt=1))
     assert (info.samplerate, info.frames) == (24_000, 3 * 24_000)
-    document = json.loads(shared.blobs.get(job.id, OUTPUT_JSON))
+    document = json.loads(read_output(shared.blobs, done, OUTPUT_JSON))
     assert document["job_id"] == job.id and document["text"] == done.result["text"]
     assert len(document["frames"]) == 38
 
@@ -255,7 +251,7 @@ def test_cancel_mid_job(shared: Harness, events: list[dict]) -> None:
 
     done = wait_for_job(shared.jobs, job.id, timeout=10)
     assert done.status is JobStatus.CANCELLED and done.finished_at is not None
-    assert not shared.blobs.exists(job.id, OUTPUT_WAV)
+    assert not shared.blobs.exists(job.id, OUTPUT_WAV, attempt=1)
     assert [e["type"] for e in events if e["job_id"] == job.id][-1] == "cancelled"
 
 
@@ -265,14 +261,14 @@ def test_redelivery_of_a_finished_job_does_not_rerun_it(
     job = shared.submit(speech_clip(1.0))
     first = wait_for_job(shared.jobs, job.id)
     assert first.status is JobStatus.SUCCEEDED
-    output_mtime = shared.blobs.path(job.id, OUTPUT_WAV).stat().st_mtime_ns
+    output_mtime = shared.blobs.path(job.id, OUTPUT_WAV, attempt=1).stat().st_mtime_ns
 
     shared.send(job.id)  # what kombu does when it restores an unacked message
     wait_until(lambda: deliveries(shared_worker, job.id, ran=False) == 1, 20, what="the redelivery")
 
     again = shared.jobs.get(job.id)
     assert (again.attempts, again.finished_at, again.result) == (1, first.finished_at, first.result)
-    assert shared.blobs.path(job.id, OUTPUT_WAV).stat().st_mtime_ns == output_mtime
+    assert shared.blobs.path(job.id, OUTPUT_WAV, attempt=1).stat().st_mtime_ns == output_mtime
     assert deliveries(shared_worker, job.id, ran=True) == 1
 
 
@@ -285,18 +281,19 @@ def test_a_job_with_complete_outputs_is_finished_without_rerunning(
     job = Job(params=GenerationParams().to_dict(), input_duration_s=1.0)
     shared.blobs.put(job.id, INPUT, speech_clip(1.0))
     for name in (OUTPUT_WAV, OUTPUT_JSON):
-        shared.blobs.put(job.id, name, shared.blobs.get(source.id, name))
+        shared.blobs.put(job.id, name, read_output(shared.blobs, source, name), attempt=1)
     shared.jobs.create(job)
     assert shared.jobs.mark_running(job.id, "dead@elsewhere").attempts == 1
-    written = shared.blobs.path(job.id, OUTPUT_WAV).stat().st_mtime_ns
+    written = shared.blobs.path(job.id, OUTPUT_WAV, attempt=1).stat().st_mtime_ns
 
     shared.send(job.id)  # the redelivery
     done = wait_for_job(shared.jobs, job.id)
     assert done.status is JobStatus.SUCCEEDED, done.error
-    assert (done.attempts, done.worker) == (2, shared_worker.hostname)
-    document = json.loads(shared.blobs.get(job.id, OUTPUT_JSON))
+    assert (done.attempts, done.worker, done.result["attempt"]) == (2, shared_worker.hostname, 1)
+    document = json.loads(read_output(shared.blobs, done, OUTPUT_JSON))
     assert done.result["text"] == document["text"] and done.result["frames"] == len(document["frames"])
-    assert shared.blobs.path(job.id, OUTPUT_WAV).stat().st_mtime_ns == written  # not written again
+    assert shared.blobs.path(job.id, OUTPUT_WAV, attempt=1).stat().st_mtime_ns == written  # not written again
+    assert not shared.blobs.exists(job.id, OUTPUT_WAV, attempt=2)
     wait_until(lambda: deliveries(shared_worker, job.id, ran=False) == 1, 20, what="the delivery")
 
 
@@ -305,7 +302,7 @@ def test_attempts_past_the_limit_fail_the_job(shared: Harness) -> None:
     done = wait_for_job(shared.jobs, job.id)
     assert done.status is JobStatus.FAILED and done.attempts == 4
     assert "Gave up after 3 attempts" in done.error and "PERSONAPLEX_MAX_ATTEMPTS=3" in done.error
-    assert not shared.blobs.exists(job.id, OUTPUT_WAV)
+    assert not shared.blobs.exists(job.id, OUTPUT_WAV, attempt=4)
 
 
 def test_engine_errors_fail_the_job_with_their_message(shared: Harness) -> None:
@@ -346,7 +343,7 @@ def test_killed_worker_job_completes_once_on_the_other(start_worker: StartWorker
     done = wait_for_job(harness.jobs, job.id, timeout=45)
     assert done.status is JobStatus.SUCCEEDED, done.error
     assert (done.worker, done.attempts) == (survivor.hostname, 2)
-    assert sf.info(harness.blobs.path(job.id, OUTPUT_WAV)).frames == 60 * 24_000
+    assert sf.info(harness.blobs.path(job.id, OUTPUT_WAV, attempt=2)).frames == 60 * 24_000
     assert deliveries(survivor, job.id, ran=True) == 1
     wait_until(
         lambda: [w["worker"] for w in WorkerRegistry(harness.redis).live()] == [survivor.hostname],
@@ -385,8 +382,8 @@ def test_redis_blob_store_serves_workers_without_a_shared_filesystem(
     finally:
         app.close()
     assert done.status is JobStatus.SUCCEEDED, done.error
-    assert sf.info(io.BytesIO(blobs.get(job.id, OUTPUT_WAV))).frames == 24_000
-    assert json.loads(blobs.get(job.id, OUTPUT_JSON))["job_id"] == job.id
+    assert sf.info(io.BytesIO(read_output(blobs, done, OUTPUT_WAV))).frames == 24_000
+    assert json.loads(read_output(blobs, done, OUTPUT_JSON))["job_id"] == job.id
     assert not (tmp_path / "worker-only").exists()
 
 

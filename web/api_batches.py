@@ -31,8 +31,9 @@ from werkzeug.datastructures import FileStorage, MultiDict
 
 from personaplex.batches import Batch, BatchInput, output_stems, unique_names
 from personaplex.jobs import Job, JobStatus
-from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV
+from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV, read_output
 from web.api_jobs import revoke_quietly
+from web.auth import current_owner, current_principal
 from web.errors import ApiError
 from web.services import Services, services
 from web.submit import check_capacity, enqueue, job_urls, new_job, store_jobs
@@ -313,7 +314,7 @@ def _form_text(value: Any) -> str:
 
 def queue_batch(svc: Services, uploads: list[Upload]) -> Batch:
     """Record the batch, then store and enqueue each job; if one fails, cancel those already queued."""
-    batch = Batch()
+    batch = Batch(owner=current_owner())
     jobs: list[Job] = []
     for upload in uploads:
         job = new_job(upload)
@@ -351,7 +352,7 @@ def queue_batch(svc: Services, uploads: list[Upload]) -> Batch:
 
 def load_batch(svc: Services, batch_id: str) -> Batch:
     batch = svc.batches.get(batch_id)
-    if batch is None:
+    if batch is None or not current_principal().can_see(batch.owner):  # another client's: not found
         raise ApiError(404, f"Batch {batch_id[:64]!r} doesn't exist (or has expired).")
     return batch
 
@@ -416,10 +417,11 @@ def _archive_entries(
     manifest = []
     for entry in entries:
         record = {k: entry[k] for k in ("name", "job_id", "status")}
-        if entry["status"] == JobStatus.SUCCEEDED:
+        job = svc.jobs.get(entry["job_id"]) if entry["status"] == JobStatus.SUCCEEDED else None
+        if job is not None:  # read again: the record names the attempt whose outputs count
             try:
-                wav = blobs.get(entry["job_id"], OUTPUT_WAV)
-                text = json.loads(blobs.get(entry["job_id"], OUTPUT_JSON))
+                wav = read_output(blobs, job, OUTPUT_WAV)
+                text = json.loads(read_output(blobs, job, OUTPUT_JSON))
             except FileNotFoundError:
                 record["error"] = "The outputs are gone (retention ended)."
             else:

@@ -11,7 +11,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, send_file
 
 from personaplex.jobs import Job, JobStatus
-from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV
+from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV, read_output
+from web.auth import current_principal
 from web.errors import ApiError
 from web.services import Services, services
 from web.submit import accept, job_urls
@@ -26,9 +27,9 @@ MAX_LIST_LIMIT = 500
 
 
 def load_job(svc: Services, job_id: str) -> Job:
-    """The job, or 404 (a malformed id is simply not found)."""
+    """The job, or 404 (a malformed id, and another client's job, are simply not found)."""
     job = svc.jobs.get(job_id)
-    if job is None:
+    if job is None or not current_principal().can_see(job.owner):
         raise ApiError(404, f"Job {job_id[:64]!r} doesn't exist (or has expired).")
     return job
 
@@ -54,7 +55,8 @@ def list_jobs() -> Response:
         valid = ", ".join(s.value for s in JobStatus)
         raise ApiError(400, f"Unknown status {status[:32]!r}; use one of {valid}.")
     limit = _parse_limit(request.args.get("limit"))
-    jobs = services().jobs.list_recent(status=status, limit=limit)
+    owner = current_principal().owner_filter  # a client key lists its own jobs, an admin key all
+    jobs = services().jobs.list_recent(status=status, limit=limit, owner=owner)
     return jsonify({"jobs": [job_view(job) for job in jobs], "count": len(jobs)})
 
 
@@ -84,7 +86,7 @@ def _require_output(svc: Services, job_id: str, name: str) -> tuple[Job, bytes]:
             status=job.status.value,
         )
     try:
-        return job, svc.blobs.get(job_id, name)
+        return job, read_output(svc.blobs, job, name)
     except FileNotFoundError:
         raise ApiError(410, f"The output of job {job_id} is gone (retention ended).") from None
 

@@ -18,7 +18,7 @@ from redis.client import PubSub
 
 from personaplex.jobs import Job, JobStatus
 from personaplex.params import TEXT_MARKERS
-from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV
+from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV, read_output
 from web.errors import ApiError
 from web.pubsub import is_final_event, next_event, subscription
 from web.services import Services, services
@@ -75,9 +75,9 @@ def offline_response(svc: Services, job: Job) -> Response:
 
 
 def _wav_response(svc: Services, job: Job) -> Response:
-    document = json.loads(svc.blobs.get(job.id, OUTPUT_JSON))
+    document = json.loads(read_output(svc.blobs, job, OUTPUT_JSON))
     response = send_file(
-        io.BytesIO(svc.blobs.get(job.id, OUTPUT_WAV)),
+        io.BytesIO(read_output(svc.blobs, job, OUTPUT_WAV)),
         mimetype="audio/wav",
         download_name="output.wav",
         max_age=0,

@@ -104,7 +104,7 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         redis=client,
         health_redis=redis_client(settings.redis_url, HEALTH_TIMEOUT_S, HEALTH_TIMEOUT_S, retries=0),
-        jobs=JobStore(client, retention_s=settings.retention_s),
+        jobs=JobStore(client, retention_s=settings.retention_s, dispatch_grace_s=settings.dispatch_grace_s),
         blobs=open_blob_store(settings, client),
         workers=WorkerRegistry(client),
         batches=BatchStore(client, retention_s=settings.retention_s),

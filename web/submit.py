@@ -1,7 +1,9 @@
 """Accepting a job: check the queue, store the input and the record, then enqueue.
 
 Order matters so nothing accepted is lost: the blob and the job record are written before the task is
-sent; if sending fails, the job is marked failed with the reason and the client gets 503.
+sent; if sending fails, the job is marked failed with the reason and the client gets 503. A queued
+record enters an outbox as it is written and leaves it once its message is sent: if this process dies
+in between, a worker's housekeeping sends the message after `PERSONAPLEX_DISPATCH_GRACE_S`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from flask import url_for
 
 from personaplex.jobs import Job, QueueFullError
 from personaplex.storage import INPUT
+from web.auth import current_owner
 from web.errors import ApiError
 from web.services import Services
 from web.validation import Upload
@@ -71,11 +74,12 @@ def store_jobs(svc: Services, jobs: list[Job], uploads: list[Upload]) -> None:
 
 
 def new_job(upload: Upload) -> Job:
-    """The queued job record for a validated upload (not stored yet)."""
+    """The queued job record for a validated upload (not stored yet), owned by the request's key."""
     return Job(
         params=upload.params.to_dict(),
         input_name=upload.input_name,
         input_duration_s=round(upload.info.duration_s, 3),
+        owner=current_owner(),
     )
 
 
@@ -89,6 +93,8 @@ def accept(svc: Services, upload: Upload, job: Job | None = None) -> Job:
 
 
 def enqueue(svc: Services, job_id: str) -> None:
+    """Send the job's message, then take it off the outbox (if this process dies in between, a
+    worker's sweeper sends it after `dispatch_grace_s`: a second message for a job is harmless)."""
     try:
         svc.celery.send_task(
             TASK_NAME, args=[job_id], task_id=job_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY
@@ -98,6 +104,10 @@ def enqueue(svc: Services, job_id: str) -> None:
         reason = f"Could not enqueue the job: the broker is unreachable ({exc})."
         _mark_failed_quietly(svc, job_id, reason)
         raise ApiError(503, reason, job_id=job_id) from exc
+    try:
+        svc.jobs.mark_dispatched(job_id)
+    except Exception as exc:  # the sweeper sends the message again after the grace: harmless
+        log.warning("Job %s was sent but is still in the outbox: %s", job_id, exc)
 
 
 def _mark_failed_quietly(svc: Services, job_id: str, reason: str) -> None:

@@ -8,7 +8,12 @@ every step is safe to repeat:
   with that countdown and acks this one) and frees the worker's slot for other jobs. A later
   delivery finds the job final; a dead worker's lease has expired by then, and it takes the job over;
 - a job whose outputs are complete is finished from them without rerunning the model;
-- each start counts an attempt; past `max_attempts` the job fails with that reason.
+- each start counts an attempt; past `max_attempts` the job fails with that reason;
+- every write of an attempt (progress, outputs, final record) is fenced by its run lease and attempt
+  number (`personaplex.jobs.Fence`): outputs go to the attempt's own blobs, and the record commits
+  them only while the lease is still this worker's. A worker paused past its lease (the job queued
+  again by housekeeping, or taken over by another delivery) finds its lease lost: the row stops at
+  its next frame, the attempt's outputs are discarded, and nothing it wrote is served.
 
 Batching (README.md, "Batched jobs on a GPU worker"): a delivery that starts its job also claims up to `max_batch - 1` other
 queued jobs through their records (run lease first, then an atomic queued -> running transition that
@@ -20,6 +25,7 @@ worker dies, those messages are still queued or scheduled, the leases expire, an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,9 +37,9 @@ from redis.exceptions import RedisError
 
 from personaplex.audio import encode_wav
 from personaplex.errors import CancelledError, PersonaPlexError
-from personaplex.jobs import Job, JobStatus, JobStore
+from personaplex.jobs import Fence, Job, JobStatus, LeaseLost
 from personaplex.params import FRAME_RATE, EngineResult, GenerationParams
-from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, outputs_complete
+from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, completed_attempt
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -48,13 +54,17 @@ CANCEL_CHECK_INTERVAL_S = 0.2
 CLAIM_LOOKAHEAD = 4
 """Queued ids read per free batch row when claiming (some may be leased or cancelled meanwhile)."""
 
+LOST = "lost"
+"""A delivery's status for a job whose lease it lost: another attempt owns the job now."""
+
 
 class ProgressReporter:
     """The engine's progress callback: always updates gpu_status, publishes to Redis throttled."""
 
-    def __init__(self, runtime: WorkerRuntime, job_id: str) -> None:
+    def __init__(self, runtime: WorkerRuntime, job_id: str, fence: Fence) -> None:
         self.runtime = runtime
         self.job_id = job_id
+        self.fence = fence
         self._last_phase: str | None = None
         self._last_sent = 0.0
 
@@ -66,21 +76,25 @@ class ProgressReporter:
             return
         self._last_phase, self._last_sent = phase, now
         try:
-            self.runtime.jobs.set_progress(self.job_id, phase, done, total)
+            self.runtime.jobs.set_progress(self.job_id, phase, done, total, fence=self.fence)
         except RedisError as exc:  # a Redis blip must not fail the batch: the next report catches up
             log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
 
 
 class CancelCheck:
-    """The engine's should_cancel callback: reads the job's cancel flag, at most every 0.2 s."""
+    """The engine's should_cancel callback: stops the row when the job's lease is lost (checked every
+    frame, in memory) or its cancel flag is set (read from Redis at most every 0.2 s)."""
 
-    def __init__(self, jobs: JobStore, job_id: str) -> None:
-        self.jobs = jobs
+    def __init__(self, runtime: WorkerRuntime, job_id: str) -> None:
+        self.runtime = runtime
+        self.jobs = runtime.jobs
         self.job_id = job_id
         self._next_check = 0.0
         self._cancelled = False
 
     def __call__(self) -> bool:
+        if self.runtime.lease_lost(self.job_id):
+            return True
         now = time.monotonic()
         if not self._cancelled and now >= self._next_check:
             self._next_check = now + CANCEL_CHECK_INTERVAL_S
@@ -157,14 +171,19 @@ class JobRunner:
         started = self.jobs.mark_running(job.id, self.worker)
         if started is None or started.status is not JobStatus.RUNNING:
             return self._skip(started)
+        fence = self.runtime.started(job.id, started.attempts)
         max_attempts = self.runtime.settings.max_attempts
-        if started.attempts > max_attempts:
-            self.jobs.mark_failed(job.id, _gave_up(started.attempts - 1, max_attempts))
-            return Outcome(JobStatus.FAILED.value)
-        if outputs_complete(self.blobs, job.id):
-            log.info("job %s: outputs already complete, finishing without rerunning", job.id)
-            self.jobs.mark_succeeded(job.id, self._result_from_outputs(started))
-            return Outcome(JobStatus.SUCCEEDED.value)
+        try:
+            if started.attempts > max_attempts:
+                self.jobs.mark_failed(job.id, _gave_up(started.attempts - 1, max_attempts), fence)
+                return Outcome(JobStatus.FAILED.value)
+            earlier = completed_attempt(self.blobs, job.id, started.attempts)
+            if earlier is not None:
+                log.info("job %s: attempt %d's outputs are complete, finishing from them", job.id, earlier)
+                self.jobs.mark_succeeded(job.id, self._result_from_outputs(job.id, earlier), fence)
+                return Outcome(JobStatus.SUCCEEDED.value)
+        except LeaseLost:
+            return self._lost(started, ran=False)
         return self._run_engine(started)
 
     def _run_engine(self, job: Job) -> Outcome:
@@ -207,8 +226,12 @@ class JobRunner:
             if started is None:
                 self._release(candidate.id)
                 continue
+            fence = self.runtime.started(started.id, started.attempts)
             if started.attempts > settings.max_attempts:
-                self.jobs.mark_failed(started.id, _gave_up(started.attempts - 1, settings.max_attempts))
+                with contextlib.suppress(LeaseLost):
+                    self.jobs.mark_failed(
+                        started.id, _gave_up(started.attempts - 1, settings.max_attempts), fence
+                    )
                 self._release(started.id)
                 continue
             longest = frames
@@ -235,9 +258,9 @@ class JobRunner:
             except Exception as exc:
                 outcomes[job.id] = self._settle(job, batch, 0.0, exc)
                 continue
-            reporter = ProgressReporter(self.runtime, job.id)
+            reporter = ProgressReporter(self.runtime, job.id, self._fence(job))
             reporter("load", 0, 1)
-            requests.append(BatchRequest(audio, params, reporter, CancelCheck(self.jobs, job.id)))
+            requests.append(BatchRequest(audio, params, reporter, CancelCheck(self.runtime, job.id)))
             members.append(job)
         if not requests:
             return outcomes
@@ -263,49 +286,77 @@ class JobRunner:
         self, job: Job, batch: dict[str, Any], load_s: float, outcome: EngineResult | Exception
     ) -> Outcome:
         """Record one job's end: outputs and success, or the reason it failed or was cancelled."""
-        status = self._record(job, batch, load_s, outcome)
+        try:
+            status = self._record(job, batch, load_s, outcome)
+        except LeaseLost:
+            status = self._lost(job).status
         if job.id != batch["leader"]:
             self._release(job.id)  # a later delivery of it finds it final
-            log.info("job %s (claimed by the batch of %s) ended %s", job.id, batch["leader"], status.value)
-        return Outcome(status.value, ran=True)
+            log.info("job %s (claimed by the batch of %s) ended %s", job.id, batch["leader"], status)
+        return Outcome(status, ran=True)
 
     def _record(
         self, job: Job, batch: dict[str, Any], load_s: float, outcome: EngineResult | Exception
-    ) -> JobStatus:
+    ) -> str:
+        """Write the attempt's outcome under its fence; raises LeaseLost if the job moved on."""
+        fence = self._fence(job)
+        if self.runtime.lease_lost(job.id):
+            raise LeaseLost(f"job {job.id}: attempt {fence.attempt} lost its lease")
         if isinstance(outcome, CancelledError):
-            self.jobs.mark_cancelled(job.id)
-            return JobStatus.CANCELLED
+            self.jobs.mark_cancelled(job.id, fence)
+            return JobStatus.CANCELLED.value
         if isinstance(outcome, PersonaPlexError):
-            self.jobs.mark_failed(job.id, str(outcome))
-            return JobStatus.FAILED
+            self.jobs.mark_failed(job.id, str(outcome), fence)
+            return JobStatus.FAILED.value
         if isinstance(outcome, FileNotFoundError):
-            self.jobs.mark_failed(job.id, "The job's input is missing from the blob store (expired?).")
-            return JobStatus.FAILED
+            self.jobs.mark_failed(job.id, "The job's input is missing from the blob store (expired?).", fence)
+            return JobStatus.FAILED.value
         try:
             if isinstance(outcome, Exception):
                 raise outcome
             inference_s = outcome.timings.total_s - outcome.timings.load_s
             timings = _timings(job, outcome, load_s, inference_s)
-            self._write_outputs(job.id, outcome, timings)
-            result = _result(outcome.input_duration_s, outcome.text, outcome.frames, timings)
+            self._write_outputs(job.id, fence.attempt, outcome, timings)
+            result = _result(outcome.input_duration_s, outcome.text, outcome.frames, timings, fence.attempt)
             if batch["size"] > 1:
                 result["engine_batch"] = dict(batch)
         except Exception as exc:
             log.error("job %s failed unexpectedly", job.id, exc_info=exc)
-            self.jobs.mark_failed(job.id, f"Internal error: {type(exc).__name__}: {exc}")
-            return JobStatus.FAILED
-        self.jobs.mark_succeeded(job.id, result)
-        return JobStatus.SUCCEEDED
+            self.jobs.mark_failed(job.id, f"Internal error: {type(exc).__name__}: {exc}", fence)
+            return JobStatus.FAILED.value
+        self.jobs.mark_succeeded(job.id, result, fence)
+        return JobStatus.SUCCEEDED.value
 
-    def _write_outputs(self, job_id: str, result: EngineResult, timings: dict[str, float]) -> None:
-        """WAV first, JSON last: a complete pair means a finished job (see outputs_complete)."""
-        self.blobs.put(job_id, OUTPUT_WAV, encode_wav(result.audio, result.sample_rate))
+    def _fence(self, job: Job) -> Fence:
+        return Fence(self.runtime.lease_owner, job.attempts)
+
+    def _lost(self, job: Job, ran: bool = True) -> Outcome:
+        """This attempt lost the job to another: leave its record alone and drop its outputs."""
+        log.warning(
+            "job %s: attempt %d lost its lease (the job was queued again or taken over); "
+            "its outputs are discarded and its outcome not recorded",
+            job.id,
+            job.attempts,
+        )
+        try:
+            self.blobs.discard_attempt(job.id, job.attempts)
+        except Exception as exc:  # an orphan no record points to: the job's retention removes it
+            log.warning("job %s: attempt %d's outputs not discarded (%s)", job.id, job.attempts, exc)
+        return Outcome(LOST, ran=ran)
+
+    def _write_outputs(
+        self, job_id: str, attempt: int, result: EngineResult, timings: dict[str, float]
+    ) -> None:
+        """The attempt's own WAV first, JSON last: a complete pair means the attempt finished (see
+        completed_attempt); the record then commits them under the fence."""
+        self.blobs.put(job_id, OUTPUT_WAV, encode_wav(result.audio, result.sample_rate), attempt)
         document = {"job_id": job_id, **result.text_document(), "timings": timings}
-        self.blobs.put(job_id, OUTPUT_JSON, json.dumps(document).encode())
+        self.blobs.put(job_id, OUTPUT_JSON, json.dumps(document).encode(), attempt)
 
-    def _result_from_outputs(self, job: Job) -> dict[str, Any]:
-        document = json.loads(self.blobs.get(job.id, OUTPUT_JSON))
-        return _result(document["duration_s"], document["text"], len(document["frames"]), document["timings"])
+    def _result_from_outputs(self, job_id: str, attempt: int) -> dict[str, Any]:
+        document = json.loads(self.blobs.get(job_id, OUTPUT_JSON, attempt))
+        frames = len(document["frames"])
+        return _result(document["duration_s"], document["text"], frames, document["timings"], attempt)
 
 
 def _timings(job: Job, result: EngineResult, load_s: float, inference_s: float) -> dict[str, float]:
@@ -326,8 +377,11 @@ def _frames_estimate(job: Job) -> int:
     return math.ceil((job.input_duration_s or 0.0) * FRAME_RATE)
 
 
-def _result(duration_s: float, text: str, frames: int, timings: dict[str, float]) -> dict[str, Any]:
-    return {"duration_s": duration_s, "text": text, "frames": frames, "timings": timings}
+def _result(
+    duration_s: float, text: str, frames: int, timings: dict[str, float], attempt: int
+) -> dict[str, Any]:
+    """The succeeded record's result; `attempt` names the outputs it commits (storage.read_output)."""
+    return {"duration_s": duration_s, "text": text, "frames": frames, "timings": timings, "attempt": attempt}
 
 
 def _gave_up(attempts: int, max_attempts: int) -> str:

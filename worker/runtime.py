@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from personaplex.jobs import JobStore, WorkerRegistry
+from personaplex.jobs import Fence, JobStore, WorkerRegistry
 from personaplex.settings import Settings
 from personaplex.storage import BlobStore, open_blob_store
 
@@ -53,7 +53,9 @@ class WorkerRuntime:
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5.0
         )
-        self.jobs = JobStore(self.redis, retention_s=settings.retention_s)
+        self.jobs = JobStore(
+            self.redis, retention_s=settings.retention_s, dispatch_grace_s=settings.dispatch_grace_s
+        )
         self.blobs: BlobStore = open_blob_store(settings, self.redis)
         self.registry = WorkerRegistry(self.redis)
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -67,6 +69,10 @@ class WorkerRuntime:
         self._batch: dict[str, dict[str, Any] | None] = {}
         """Every job this worker is running now (the delivery's and those claimed into its batch),
         in start order, with its progress."""
+        self._fences: dict[str, Fence] = {}
+        """The attempt each running job is on, once it has started (its writes are fenced with it)."""
+        self._lost: set[str] = set()
+        """Running jobs whose lease was found lost: their rows stop and write nothing."""
         self._last_used: float | None = None
         self._offload_pending = False
 
@@ -116,7 +122,7 @@ class WorkerRuntime:
         finally:
             with self._state:
                 self._running_job = None
-                self._batch = {}
+                self._batch, self._fences, self._lost = {}, {}, set()
                 pending, self._offload_pending = self._offload_pending, False
             self._touch()
             if pending:
@@ -128,17 +134,46 @@ class WorkerRuntime:
         with self._state:
             self._batch.setdefault(job_id, None)
 
+    def started(self, job_id: str, attempt: int) -> Fence:
+        """The job's attempt has started: its fence, also used to take its lease back after an outage."""
+        fence = Fence(self.lease_owner, attempt)
+        with self._state:
+            self._fences[job_id] = fence
+        return fence
+
     def leave_batch(self, job_id: str) -> None:
         """A job of the batch ended (or was not claimed after all): stop refreshing its lease."""
         with self._state:
             self._batch.pop(job_id, None)
+            self._fences.pop(job_id, None)
+            self._lost.discard(job_id)
+
+    def lease_lost(self, job_id: str) -> bool:
+        """Whether the job's lease was found taken or gone for good: its row must stop."""
+        with self._state:
+            return job_id in self._lost
 
     def refresh_lease(self) -> None:
-        """Keep the running jobs' leases alive (housekeeping calls this well within their TTL)."""
+        """Keep the running jobs' leases alive (housekeeping calls this well within their TTL).
+
+        A refresh that finds the lease another's, or gone while the job moved on, marks the job lost:
+        the engine drops its row at the next frame and the worker writes nothing for it. A Redis
+        error leaves everything as it is: the next tick tries again, and takes the lease back if it
+        expired meanwhile and nobody else took the job.
+        """
         with self._state:
-            job_ids = list(self._batch)
-        for job_id in job_ids:
-            self.jobs.refresh_lease(job_id, self.lease_owner, self.settings.heartbeat_ttl)
+            running = [
+                (job_id, self._fences.get(job_id)) for job_id in self._batch if job_id not in self._lost
+            ]
+        for job_id, fence in running:
+            attempt = fence.attempt if fence else None
+            if self.jobs.refresh_lease(job_id, self.lease_owner, self.settings.heartbeat_ttl, attempt):
+                continue
+            if fence is None:
+                continue  # not started yet: the start itself will fail, or find the job moved on
+            log.warning("job %s: attempt %d lost its lease; stopping it, writing nothing", job_id, attempt)
+            with self._state:
+                self._lost.add(job_id)
 
     def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         with self._state:
