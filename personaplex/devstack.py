@@ -43,10 +43,15 @@ def wait_until(
 
 
 class RedisServer:
-    """A private redis-server without persistence, on a fixed port so clients can reconnect after start()."""
+    """A private redis-server on a fixed port, so clients can reconnect after start().
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    Without persistence by default (a restart loses every key); `persist=True` keeps an append-only
+    file in `workdir`, so a restart keeps the data, as a production Redis would.
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False) -> None:
         self.workdir = Path(workdir)
+        self.persist = persist
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -59,7 +64,8 @@ class RedisServer:
             raise RuntimeError(
                 "redis-server is not installed (apt-get install redis-server) and REDIS_URL is unset."
             )
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "redis.log", "ab") as log:
             self.process = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)

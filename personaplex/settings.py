@@ -101,7 +101,7 @@ class Settings:
         "PERSONAPLEX_VISIBILITY_TIMEOUT",
         21600.0,
         _positive(float),
-        "Seconds before an unacked job is redelivered; must exceed the longest job",
+        "Seconds before Celery redelivers an unacked message; a dead worker's jobs do not wait for it",
     )
     api_key: str | None = option(
         "PERSONAPLEX_API_KEY", None, _optional_str, "Bearer token for /api if set: an admin key named admin"
