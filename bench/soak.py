@@ -1,6 +1,6 @@
 """Fault soak: jobs keep their promises while workers are SIGKILLed and Redis restarts.
 
-    python bench/soak.py [--runs 10] [--jobs 40] [--seconds 4 12] [--max-batch 2] [--kill-every 12]
+    python bench/soak.py [--runs 10] [--jobs 40] [--seconds 30 90] [--max-batch 2] [--kill-every 12]
 
 Each run starts a private redis-server with an append-only file (a restart keeps the data, as in
 production), writes the tiny random model, starts two Celery workers with a 20 s visibility timeout
@@ -67,6 +67,7 @@ def submit(
     app, jobs: JobStore, blobs: FsBlobStore, speech: np.ndarray, count: int, lengths: tuple[float, float]
 ) -> list[str]:
     rng = np.random.default_rng(0)
+    speech = np.resize(speech, int((lengths[1] + 10) * 24_000))  # the recording repeated, long enough
     ids = []
     for i in range(count):
         seconds = float(rng.uniform(*lengths))
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=40)
-    parser.add_argument("--seconds", type=float, nargs=2, default=(4.0, 12.0), help="job lengths (min max)")
+    parser.add_argument("--seconds", type=float, nargs=2, default=(30.0, 90.0), help="job lengths (min max)")
     parser.add_argument("--max-batch", type=int, default=2)
     parser.add_argument("--kill-every", type=float, default=12.0)
     parser.add_argument("--limit", type=float, default=600.0, help="seconds a run may take")

@@ -144,9 +144,16 @@ SCHEMAS: dict[str, Any] = {
             "params": {"type": "object"},
             "input_name": {"type": "string"},
             "input_duration_s": {"type": ["number", "null"]},
-            "result": {"type": ["object", "null"], "description": "duration, text, frames, timings"},
+            "result": {
+                "type": ["object", "null"],
+                "description": "duration_s, text, frames, timings, and attempt: the attempt whose outputs it serves",
+            },
             "error": {"type": ["string", "null"]},
             "batch_id": {"type": ["string", "null"]},
+            "note": {
+                "type": ["string", "null"],
+                "description": "What the service did beyond the status, e.g. queued again after its worker died.",
+            },
             "owner": {
                 "type": ["string", "null"],
                 "description": "Name of the API key that made the job; null when made without keys.",
