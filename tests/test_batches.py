@@ -123,6 +123,7 @@ def test_bad_inputs_answer_400_naming_them_and_queue_nothing(
         (good, {"per_file": json.dumps({"three.wav": {"seed": 1}})}, "'three.wav'"),
         (good, {"per_file": json.dumps({"one.wav": {"colour": "red"}})}, "unknown parameters ['colour']"),
         (good, {"per_file": "{not json"}, "per_file is not valid JSON"),
+        (good, {"per_file": "[" * 100_000}, "per_file is nested too deeply"),
         (good, {"per_file": json.dumps({"one.wav": 3})}, "JSON object of objects"),
         (good, {"seed": "many"}, "seed must be an integer"),
         ([], {"seed": "1"}, "No audio uploaded"),

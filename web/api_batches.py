@@ -283,6 +283,8 @@ def _parse_per_file(raw: str | None) -> dict[str, dict[str, Any]]:
         value = json.loads(raw)
     except ValueError as exc:
         raise ApiError(400, f"per_file is not valid JSON ({exc}).") from None
+    except RecursionError:  # the parser recurses per bracket: 100,000 of them exhaust the stack
+        raise ApiError(400, "per_file is nested too deeply to be a JSON object of objects.") from None
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ApiError(400, 'per_file must be a JSON object of objects: {"name.wav": {"seed": 1}}.')
     for name, params in value.items():
