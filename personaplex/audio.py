@@ -6,9 +6,11 @@ No torch here: the web tier validates uploads with these functions too.
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,18 +65,23 @@ def probe(source: AudioSource, max_seconds: float | None = DEFAULT_MAX_SECONDS) 
     """Read the header only and check the duration; raises AudioError on anything unusable."""
     header = source[:65536] if isinstance(source, bytes) else _head(source)
     with _open(source) as f:
-        info = AudioInfo(
-            duration_s=f.frames / f.samplerate if f.samplerate else 0.0,
-            sample_rate=f.samplerate,
-            channels=f.channels,
-            frames=f.frames,
-            format=f.format,
-        )
+        info = _info(f)
     _check_duration(info.frames, info.duration_s, max_seconds)
+    _check_decoded_size(info, max_seconds)
     if info.format.upper() in RIFF_FORMATS:
         size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
         _check_wav_complete(header, size)
     return info
+
+
+def _info(f: sf.SoundFile) -> AudioInfo:
+    return AudioInfo(
+        duration_s=f.frames / f.samplerate if f.samplerate else 0.0,
+        sample_rate=f.samplerate,
+        channels=f.channels,
+        frames=f.frames,
+        format=f.format,
+    )
 
 
 def _head(path: str | os.PathLike) -> bytes:
@@ -117,27 +124,116 @@ def _check_duration(frames: int, duration_s: float, max_seconds: float | None) -
         )
 
 
-DECODE_CHECK_BLOCK = 1 << 16
-"""Frames decoded at a time by check_decodes (bounded memory whatever the length)."""
+MAX_DECODE_RATE = 96_000 * 2
+"""Samples per second of the duration limit a file may decode to: 96 kHz stereo."""
+MAX_DECODED_SAMPLES = MAX_DECODE_RATE * int(DEFAULT_MAX_SECONDS)
+"""The least decode budget (frames x channels): 600 s of 96 kHz stereo, 115.2 million samples.
+
+Every 24-48 kHz stereo input of the default 600 s limit fits with room to spare, while a 384 kHz
+8-channel file (3 million samples a second, which FLAC compresses to almost nothing when silent)
+is refused from its header after 37.5 s, before anything is decoded."""
 
 
-def check_decodes(source: AudioSource) -> None:
-    """Decode a compressed file (FLAC, OGG) to its end, so a cut-off upload is refused up front.
+def decode_budget(max_seconds: float | None) -> int:
+    """Most samples (frames x channels) a file may decode to under the duration limit `max_seconds`.
 
-    Its header names the full length even when the stream stops halfway; only decoding tells. WAV
-    needs no decode: probe compares its data chunk with the file size.
+    It grows with the duration limit (an operator who raises it keeps 96 kHz stereo) but never
+    drops below MAX_DECODED_SAMPLES, so short limits do not refuse ordinary high-rate files.
     """
-    with _open(source) as f:
-        if f.format.upper() in RIFF_FORMATS:
-            return
-        decoded = 0
+    if max_seconds is None:
+        return MAX_DECODED_SAMPLES
+    return max(MAX_DECODED_SAMPLES, math.ceil(max_seconds * MAX_DECODE_RATE))
+
+
+def _budget_error(samples: int, limit: int, detail: str = "") -> AudioError:
+    return AudioError(
+        f"The audio decodes to {samples:,} samples{detail}; the limit is {limit:,} samples "
+        "(sample rate x channels x seconds: 96 kHz stereo for the duration limit, at least 600 s). "
+        "Downmix it or resample it to 48 kHz or less first."
+    )
+
+
+def _check_decoded_size(info: AudioInfo, max_seconds: float | None) -> None:
+    """Refuse, from the header alone, a file whose decoded samples would exceed the budget."""
+    samples, limit = info.frames * info.channels, decode_budget(max_seconds)
+    if samples > limit:
+        detail = f" ({info.sample_rate} Hz x {info.channels} channels x {info.duration_s:.1f} s)"
+        raise _budget_error(samples, limit, detail)
+
+
+DECODE_BLOCK_FRAMES = 1 << 16
+"""Frames decoded at a time by load and check_decodes: memory stays at one block, whatever the length."""
+DECODE_CHECK_BLOCK = DECODE_BLOCK_FRAMES  # the former name
+RESAMPLE_QUALITY = "VHQ"
+FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+"""Sample formats that can hold NaN, infinity or values far outside [-1, 1]."""
+
+
+class _MonoStream:
+    """Decode, downmix and resample an open file block by block: float32 mono chunks at `sample_rate`.
+
+    The chunks joined are exactly what a whole-file read, mean over channels and soxr.resample give:
+    the mean is taken frame by frame, and libsoxr's output does not depend on how its input is cut
+    into chunks (soxr.resample itself feeds soxr_process piece by piece). Each output chunk is
+    checked for NaN and infinity, so a file load refuses is refused by check_decodes too.
+    """
+
+    def __init__(self, f: sf.SoundFile, sample_rate: int, budget: int) -> None:
+        self.file = f
+        self.budget = budget
+        self.frames_read = 0
+        self._resampler = (
+            None
+            if f.samplerate == sample_rate
+            else soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+        )
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            block = self._read()
+            last = len(block) == 0
+            mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+            if self._resampler is not None:
+                mono = self._resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
+            if not np.all(np.isfinite(mono)):
+                raise AudioError("The audio contains NaN or infinite samples.")
+            if len(mono):
+                yield mono
+            if last:
+                return
+
+    def _read(self) -> np.ndarray:
         try:
-            while block := len(f.read(DECODE_CHECK_BLOCK, dtype="float32", always_2d=True)):
-                decoded += block
+            block = self.file.read(DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)  # [T, C]
         except (sf.LibsndfileError, RuntimeError) as exc:
             raise AudioError(f"The audio is truncated or corrupt ({exc}).") from exc
-        if decoded < f.frames:
-            raise AudioError(f"The audio is truncated: {decoded} of {f.frames} frames decode.")
+        self.frames_read += len(block)
+        if self.frames_read * block.shape[1] > self.budget:  # the header understated the length
+            raise _budget_error(
+                self.frames_read * block.shape[1], self.budget, " (more than its header says)"
+            )
+        return block
+
+
+def check_decodes(
+    source: AudioSource, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = DEFAULT_MAX_SECONDS
+) -> None:
+    """Run what load runs (decode, downmix, resample, in blocks) to the end, keeping nothing, so an
+    upload the worker would refuse is refused up front: a cut-off compressed stream (its header names
+    the full length even when it stops halfway; only decoding tells) or NaN and infinite samples.
+
+    PCM WAV needs none of it: probe compares its data chunk with the file size, and integer samples
+    are always finite. Float WAV is decoded, since only its samples tell whether they are finite.
+    """
+    with _open(source) as f:
+        _check_decoded_size(_info(f), max_seconds)
+        if f.format.upper() in RIFF_FORMATS and f.subtype.upper() not in FLOAT_SUBTYPES:
+            return
+        stream = _MonoStream(f, sample_rate, decode_budget(max_seconds))
+        for _ in stream:
+            pass
+        if stream.frames_read < f.frames:
+            raise AudioError(f"The audio is truncated: {stream.frames_read} of {f.frames} frames decode.")
 
 
 def load(
@@ -145,22 +241,18 @@ def load(
     sample_rate: int = SAMPLE_RATE,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> np.ndarray:
-    """Decode, downmix to mono and resample: float32 samples [T] at `sample_rate`."""
+    """Decode, downmix to mono and resample: float32 samples [T] at `sample_rate`.
+
+    Done in blocks (see _MonoStream): memory holds the result and one block, not the whole file
+    decoded as float32 at its own rate and channel count.
+    """
     probe(source, max_seconds)
     with _open(source) as f:
-        try:
-            data = f.read(dtype="float32", always_2d=True)  # [T, C]
-        except (sf.LibsndfileError, RuntimeError) as exc:
-            raise AudioError(f"The audio is truncated or corrupt ({exc}).") from exc
-        source_rate = f.samplerate
-    if data.shape[0] == 0:
+        stream = _MonoStream(f, sample_rate, decode_budget(max_seconds))
+        chunks = list(stream)
+    if stream.frames_read == 0:
         raise AudioError("The audio holds no samples.")
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if source_rate != sample_rate:
-        mono = soxr.resample(mono, source_rate, sample_rate, quality="VHQ").astype(np.float32)
-    if not np.all(np.isfinite(mono)):
-        raise AudioError("The audio contains NaN or infinite samples.")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
 
 SFC_SET_ADD_PEAK_CHUNK = 0x1050

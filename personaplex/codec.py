@@ -8,6 +8,7 @@ every transformer layer's sliding window, so chunking changes nothing but memory
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -53,12 +54,22 @@ def encode(mimi: MimiModel, samples: np.ndarray, chunk_frames: int = CHUNK_FRAME
 
 
 @torch.inference_mode()
-def decode(mimi: MimiModel, codes: torch.Tensor, chunk_frames: int = CHUNK_FRAMES) -> np.ndarray:
-    """Codes [1, Q, F] → float32 samples [F * 1920]."""
+def decode(
+    mimi: MimiModel,
+    codes: torch.Tensor,
+    chunk_frames: int = CHUNK_FRAMES,
+    before_chunk: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """Codes [1, Q, F] → float32 samples [F * 1920].
+
+    `before_chunk` runs before each chunk; what it raises stops the decode (the engine's cancel check).
+    """
     frames = codes.shape[-1]
     context = context_frames(mimi)
     pieces = []
     for start in range(0, frames, chunk_frames):
+        if before_chunk is not None:
+            before_chunk()
         stop = min(frames, start + chunk_frames)
         left = max(0, start - context)
         audio = mimi.decode(codes[..., left:stop].to(mimi.device)).audio_values  # [1, 1, samples]

@@ -420,7 +420,7 @@ class Engine:
                         settle(job.index, exc)
 
     def _finish_batched(self, models: LoadedModels, job: _BatchJob, frames: torch.Tensor) -> EngineResult:
-        result = self._finish(models, job.samples, frames, job.timings, job.report)
+        result = self._finish(models, job.samples, frames, job.timings, job.report, job.cancelled)
         t = job.timings
         t.total_s = t.load_s + job.prepare_s + t.encode_s + t.prompt_s + t.generate_s + t.decode_s
         t.rtf = (t.total_s - t.load_s) / result.input_duration_s if len(job.samples) else 0.0
@@ -453,7 +453,7 @@ class Engine:
             frames = self._generate(loop, user_codes, report, cancelled)  # [F, 9]
             timings.generate_s = time.perf_counter() - clock
 
-        result = self._finish(models, samples, frames, timings, report)
+        result = self._finish(models, samples, frames, timings, report, cancelled)
         timings.total_s = timings.load_s + (time.perf_counter() - started)
         timings.rtf = (timings.total_s - timings.load_s) / result.input_duration_s if len(samples) else 0.0
         return result
@@ -465,11 +465,22 @@ class Engine:
         frames: torch.Tensor,
         timings: Timings,
         report: Progress,
+        cancelled: ShouldCancel,
     ) -> EngineResult:
-        """Decode a job's frames [F, 9] into its result (timings.decode_s set here)."""
+        """Decode a job's frames [F, 9] into its result (timings.decode_s set here).
+
+        A cancel is honoured before each decode chunk and once more at the end, so a DELETE during
+        the decode cancels the job rather than letting it succeed.
+        """
+
+        def check() -> None:
+            if cancelled():
+                raise CancelledError("Cancelled during the decode phase.")
+
         clock = time.perf_counter()
         report("decode", 0, 1)
-        agent_audio = codec.decode(models.mimi, frames[:, 1:].T[None])[: len(samples)]
+        agent_audio = codec.decode(models.mimi, frames[:, 1:].T[None], before_chunk=check)[: len(samples)]
+        check()
         report("decode", 1, 1)
         timings.decode_s = time.perf_counter() - clock
         duration = len(samples) / SAMPLE_RATE

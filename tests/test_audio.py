@@ -231,3 +231,146 @@ def test_encode_wav_gives_the_same_bytes_a_second_later() -> None:
     # 16-bit WAVs never had a PEAK chunk; the switch leaves them as they were.
     pcm = audio.encode_wav(signals[0], subtype="PCM_16")
     assert pcm == _encode(signals[0], SAMPLE_RATE, "WAV", "PCM_16")
+
+
+# ---- bounded decoding (issue 10, item 4) -------------------------------------------------------------
+
+
+def _silent_flac(rate: int, channels: int, seconds: int) -> bytes:
+    """Silent 16-bit FLAC, written a second at a time: FLAC packs silence into almost nothing."""
+    buffer = io.BytesIO()
+    zeros = np.zeros((rate, channels), dtype=np.int16)
+    with sf.SoundFile(buffer, "w", rate, channels, "PCM_16", format="FLAC") as f:
+        for _ in range(seconds):
+            f.write(zeros)
+    return buffer.getvalue()
+
+
+def _load_one_shot(source: bytes | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """What audio.load did before it streamed: read everything, downmix, one soxr.resample call."""
+    import soxr
+
+    data, rate = sf.read(
+        io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True
+    )
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate, quality="VHQ").astype(np.float32)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def crafted_flac() -> bytes:
+    """384 kHz, 8 channels, 40 s of silence: 123 million samples (492 MB as float32) in about 130 KB."""
+    return _silent_flac(384_000, 8, 40)
+
+
+def test_a_file_over_the_decode_budget_is_refused_from_its_header(
+    crafted_flac: bytes, tmp_path: Path
+) -> None:
+    assert len(crafted_flac) < 300_000
+    path = tmp_path / "crafted.flac"
+    path.write_bytes(crafted_flac)
+    limit = f"{audio.MAX_DECODED_SAMPLES:,}"
+    for source in (crafted_flac, path):
+        started = time.perf_counter()
+        for call in (audio.probe, audio.load, audio.check_decodes):
+            with pytest.raises(AudioError, match=f"decodes to 122,880,000 samples.*the limit is {limit}"):
+                call(source)
+        assert time.perf_counter() - started < 1.0  # refused from the header, nothing decoded
+
+
+def test_the_decode_budget_fits_every_legal_input_and_grows_with_the_duration_limit() -> None:
+    assert audio.MAX_DECODED_SAMPLES == 115_200_000
+    assert audio.decode_budget(None) == audio.decode_budget(10.0) == audio.MAX_DECODED_SAMPLES
+    assert audio.decode_budget(600.0) >= 48_000 * 2 * 600  # any 24-48 kHz stereo input of 600 s
+    assert audio.decode_budget(3600.0) == 96_000 * 2 * 3600  # a raised duration limit keeps 96 kHz stereo
+
+
+def test_a_multichannel_high_rate_file_below_the_budget_loads_like_before() -> None:
+    rng = np.random.default_rng(3)
+    samples = (0.3 * rng.standard_normal((3 * 96_000 + 123, 6))).astype(np.float32)
+    data = _encode(samples, 96_000, "FLAC")
+    audio.check_decodes(data)
+    out = audio.load(data)
+    assert len(out) == 3 * SAMPLE_RATE + 31  # 123 frames at 96 kHz are 30.75 at 24 kHz
+    np.testing.assert_allclose(out, _load_one_shot(data), rtol=0, atol=1e-6)
+
+
+STREAM_TOLERANCE = 1e-6
+"""Largest difference allowed between load (streamed: blocks through soxr.ResampleStream) and the
+former one-shot load (soxr.resample) where a file is resampled. libsoxr's output does not depend on
+how its input is split, and soxr.resample itself feeds it in pieces: with soxr 1.1 the two are
+identical, 0.0 apart. 1e-6 (-120 dBFS) leaves room for another soxr build, far below what a 24-bit
+sample can hold. Without resampling (24 kHz input) the two must be bit-identical."""
+
+
+@pytest.mark.parametrize(
+    "rate,channels,fmt,subtype",
+    [
+        (24_000, 1, "WAV", "FLOAT"),
+        (24_000, 2, "WAV", "PCM_16"),
+        (24_000, 3, "FLAC", None),
+        (44_100, 1, "WAV", "PCM_24"),
+        (48_000, 2, "FLAC", None),
+        (22_050, 2, "OGG", "VORBIS"),
+        (8_000, 1, "WAV", "PCM_16"),
+    ],
+)
+def test_streamed_load_equals_the_one_shot_load(
+    rate: int, channels: int, fmt: str, subtype: str | None
+) -> None:
+    rng = np.random.default_rng(rate + channels)
+    frames = 2 * audio.DECODE_BLOCK_FRAMES + 777  # several blocks and a partial one
+    samples = (0.3 * rng.standard_normal((frames, channels))).astype(np.float32)
+    data = _encode(samples, rate, fmt, subtype)
+    out, reference = audio.load(data), _load_one_shot(data)
+    assert out.dtype == np.float32 and out.flags.c_contiguous and len(out) == len(reference)
+    if rate == SAMPLE_RATE:
+        assert np.array_equal(out, reference)
+    else:
+        np.testing.assert_allclose(out, reference, rtol=0, atol=STREAM_TOLERANCE)
+
+
+def test_the_golden_inputs_load_bit_identically() -> None:
+    from fixtures import GOLDEN_DIR
+
+    inputs = sorted((GOLDEN_DIR / "cases").glob("*/input.wav"))
+    assert inputs
+    for path in inputs:
+        assert np.array_equal(audio.load(path), _load_one_shot(path)), path
+
+
+def test_loading_a_long_file_keeps_memory_bounded(tmp_path: Path) -> None:
+    """120 s of 48 kHz stereo: read whole as float32 it is 46 MB, and the old load held that, its
+    mono mean and the resampled copy at once. Streamed, the peak is the 11.5 MB result (its chunks
+    and their join) plus one block."""
+    import tracemalloc
+
+    path = tmp_path / "long.wav"
+    block = (0.1 * np.random.default_rng(5).standard_normal((48_000, 2))).astype(np.float32)
+    with sf.SoundFile(path, "w", 48_000, 2, "PCM_16", format="WAV") as f:
+        for _ in range(120):
+            f.write(block)
+    result_bytes = 120 * SAMPLE_RATE * 4
+    whole_file_bytes = 120 * 48_000 * 2 * 4
+    tracemalloc.start()
+    try:
+        out = audio.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(out) == 120 * SAMPLE_RATE
+    assert peak < 2 * result_bytes + 4 * 1024 * 1024 < whole_file_bytes, (peak, result_bytes)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+def test_check_decodes_refuses_non_finite_float_wavs(bad: float, subtype: str) -> None:
+    samples = _tone(0.5, 44_100)
+    samples[2000] = bad
+    data = _encode(samples, 44_100, "WAV", subtype)
+    audio.probe(data)  # the header is sound
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        audio.check_decodes(data)
+    audio.check_decodes(_encode(_tone(0.5, 44_100), 44_100, "WAV", subtype))  # finite: accepted

@@ -457,6 +457,44 @@ def test_cancel_mid_generation(tiny_engine: Engine, clip: Path) -> None:
     assert len(tiny_engine.process(clip, _params(text_prompt="")).tokens) == 19
 
 
+def test_a_cancel_during_the_decode_phase_cancels_the_job(tiny_engine: Engine, clip: Path) -> None:
+    """A cancel that comes while the frames are decoded is honoured (issue 10, item 6): before, the
+    decode ran on and the job succeeded after its DELETE had answered cancel_requested."""
+    from personaplex.engine import BatchRequest
+
+    state = {"decoding": False}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        state["decoding"] = phase == "decode"
+
+    def should_cancel() -> bool:
+        return state["decoding"]
+
+    with pytest.raises(CancelledError, match="decode phase"):
+        tiny_engine.process(clip, _params(), progress=progress, should_cancel=should_cancel)
+    state["decoding"] = False
+    [outcome] = tiny_engine.process_batch([BatchRequest(clip, _params(), progress, should_cancel)])
+    assert isinstance(outcome, CancelledError) and "decode phase" in str(outcome)
+
+
+def test_decode_runs_its_hook_before_every_chunk(tiny_engine: Engine, speech: np.ndarray) -> None:
+    mimi = tiny_engine._models.mimi
+    codes = codec.encode(mimi, speech[: 2 * SAMPLE_RATE])  # 25 frames
+    calls: list[int] = []
+    audio = codec.decode(mimi, codes, chunk_frames=10, before_chunk=lambda: calls.append(1))
+    assert len(calls) == 3 and np.array_equal(audio, codec.decode(mimi, codes, chunk_frames=10))
+
+    def stop() -> None:
+        if calls:
+            raise CancelledError("stop")
+        calls.append(1)
+
+    calls.clear()
+    with pytest.raises(CancelledError):
+        codec.decode(mimi, codes, chunk_frames=10, before_chunk=stop)
+    assert calls == [1]  # the second chunk never ran
+
+
 def test_concurrent_process_calls_equal_sequential(
     tiny_engine: Engine, tiny_checkpoint: Path, clip: Path
 ) -> None:

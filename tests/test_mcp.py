@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import numpy as np
 import pytest
-from fixtures import REPO_ROOT, SPEECH_20S, free_port, speech_clip
+from fixtures import REPO_ROOT, SPEECH_20S, free_port, speech_clip, wait_until
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
@@ -601,25 +600,44 @@ def test_inputs_and_outputs_that_must_not_be_used_are_refused_before_anything_is
 
 
 @pytest.mark.slow
-def test_a_failed_job_reports_the_workers_reason(live_service: str, tmp_path: Path) -> None:
-    """A float WAV holding NaN samples: its header is sound (so the service queues it), but the
-    worker refuses its samples."""
-    samples = load(SPEECH_20S)[24_000 * 4 : 24_000 * 6].copy()
-    samples[1000:1010] = np.nan
-    broken = tmp_path / "nan.wav"
-    broken.write_bytes(encode_wav(samples, 24_000))
+def test_a_failed_job_reports_the_workers_reason(
+    live_service: str, clips: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A job whose stored input is gone when the worker reaches it: the upload was sound (so the
+    service queued it), the worker fails it, and its reason reaches the MCP client.
+
+    The job waits behind a long running one, so its input can be deleted before the worker gets to
+    it; then the long one is cancelled to free the worker.
+    """
+    api = rest(live_service)
+    busy = api.submit_job(clips["long"])["job_id"]
+    wait_until(lambda: api.get_job(busy)["status"] == "running", 60, what="the long job to start")
+
+    def delete_the_queued_input() -> str:
+        job_id = wait_until(
+            lambda: next((j["job_id"] for j in api.list_jobs(status="queued")), None), 30, interval=0.05
+        )
+        # pytest links "live-servicecurrent" to the newest live-service folder: one folder, two names
+        found = tmp_path_factory.getbasetemp().glob(f"live-service*/data/jobs/{job_id}")
+        folders = {folder.resolve() for folder in found}
+        assert len(folders) == 1, folders
+        shutil.rmtree(folders.pop())
+        api.cancel_job(busy)
+        return job_id
 
     async def scenario(client: Client) -> dict[str, Any]:
-        return await call(
-            client, "process_audio", input_file=str(broken), output_file=str(tmp_path / "o.wav")
-        )
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(anyio.to_thread.run_sync, delete_the_queued_input)
+            return await call(
+                client, "process_audio", input_file=str(clips["short"]), output_file=str(tmp_path / "o.wav")
+            )
 
     result = run_client(live_service, scenario)
     assert result["status"] == "error", result
-    assert re.search(r"Job [0-9a-f]{32} failed: .*NaN or infinite samples", result["error"]), result["error"]
+    assert re.search(r"Job [0-9a-f]{32} failed: .*input is missing", result["error"]), result["error"]
     job_id = result["error"].split()[1]
-    job = rest(live_service).get_job(job_id)
-    assert job["status"] == "failed" and "NaN" in job["error"]
+    job = api.get_job(job_id)
+    assert job["status"] == "failed" and "input is missing" in job["error"]
     assert not (tmp_path / "o.wav").exists()
 
 

@@ -317,6 +317,22 @@ def test_engine_errors_fail_the_job_with_their_message(shared: Harness) -> None:
     assert failed.status is JobStatus.FAILED and "NOPE.pt" in failed.error
 
 
+def test_audio_over_the_decode_budget_fails_the_job_naming_the_limit(shared: Harness) -> None:
+    """384 kHz, 8 channels, 40 s of silence (a 130 KB FLAC): the worker's load refuses it from its
+    header, before decoding 492 MB of float32 (issue 10, item 4)."""
+    import numpy as np
+
+    from personaplex.audio import MAX_DECODED_SAMPLES
+
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", 384_000, 8, "PCM_16", format="FLAC") as f:
+        for _ in range(40):
+            f.write(np.zeros((384_000, 8), dtype=np.int16))
+    failed = wait_for_job(shared.jobs, shared.submit(buffer.getvalue()).id)
+    assert failed.status is JobStatus.FAILED
+    assert f"the limit is {MAX_DECODED_SAMPLES:,} samples" in failed.error
+
+
 def test_idle_model_is_offloaded(shared: Harness, shared_worker: WorkerProcess) -> None:
     job = shared.submit(speech_clip(1.0))
     done = wait_for_job(shared.jobs, job.id)

@@ -11,6 +11,7 @@ import logging
 
 from web.app import create_app
 from web.bind import OpenBindError, check_bind, is_loopback
+from web.errors import JsonErrorRequestHandler
 
 log = logging.getLogger("web")
 
@@ -36,7 +37,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"python -m web: error: {exc}\n")
     if not settings.has_keys and is_loopback(args.host):
         log.info("No API key: /api is open to this host only (%s).", args.host)
-    app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
+    app.run(
+        host=args.host,
+        port=args.port,
+        threaded=True,
+        use_reloader=False,
+        request_handler=JsonErrorRequestHandler,  # the server's own 414/431 as JSON too
+    )
 
 
 if __name__ == "__main__":

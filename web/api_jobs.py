@@ -114,7 +114,11 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
     if job.status is JobStatus.CANCELLED:
         revoke_quietly(svc, [job_id])
         return jsonify({**job_view(job), "cancel_requested": True}), 200
-    return jsonify({**job_view(job), "cancel_requested": True}), 202
+    message = (
+        "The job stops at its worker's next check: before its next frame, or its next decode chunk. "
+        "One already writing its outputs when the check comes finishes as succeeded."
+    )
+    return jsonify({**job_view(job), "cancel_requested": True, "message": message}), 202
 
 
 def revoke_quietly(svc: Services, job_ids: list[str]) -> None:

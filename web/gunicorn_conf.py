@@ -11,6 +11,9 @@ from typing import Any
 
 from personaplex.settings import Settings
 from web.bind import check_bind
+from web.gunicorn_errors import install as install_json_errors
+
+install_json_errors()  # gunicorn's own 400/431 answers as JSON, in the master before workers fork
 
 
 def bound_hosts(addresses: list[Any]) -> list[str]:

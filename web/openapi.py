@@ -107,11 +107,15 @@ BATCH_BODY = {
 }
 
 SUBMIT_ERRORS = {
-    "400": _error("Bad input: not audio, empty, truncated, too long, unknown voice, bad seed or parameter."),
+    "400": _error(
+        "Bad input: not audio, empty, truncated, too long, over the decode budget, NaN or infinite "
+        "samples, unknown voice, bad seed or parameter."
+    ),
     "401": _error("Missing or wrong API key."),
     "413": _error("Upload larger than PERSONAPLEX_MAX_UPLOAD_MB."),
     "429": _error("The queue is full; see the Retry-After header."),
     "503": _error("Redis or the broker is unreachable."),
+    "507": _error("No room to store the upload: the data directory is full or Redis is out of memory."),
 }
 
 SCHEMAS: dict[str, Any] = {

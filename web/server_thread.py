@@ -10,6 +10,8 @@ import threading
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from web.errors import JsonErrorRequestHandler
+
 POLL_INTERVAL_S = 0.05
 """Seconds between the serving loop's checks for a shutdown request."""
 
@@ -19,7 +21,9 @@ class ServerThread:
 
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0) -> None:
         self.app = app
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
+        self._server: BaseWSGIServer = make_server(
+            host, port, app, threaded=True, request_handler=JsonErrorRequestHandler
+        )
         self.host = host
         self.port = self._server.server_port
         self._thread = threading.Thread(

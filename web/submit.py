@@ -56,13 +56,14 @@ def queue_full(full: QueueFullError) -> ApiError:
 def store_jobs(svc: Services, jobs: list[Job], uploads: list[Upload]) -> None:
     """Store the inputs, then write the queued records at once if the queue has room (429 if not).
 
-    Either every job is written or none is, and a refused job's input is deleted again.
+    Either every job is written or none is, and a refused job's input is deleted again: also the
+    one whose write failed (a full disk leaves its folder behind), before errors.py answers 507.
     """
     stored: list[str] = []
     try:
         for job, upload in zip(jobs, uploads, strict=True):
-            svc.blobs.put(job.id, INPUT, upload.data)
             stored.append(job.id)
+            svc.blobs.put(job.id, INPUT, upload.data)
         svc.jobs.create_many(jobs, svc.settings.max_queue)
     except Exception as exc:
         for job_id in stored:  # no record was written: the client gets an error, nothing is orphaned

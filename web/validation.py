@@ -5,11 +5,12 @@ Every failure raises ApiError(400) with a message that says what to change.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass, fields
 from typing import Any
 
 from werkzeug.datastructures import FileStorage, MultiDict
-from werkzeug.utils import secure_filename
 
 from personaplex.audio import AudioInfo, check_decodes, probe
 from personaplex.catalog import DEFAULT_PROMPT, normalize_voice_name, voice_ids
@@ -18,6 +19,12 @@ from personaplex.params import GenerationParams
 from web.errors import ApiError
 
 DEFAULT_INPUT_NAME = "input.wav"
+MAX_INPUT_NAME_BYTES = 200
+"""Longest input name kept (UTF-8 bytes, extension included): outputs add a suffix and ".json",
+and file systems refuse names over 255 bytes, so every archive member still extracts."""
+MAX_EXTENSION_BYTES = 16
+"""A longer "extension" is part of the stem (it is cut, not kept whole)."""
+_ASCII_KEPT = re.compile(r"[A-Za-z0-9_.-]")
 MAX_TEXT_PROMPT_CHARS = 8000
 """Longest persona prompt accepted (characters)."""
 
@@ -60,8 +67,36 @@ def parse_upload(
 
 
 def safe_input_name(filename: str | None) -> str:
-    """The upload's name made safe for display; it is never used as a path."""
-    return secure_filename(filename or "") or DEFAULT_INPUT_NAME
+    """The upload's name made safe for records and archive members; it is never used as a path.
+
+    werkzeug's secure_filename, but keeping letters, marks and digits of every script: path
+    separators and whitespace become "_", other ASCII punctuation, control and format characters
+    (bidi overrides among them) are dropped, leading and trailing "." and "_" are stripped (so no
+    name is hidden or collides with the archive's "_batch.json"), and the result is cut to
+    MAX_INPUT_NAME_BYTES keeping its extension: "日本語.wav" stays "日本語.wav".
+    """
+    text = unicodedata.normalize("NFC", filename or "").replace("/", " ").replace("\\", " ")
+    kept = "".join(c for c in "_".join(text.split()) if _kept(c)).strip("._")
+    return _bounded(kept) or DEFAULT_INPUT_NAME
+
+
+def _kept(char: str) -> bool:
+    if char.isascii():
+        return bool(_ASCII_KEPT.fullmatch(char))
+    return unicodedata.category(char)[0] in "LMN"
+
+
+def _bounded(name: str) -> str:
+    """`name` cut to MAX_INPUT_NAME_BYTES of UTF-8 at a character boundary, its extension kept."""
+    if len(name.encode()) <= MAX_INPUT_NAME_BYTES:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    suffix = dot + extension
+    if not stem or len(suffix.encode()) > MAX_EXTENSION_BYTES:
+        stem, suffix = name, ""
+    room = MAX_INPUT_NAME_BYTES - len(suffix.encode())
+    cut = stem.encode()[:room].decode(errors="ignore").rstrip("._")
+    return cut + suffix if cut else ""
 
 
 def check_audio(data: bytes, max_audio_seconds: float | None) -> AudioInfo:
@@ -69,7 +104,7 @@ def check_audio(data: bytes, max_audio_seconds: float | None) -> AudioInfo:
         raise ApiError(400, "The uploaded file is empty.")
     try:
         info = probe(data, max_audio_seconds)
-        check_decodes(data)
+        check_decodes(data, max_seconds=max_audio_seconds)
         return info
     except AudioError as exc:
         raise ApiError(400, str(exc)) from exc
