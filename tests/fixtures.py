@@ -168,3 +168,18 @@ def runs(worker: WorkerProcess, job_id: str) -> int:
     """How often the worker ran the job: as its delivery's own job, or claimed into another's batch."""
     claimed = sum(1 for line in worker.log().splitlines() if f"job {job_id} (claimed by the batch" in line)
     return deliveries(worker, job_id, ran=True) + claimed
+
+
+def silent_flac(rate: int, channels: int, seconds: int) -> bytes:
+    """Silent 16-bit FLAC, written a second at a time: FLAC packs silence into almost nothing."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    zeros = np.zeros((rate, channels), dtype=np.int16)
+    with sf.SoundFile(buffer, "w", rate, channels, "PCM_16", format="FLAC") as f:
+        for _ in range(seconds):
+            f.write(zeros)
+    return buffer.getvalue()

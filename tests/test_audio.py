@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from fixtures import silent_flac
 
 from personaplex import audio
 from personaplex.errors import AudioError
@@ -236,16 +237,6 @@ def test_encode_wav_gives_the_same_bytes_a_second_later() -> None:
 # ---- bounded decoding (issue 10, item 4) -------------------------------------------------------------
 
 
-def _silent_flac(rate: int, channels: int, seconds: int) -> bytes:
-    """Silent 16-bit FLAC, written a second at a time: FLAC packs silence into almost nothing."""
-    buffer = io.BytesIO()
-    zeros = np.zeros((rate, channels), dtype=np.int16)
-    with sf.SoundFile(buffer, "w", rate, channels, "PCM_16", format="FLAC") as f:
-        for _ in range(seconds):
-            f.write(zeros)
-    return buffer.getvalue()
-
-
 def _load_one_shot(source: bytes | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """What audio.load did before it streamed: read everything, downmix, one soxr.resample call."""
     import soxr
@@ -262,7 +253,7 @@ def _load_one_shot(source: bytes | Path, sample_rate: int = SAMPLE_RATE) -> np.n
 @pytest.fixture(scope="module")
 def crafted_flac() -> bytes:
     """384 kHz, 8 channels, 40 s of silence: 123 million samples (492 MB as float32) in about 130 KB."""
-    return _silent_flac(384_000, 8, 40)
+    return silent_flac(384_000, 8, 40)
 
 
 def test_a_file_over_the_decode_budget_is_refused_from_its_header(

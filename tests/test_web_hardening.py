@@ -28,8 +28,7 @@ import numpy as np
 import pytest
 import redis
 import requests
-import soundfile as sf
-from fixtures import REPO_ROOT, SPEECH_20S, free_port, wait_until
+from fixtures import REPO_ROOT, SPEECH_20S, free_port, silent_flac, wait_until
 
 from personaplex.audio import MAX_DECODED_SAMPLES, encode_wav, load
 from personaplex.jobs import JobStore
@@ -50,15 +49,6 @@ def speech() -> np.ndarray:
 
 def _wav(speech: np.ndarray, seconds: float, subtype: str = "PCM_16") -> bytes:
     return encode_wav(speech[: int(seconds * 24_000)], 24_000, subtype=subtype)
-
-
-def _silent_flac(rate: int, channels: int, seconds: int) -> bytes:
-    buffer = io.BytesIO()
-    zeros = np.zeros((rate, channels), dtype=np.int16)
-    with sf.SoundFile(buffer, "w", rate, channels, "PCM_16", format="FLAC") as f:
-        for _ in range(seconds):
-            f.write(zeros)
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -88,12 +78,12 @@ def test_a_file_over_the_decode_budget_is_a_400_naming_the_limit(
 ) -> None:
     """384 kHz, 8 channels, 40 s of silence: a 130 KB FLAC that decodes to 492 MB of float32."""
     url = serve().url
-    crafted = _silent_flac(384_000, 8, 40)
+    crafted = silent_flac(384_000, 8, 40)
     for response in (_submit(url, crafted, "crafted.flac"), _batch(url, [("crafted.flac", crafted)])):
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert "122,880,000 samples" in error and f"the limit is {MAX_DECODED_SAMPLES:,} samples" in error
-    legal = _silent_flac(96_000, 6, 3)  # high rate, many channels, far below the budget
+    legal = silent_flac(96_000, 6, 3)  # high rate, many channels, far below the budget
     assert _submit(url, legal, "legal.flac").status_code == 202
     assert _job_count(url) == 1
 
