@@ -163,6 +163,12 @@ class Settings:
         _positive(int),
         "Memory bound per batch: rows x longest job's frames (12.5/s, prompt included)",
     )
+    redis_pool_size: int = option(
+        "PERSONAPLEX_REDIS_POOL_SIZE",
+        50,
+        _positive(int),
+        "Redis connections one web process's API may hold (event sockets share one more)",
+    )
     host: str = option(
         "HOST", "127.0.0.1", str, "Interface of the development web server; off loopback it needs a key"
     )

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import redis
+import simple_websocket
 
 from personaplex import audio as audio_io
 from personaplex.devstack import RedisServer, ServiceProcess, free_port, wait_until  # noqa: F401
@@ -183,3 +184,36 @@ def silent_flac(rate: int, channels: int, seconds: int) -> bytes:
         for _ in range(seconds):
             f.write(zeros)
     return buffer.getvalue()
+
+
+class WsClient(simple_websocket.Client):
+    """simple-websocket's client, minus a race: a message the server sends right behind its 101
+    answer (gevent workers do) lands in the same read as the handshake, and simple-websocket's client
+    leaves it parsed-but-unhandled until more bytes come, so `receive` times out. Handling the
+    buffered events once after the handshake delivers it."""
+
+    def handshake(self) -> None:
+        super().handshake()
+        self._handle_events()
+        # A close that came with the handshake is not an error here: the reader thread finds the
+        # socket closed, and `receive` raises ConnectionClosed with the close reason recorded now.
+        self.connected = True
+
+
+def ws_connect(url: str, headers: Mapping[str, str] | None = None) -> WsClient:
+    """A WebSocket client connected to `url` (ws://...)."""
+    return WsClient.connect(url, headers=dict(headers or {}))
+
+
+def events_until_closed(ws: simple_websocket.Client, timeout: float = 15.0) -> list[dict]:
+    """Every JSON message on the socket until the server closes it; fails if it stays open."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            message = ws.receive(timeout=0.5)
+            if message is not None:
+                events.append(json.loads(message))
+    except simple_websocket.ConnectionClosed:
+        return events
+    raise AssertionError(f"socket still open after {timeout} s; got {events}")

@@ -23,7 +23,7 @@ import redis
 import requests
 import simple_websocket
 import yaml
-from fixtures import REPO_ROOT, RedisServer, free_port, speech_clip, wait_until
+from fixtures import REPO_ROOT, RedisServer, free_port, speech_clip, wait_until, ws_connect
 
 from personaplex.jobs import Job, JobStore, WorkerRegistry
 from personaplex.settings import Settings, parse_named_keys
@@ -103,7 +103,7 @@ def compose_web_command(bind: str | None = None) -> list[str]:
     )
     if bind is not None:
         command[command.index("-b") + 1] = bind
-        command[command.index("-w") + 1] = "1"
+        command[-1:-1] = ["-w", "1"]  # before the app: one worker is enough here
     return [GUNICORN, *command[1:]]
 
 
@@ -296,7 +296,7 @@ class Caller:
 
     def first_event(self, job_id: str) -> dict[str, Any]:
         ws_url = self.url.replace("http://", "ws://") + f"/api/jobs/{job_id}/events"
-        ws = simple_websocket.Client.connect(ws_url, headers=self.headers)
+        ws = ws_connect(ws_url, self.headers)
         try:
             message = ws.receive(timeout=5)
         except simple_websocket.ConnectionClosed:  # the error came with the close: it is in the reason

@@ -22,7 +22,7 @@ import redis
 import requests
 import simple_websocket
 import soundfile
-from fixtures import SPEECH_20S, RedisServer, speech_clip, wait_until
+from fixtures import SPEECH_20S, RedisServer, events_until_closed, speech_clip, wait_until, ws_connect
 
 from personaplex.audio import encode_wav, load
 from personaplex.jobs import Job, JobStatus, JobStore, Keys, WorkerRegistry
@@ -60,7 +60,7 @@ class Live:
 
     def ws(self, job_id: str, query: str = "") -> simple_websocket.Client:
         ws_url = self.url.replace("http://", "ws://") + f"/api/jobs/{job_id}/events{query}"
-        return simple_websocket.Client.connect(ws_url, headers=self.headers)
+        return ws_connect(ws_url, self.headers)
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +108,6 @@ def _finish_like_a_worker(live: Live, job_id: str, text: str = "hello there") ->
     live.blobs.put(job_id, OUTPUT_WAV, wav)
     live.blobs.put(job_id, OUTPUT_JSON, json.dumps(document).encode())
     live.jobs.mark_succeeded(job_id, {"text": text, "duration_s": 0.1})
-
-
-def _events_until_closed(ws: simple_websocket.Client, timeout: float = 15.0) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            message = ws.receive(timeout=0.5)
-            if message is not None:
-                events.append(json.loads(message))
-    except simple_websocket.ConnectionClosed:
-        return events
-    raise AssertionError(f"socket still open after {timeout} s; got {events}")
 
 
 # -- catalog, errors, OpenAPI ----------------------------------------------------------------------
@@ -430,7 +417,7 @@ def test_events_socket_sends_state_then_relays_until_final(live: Live, clip: byt
     state = json.loads(ws.receive(timeout=5))
     assert state["type"] == "state" and state["status"] == "queued" and state["job"]["id"] == job_id
     _finish_like_a_worker(live, job_id)
-    events = _events_until_closed(ws)
+    events = events_until_closed(ws)
     assert [e["type"] for e in events] == ["started", "progress", "succeeded"]
     assert events[1]["done"] == 5 and events[1]["total"] == 10
     assert all(e["job_id"] == job_id for e in events)
@@ -439,13 +426,13 @@ def test_events_socket_sends_state_then_relays_until_final(live: Live, clip: byt
 def test_events_socket_for_a_final_job_sends_state_and_closes(live: Live, clip: bytes) -> None:
     job_id = _queued(live, clip)
     live.delete(f"/api/jobs/{job_id}")
-    events = _events_until_closed(live.ws(job_id))
+    events = events_until_closed(live.ws(job_id))
     assert [(e["type"], e["status"]) for e in events] == [("state", "cancelled")]
 
 
 @pytest.mark.parametrize("job_id", [HEX_ID, "not-a-job-id"])
 def test_events_socket_for_an_unknown_job_says_so(live: Live, job_id: str) -> None:
-    events = _events_until_closed(live.ws(job_id))
+    events = events_until_closed(live.ws(job_id))
     assert events[0]["type"] == "error" and "doesn't exist" in events[0]["error"]
 
 
@@ -618,7 +605,7 @@ def test_end_to_end_with_a_real_worker(
     clip = encode_wav(speech[: 3 * 24000], 24000, subtype="PCM_16")
 
     job_id = _queued(live, clip, voice_prompt="NATF0", seed="1234")  # no ".pt": the worker still finds it
-    events = _events_until_closed(live.ws(job_id), timeout=120)
+    events = events_until_closed(live.ws(job_id), timeout=120)
     kinds = [e["type"] for e in events]
     assert kinds[0] == "state" and kinds[-1] == "succeeded", kinds
     assert "progress" in kinds and ("started" in kinds or events[0]["status"] != "queued")
@@ -675,7 +662,7 @@ def test_status_offload_and_cancel_while_a_real_worker_runs_a_job(
     assert offload.json()["status"] == "deferred"
     response = live.delete(f"/api/jobs/{job_id}")
     assert response.status_code == 202, response.text
-    events = _events_until_closed(ws, timeout=60)
+    events = events_until_closed(ws, timeout=60)
     assert events[-1]["type"] == "cancelled"
     assert live.get(f"/api/jobs/{job_id}").json()["status"] == "cancelled"
 

@@ -243,7 +243,7 @@ def test_gunicorns_own_errors_are_json(redis_server: Any, tmp_path: Path) -> Non
     keep = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAPLEX_")}
     env = {**keep, "PYTHONPATH": str(REPO_ROOT), "REDIS_URL": redis_server.url}
     env.update(PERSONAPLEX_DATA_DIR=str(tmp_path / "data"), HOST="127.0.0.1")
-    args = [GUNICORN, "-c", "python:web.gunicorn_conf", "-k", "gthread", "--threads", "2", "-w", "1"]
+    args = [GUNICORN, "-c", "python:web.gunicorn_conf", "-w", "1"]  # the production worker class
     args += ["-b", f"127.0.0.1:{port}", "web:create_app()"]
     with open(tmp_path / "gunicorn.log", "wb") as log:
         process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)

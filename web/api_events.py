@@ -1,26 +1,30 @@
 """WS /api/jobs/<id>/events: the job's state at once, then its events until it is final.
 
-Events come from the worker through Redis pub/sub (one subscription per socket); the job record is
-read once, after subscribing, so nothing is missed and nothing is polled.
+Events come from the worker through Redis pub/sub, fanned out by the process's one subscription
+(web/pubsub.py), so an open socket holds no Redis connection. The socket registers for its job's
+events before it reads the job record, so nothing falls between; nothing is polled. If the
+subscription breaks, the socket stays open and sends the job's state again once it is back (events in
+between are lost); after OUTAGE_GRACE_S without Redis it closes with 1011.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from flask import Blueprint
 from flask_sock import Sock
-from redis.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from simple_websocket import Server
 
-from personaplex.jobs import is_valid_job_id
+from personaplex.jobs import Job, is_valid_job_id
 from web.api_jobs import job_view
 from web.auth import current_principal
-from web.pubsub import is_final_event, next_event, subscription
-from web.services import services
+from web.pubsub import Notice, Waiter, is_final_event, next_event, subscription
+from web.services import Services, services
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,10 @@ bp = Blueprint("events", __name__, url_prefix="/api/jobs")
 sock = Sock()
 
 WAIT_SLICE_S = 1.0
-"""Seconds between checks that the client is still connected."""
+"""Seconds between checks that the client is still connected (a closed socket ends within this)."""
+
+OUTAGE_GRACE_S = 30.0
+"""Seconds a socket waits for the events subscription to come back before it gives up with 1011."""
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_SERVER_ERROR = 1011
@@ -41,14 +48,14 @@ def job_events(ws: Server, job_id: str) -> None:
         return
     svc = services()
     try:
-        with subscription(svc, job_id) as pubsub:
+        with subscription(svc, job_id) as waiter:  # before the read: no event falls between
             job = svc.jobs.get(job_id)
             if job is None or not current_principal().can_see(job.owner):
                 _fail(ws, CLOSE_POLICY_VIOLATION, _missing(job_id))
                 return
-            _send(ws, {"type": "state", "job_id": job.id, "status": job.status.value, "job": job_view(job)})
+            _send_state(ws, job)
             if not job.status.is_final:
-                _relay(ws, pubsub)
+                _relay(ws, svc, waiter)
     except RedisError as exc:
         log.warning("Event stream for job %s lost Redis: %s", job_id, exc)
         _fail(ws, CLOSE_SERVER_ERROR, f"Redis is unreachable ({exc}).")
@@ -58,14 +65,38 @@ def _missing(job_id: str) -> str:
     return f"Job {job_id[:64]!r} doesn't exist (or has expired)."
 
 
-def _relay(ws: Server, pubsub: PubSub) -> None:
+def _relay(ws: Server, svc: Services, waiter: Waiter) -> None:
+    """Send the job's events until the final one, the client leaves, or Redis stays away too long."""
+    lost_at: float | None = None
     while ws.connected:
-        event = next_event(pubsub, WAIT_SLICE_S)
-        if event is None:
-            continue
-        _send(ws, event)
-        if is_final_event(event):
-            return
+        item = next_event(waiter, WAIT_SLICE_S)
+        if item is Notice.LOST:
+            lost_at = time.monotonic()
+        elif item is Notice.RESUMED:
+            lost_at = None
+            if _resync(ws, svc, waiter.job_id):
+                return
+        elif isinstance(item, dict):
+            _send(ws, item)
+            if is_final_event(item):
+                return
+        if lost_at is not None and time.monotonic() - lost_at > OUTAGE_GRACE_S:
+            raise RedisConnectionError(f"no events subscription for {OUTAGE_GRACE_S:g} s")
+
+
+def _resync(ws: Server, svc: Services, job_id: str) -> bool:
+    """After an outage, send the job's state as it stands now; True if the stream is over."""
+    job = svc.jobs.get(job_id)
+    if job is None:
+        message = f"Job {job_id} doesn't exist any more: Redis lost it while the events were cut off."
+        _fail(ws, CLOSE_SERVER_ERROR, message)
+        return True
+    _send_state(ws, job)
+    return job.status.is_final
+
+
+def _send_state(ws: Server, job: Job) -> None:
+    _send(ws, {"type": "state", "job_id": job.id, "status": job.status.value, "job": job_view(job)})
 
 
 def _send(ws: Server, event: dict[str, Any]) -> None:

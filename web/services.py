@@ -1,7 +1,9 @@
 """The resources views share: settings, Redis, the job, batch and blob stores, the Celery producer.
 
-`init_app` attaches them to the app; Redis connects lazily on first use. The Celery client app is
-built from `worker`'s factory only when a view first needs it (it never imports torch).
+`init_app` attaches them to the app; Redis connects lazily on first use, and the events hub (one
+subscription shared by every socket, web/pubsub.py) starts in the process that first needs it. The
+Celery client app is built from `worker`'s factory only when a view first needs it (it never
+imports torch).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from personaplex.batches import BatchStore
 from personaplex.jobs import JobStore, WorkerRegistry
 from personaplex.settings import Settings
 from personaplex.storage import BlobStore, delete_expired, open_blob_store
+from web.pubsub import EventHub
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -36,6 +39,12 @@ HEALTH_TIMEOUT_S = 0.5
 """Seconds each /health Redis call may take (no retry), so /health answers within 2 s even when
 Redis hangs instead of refusing connections."""
 
+REDIS_POOL_WAIT_S = 5.0
+"""Seconds a request waits for a free connection of the API's pool before it answers 503."""
+
+EVENTS_SOCKET_TIMEOUT_S = 5.0
+"""Seconds one read on the events subscription may block once Redis has started to answer."""
+
 CLEANUP_INTERVAL_S = 600.0
 """Seconds between two sweeps of expired jobs and blobs from this web process."""
 
@@ -45,15 +54,26 @@ def redis_client(
     socket_timeout: float = REDIS_SOCKET_TIMEOUT_S,
     connect_timeout: float = REDIS_CONNECT_TIMEOUT_S,
     retries: int = 1,
+    max_connections: int | None = None,
+    health_check_interval: int = 30,
 ) -> redis.Redis:
-    """A client that fails fast when Redis is down: short timeouts, immediate retries only."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=connect_timeout,
-        socket_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), retries),
-        health_check_interval=30,
+    """A client that fails fast when Redis is down: short timeouts, immediate retries only.
+
+    With `max_connections`, a bounded pool where a request waits up to REDIS_POOL_WAIT_S for a free
+    connection rather than failing at once with "Too many connections".
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": socket_timeout,
+        "retry": Retry(NoBackoff(), retries),
+        "health_check_interval": health_check_interval,
+    }
+    if max_connections is None:
+        return redis.Redis.from_url(url, **options)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=REDIS_POOL_WAIT_S, **options
     )
+    return redis.Redis(connection_pool=pool)
 
 
 @dataclass
@@ -65,6 +85,7 @@ class Services:
     blobs: BlobStore
     workers: WorkerRegistry
     batches: BatchStore
+    events: EventHub
     _celery: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_cleanup: float = 0.0
@@ -99,7 +120,11 @@ def celery_producer(settings: Settings) -> Celery:
 
 
 def build_services(settings: Settings) -> Services:
-    client = redis_client(settings.redis_url)
+    # Three clients, so none can starve another: the API's bounded pool, /health's own, and the one
+    # connection the events hub subscribes on for every socket and /api/offline waiter.
+    client = redis_client(settings.redis_url, max_connections=settings.redis_pool_size)
+    # The hub pings on its own schedule; redis-py's health check would only swallow the pongs.
+    events_client = redis_client(settings.redis_url, EVENTS_SOCKET_TIMEOUT_S, health_check_interval=0)
     return Services(
         settings=settings,
         redis=client,
@@ -108,6 +133,7 @@ def build_services(settings: Settings) -> Services:
         blobs=open_blob_store(settings, client),
         workers=WorkerRegistry(client),
         batches=BatchStore(client, retention_s=settings.retention_s),
+        events=EventHub(events_client),
     )
 
 
