@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from engine import CapturedBench, _input, build_random_engine, logit_difference, recorded_logits
 
-from personaplex import frames
 from personaplex.audio import encode_wav
-from personaplex.checkpoint import LMConfig
-from personaplex.fast import FastLoop
+from personaplex.engine import frames
+from personaplex.engine.checkpoint import LMConfig
+from personaplex.engine.fast import FastLoop
 from personaplex.params import GenerationParams
 
 

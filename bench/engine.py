@@ -5,7 +5,7 @@
     python bench/engine.py --size real --path captured --batch 8 --check   # the fast loop, 8 jobs
 
 `--path eager` runs Engine.process with the reference loop (FrameLoop, batch 1). `--path captured`
-runs the fast loop (personaplex.fast; CUDA graphs on a GPU, eagerly on a CPU) over `--batch` copies
+runs the fast loop (personaplex.engine.fast; CUDA graphs on a GPU, eagerly on a CPU) over `--batch` copies
 of the job (seeds 1..B) in one batch: the per-frame figures are per batched step, the RTF per
 stream, the throughput B × audio seconds / wall seconds. `--baseline eager.json` adds the
 speed-up over an eager run. `--check` compares tokens (greedy): captured vs eager on the same
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from personaplex.audio import encode_wav
-from personaplex.checkpoint import CheckpointInfo, LMConfig, MimiSpec
-from personaplex.engine import Engine
+from personaplex.engine.checkpoint import CheckpointInfo, LMConfig, MimiSpec
+from personaplex.engine.core import Engine
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams
 
 PHASES = ("encode", "prompt", "generate", "decode")
@@ -63,9 +63,9 @@ def build_random_engine(
     from accelerate import init_empty_weights
     from transformers import MimiModel, MoshiForConditionalGeneration
 
-    from personaplex.convert import moshi_config
-    from personaplex.loaders import LoadedModels, _reset_rope, lm_dtype_for
-    from personaplex.tiny import write_tiny_checkpoint
+    from personaplex.engine.convert import moshi_config
+    from personaplex.engine.loaders import LoadedModels, _reset_rope, lm_dtype_for
+    from personaplex.engine.tiny import write_tiny_checkpoint
 
     lm, mimi_spec = lm or LMConfig(), MimiSpec()
     config = moshi_config(lm, mimi_spec)
@@ -117,7 +117,7 @@ def _randomize(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def build_tiny_engine(device: torch.device, workdir: Path) -> Engine:
-    from personaplex.tiny import write_tiny_checkpoint
+    from personaplex.engine.tiny import write_tiny_checkpoint
 
     return Engine(write_tiny_checkpoint(workdir / "tiny"), device=device)
 
@@ -159,7 +159,7 @@ class CapturedBench:
     def plans(
         self, samples: list[np.ndarray], params: list[GenerationParams], codes=None
     ) -> tuple[list, float]:
-        from personaplex import codec
+        from personaplex.engine import codec
 
         clock = time.perf_counter()
         codes = codes or [codec.encode(self.models.mimi, s) for s in samples]
@@ -169,7 +169,7 @@ class CapturedBench:
         return plans, encode_s
 
     def loop(self, plans: list):
-        from personaplex.fast import FastLoop
+        from personaplex.engine.fast import FastLoop
 
         key = (len(plans), max(len(p) for p in plans), any(not p.sampling.greedy for p in plans))
         if key not in self.loops:
@@ -203,7 +203,7 @@ class CapturedBench:
         return results, {"prompt": prompt_s, "generate": generate_s, "prompt_frames": prompt}
 
     def timed(self, seconds: float, batch: int) -> dict[str, float]:
-        from personaplex import codec
+        from personaplex.engine import codec
 
         samples = _input(seconds)
         params = [GenerationParams(seed=1 + b) for b in range(batch)]
@@ -294,8 +294,8 @@ def logit_check(engine: Engine, samples: np.ndarray) -> dict:
     logits, then the first depth step's (its input is the text token, so it compares only if both
     paths chose the same one).
     """
-    from personaplex import frames
-    from personaplex.fast import FastLoop
+    from personaplex.engine import frames
+    from personaplex.engine.fast import FastLoop
 
     greedy = GenerationParams(greedy=True)
     captured = engine.captured
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prompt_frames(engine: Engine) -> int:
     """Frames in the default prompt phases (voice + silences + wrapped assistant prompt)."""
-    from personaplex.engine import SILENCE_FRAMES
+    from personaplex.engine.core import SILENCE_FRAMES
 
     models = engine._models
     voice = engine._voice_prompt(models, "NATF2.pt")

@@ -62,8 +62,8 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def build_loop(dtype: torch.dtype, batch: int):
     import bench.engine as bench_engine
-    from personaplex.checkpoint import LMConfig
-    from personaplex.fast import FastLoop
+    from personaplex.engine.checkpoint import LMConfig
+    from personaplex.engine.fast import FastLoop
     from personaplex.params import GenerationParams
 
     lm = LMConfig(

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()
     started: list = []
     try:
-        from personaplex.tiny import write_tiny_checkpoint
+        from personaplex.engine.tiny import write_tiny_checkpoint
 
         redis = RedisServer(workdir / "redis").start()
         started.append(redis)

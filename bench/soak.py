@@ -30,11 +30,11 @@ sys.path.insert(0, str(REPO))
 
 from personaplex import audio as audio_io  # noqa: E402
 from personaplex.devstack import RedisServer, ServiceProcess, wait_until, worker_process  # noqa: E402
+from personaplex.engine.tiny import write_tiny_checkpoint  # noqa: E402
 from personaplex.jobs import Job, JobStatus, JobStore  # noqa: E402
 from personaplex.params import GenerationParams  # noqa: E402
 from personaplex.settings import Settings  # noqa: E402
 from personaplex.storage import INPUT, OUTPUT_JSON, FsBlobStore, read_output  # noqa: E402
-from personaplex.tiny import write_tiny_checkpoint  # noqa: E402
 from worker import TASK_NAME, create_celery_app  # noqa: E402
 
 SPEECH = REPO / "tests" / "data" / "recordings" / "input_assistant.wav"

@@ -1,8 +1,15 @@
 """PersonaPlex Queue: offline PersonaPlex speech-to-speech as a service.
 
-The package is the library: catalog, audio I/O, the inference engine, job records and blob
-storage, the REST client, the MCP server and the batch CLI. Heavy imports (torch,
-transformers) happen only in the engine modules, so the web tier never loads them.
+The package is the library, in three layers (docs/architecture.md draws them):
+
+- `personaplex.engine`: the inference engine; every torch and transformers import is there, so
+  the web tier and the clients never load them.
+- the service's data model: catalog, params, settings, audio I/O, jobs, batches, storage, errors.
+- the clients: client (REST), cli, mcp_server, offline, demo, devstack.
+
+The service and client modules stay flat at the top: each layer is a handful of small modules
+that import only the data model, and their names are commands (`python -m personaplex.offline`,
+`personaplex.demo`) and entry points users already type.
 """
 
 from personaplex.errors import (

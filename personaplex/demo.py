@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(workdir: Path, seconds: float, started: list) -> int:
-    from personaplex.tiny import write_tiny_checkpoint
+    from personaplex.engine.tiny import write_tiny_checkpoint
 
     redis_url = os.environ.get("REDIS_URL")
     if not redis_url:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from personaplex.catalog import ASSISTANT_PROMPT
-from personaplex.checkpoint import DEFAULT_REPO
+from personaplex.engine.checkpoint import DEFAULT_REPO
 from personaplex.errors import PersonaPlexError
 from personaplex.params import GenerationParams
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from personaplex.audio import write_bytes_atomic, write_wav_atomic
-    from personaplex.engine import Engine
+    from personaplex.engine.core import Engine
 
     params = GenerationParams.from_dict(vars(args))
     engine = Engine(

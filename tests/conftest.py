@@ -122,8 +122,8 @@ def start_web(
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random checkpoint (personaplex.tiny, seed 0) in the real hub layout, written once."""
-    from personaplex.tiny import write_tiny_checkpoint
+    """A tiny random checkpoint (personaplex.engine.tiny, seed 0) in the real hub layout, written once."""
+    from personaplex.engine.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint") / "ckpt", seed=0)
 
@@ -143,7 +143,7 @@ def torch_single_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint: Path, torch_single_thread: None):
     """One CPU Engine on the tiny checkpoint, loaded once for the session. Tests must not offload it."""
-    from personaplex.engine import Engine
+    from personaplex.engine.core import Engine
 
     engine = Engine(tiny_checkpoint, device="cpu")
     engine.load()

@@ -32,7 +32,7 @@ from fixtures import (
 )
 
 from personaplex import audio as audio_io
-from personaplex.engine import BatchRequest, Engine, plan_groups
+from personaplex.engine.core import BatchRequest, Engine, plan_groups
 from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
 from personaplex.jobs import Job, JobStatus
 from personaplex.params import SAMPLE_RATE, EngineResult, GenerationParams
@@ -173,7 +173,7 @@ def test_plan_groups_bounds_rows_and_frames() -> None:
 def test_batches_follow_the_limits_and_results_stay_the_same(
     tiny_engine: Engine, speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from personaplex import fast
+    from personaplex.engine import fast
 
     sizes: list[int] = []
     original = fast.FastLoop.load

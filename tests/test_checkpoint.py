@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from personaplex.checkpoint import (
+from personaplex.engine.checkpoint import (
     CHECKPOINT_FILES,
     CONFIG_FILE,
     DELAYS,
@@ -99,7 +99,7 @@ def test_resolve_nonexistent_local_path(name: str) -> None:
 
 _RESOLVE_SCRIPT = """
 import sys
-from personaplex.checkpoint import resolve_model
+from personaplex.engine.checkpoint import resolve_model
 from personaplex.errors import ModelNotAvailableError
 try:
     resolve_model(sys.argv[1])

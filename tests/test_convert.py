@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import MimiModel, MoshiForConditionalGeneration
 from transformers.models.moshi.modeling_moshi import MoshiAttention
 
-from personaplex.checkpoint import LMConfig, MimiSpec, read_checkpoint
-from personaplex.convert import (
+from personaplex.engine.checkpoint import LMConfig, MimiSpec, read_checkpoint
+from personaplex.engine.convert import (
     AGENT_CODEBOOKS,
     convert_lm,
     convert_mimi,
@@ -25,10 +25,10 @@ from personaplex.convert import (
     moshi_config,
     rope_inverse_frequencies,
 )
+from personaplex.engine.frames import FrameLoop, Sampling
+from personaplex.engine.loaders import load_models
+from personaplex.engine.tiny import write_tiny_checkpoint
 from personaplex.errors import CheckpointError
-from personaplex.frames import FrameLoop, Sampling
-from personaplex.loaders import load_models
-from personaplex.tiny import write_tiny_checkpoint
 
 # ---- helpers ---------------------------------------------------------------------------------------
 

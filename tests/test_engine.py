@@ -18,12 +18,12 @@ import torch
 from fixtures import SPEECH_20S, SPEECH_40S
 
 from personaplex import audio as audio_io
-from personaplex import codec
-from personaplex import engine as engine_module
 from personaplex.catalog import voice_ids
-from personaplex.engine import Engine
+from personaplex.engine import codec
+from personaplex.engine import core as engine_module
+from personaplex.engine.core import Engine
+from personaplex.engine.frames import SILENCE_TOKENS, SINE_TOKENS, FrameLoop
 from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
-from personaplex.frames import SILENCE_TOKENS, SINE_TOKENS, FrameLoop
 from personaplex.params import FRAME_SIZE, SAMPLE_RATE, GenerationParams
 
 PROMPT_SILENCE = 6  # documented: 6 frames of silence before and after the text prompt
@@ -460,7 +460,7 @@ def test_cancel_mid_generation(tiny_engine: Engine, clip: Path) -> None:
 def test_a_cancel_during_the_decode_phase_cancels_the_job(tiny_engine: Engine, clip: Path) -> None:
     """A cancel that comes while the frames are decoded is honoured (issue 10, item 6): before, the
     decode ran on and the job succeeded after its DELETE had answered cancel_requested."""
-    from personaplex.engine import BatchRequest
+    from personaplex.engine.core import BatchRequest
 
     state = {"decoding": False}
 

@@ -1,4 +1,4 @@
-"""The fast loop (personaplex.fast) against the reference loop (FrameLoop), on the CPU in fp32.
+"""The fast loop (personaplex.engine.fast) against the reference loop (FrameLoop), on the CPU in fp32.
 
 The fast loop runs eagerly here (CUDA graph capture needs a GPU; bench/gpu_fast.sh checks it there).
 What it must keep (test_golden.py runs the golden vectors through it): the sliding window once it
@@ -16,9 +16,9 @@ import torch
 from fixtures import SPEECH_40S
 
 from personaplex import audio as audio_io
-from personaplex import codec
-from personaplex.engine import Engine, reuses_rows
-from personaplex.fast import FastLoop, JobPlan
+from personaplex.engine import codec
+from personaplex.engine.core import Engine, reuses_rows
+from personaplex.engine.fast import FastLoop, JobPlan
 from personaplex.params import SAMPLE_RATE, GenerationParams
 
 CONTEXT = 16
@@ -28,7 +28,7 @@ PROMPT = "You enjoy having a good conversation."
 # ---- a 16-frame context: the sliding window wraps -------------------------------------------------
 @pytest.fixture(scope="module")
 def short_context(tmp_path_factory: pytest.TempPathFactory, torch_single_thread: None) -> Path:
-    from personaplex.tiny import write_tiny_checkpoint
+    from personaplex.engine.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ctx16") / "ckpt", context=CONTEXT)
 
@@ -73,7 +73,7 @@ def test_text_logits_match_frame_loop_as_the_window_slides(
     engines: tuple[Engine, Engine], samples: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tokens can hide a wrong window on a tiny model; the logits cannot (an off-by-one moves them ~1e-2)."""
-    from personaplex.frames import FrameLoop
+    from personaplex.engine.frames import FrameLoop
 
     logits: dict[str, list[torch.Tensor]] = {"eager": [], "fast": []}
     eager_temporal, fast_temporal = FrameLoop.temporal, FastLoop._temporal

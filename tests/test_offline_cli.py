@@ -17,7 +17,7 @@ import soxr
 import torch  # noqa: F401 (the engine extra must be installed)
 from fixtures import SPEECH_20S
 
-from personaplex.engine import Engine
+from personaplex.engine.core import Engine
 from personaplex.params import FRAME_SIZE, SAMPLE_RATE, GenerationParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Tests for personaplex.tiny: the tiny random checkpoint in the real hub layout."""
+"""Tests for personaplex.engine.tiny: the tiny random checkpoint in the real hub layout."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from fixtures import GOLDEN_DIR
 from safetensors import safe_open
 
-from personaplex import tiny
 from personaplex.catalog import VOICES
+from personaplex.engine import tiny
 
 GOLDEN = GOLDEN_DIR / "checkpoint"
 SAFETENSORS_FILES = (tiny.MODEL_FILE, tiny.MIMI_FILE)

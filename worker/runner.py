@@ -246,7 +246,7 @@ class JobRunner:
 
     def _run_batch(self, jobs: list[Job]) -> dict[str, Outcome]:
         """Run `jobs` in one engine batch; each job's outputs and record are written when it ends."""
-        from personaplex.engine import BatchRequest
+        from personaplex.engine.core import BatchRequest
 
         outcomes: dict[str, Outcome] = {}
         batch = {"leader": jobs[0].id, "size": len(jobs)}

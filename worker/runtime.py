@@ -34,7 +34,7 @@ from personaplex.settings import Settings
 from personaplex.storage import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
-    from personaplex.engine import Engine
+    from personaplex.engine.core import Engine
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class WorkerRuntime:
         """The engine object (created on first use; creating it imports torch but loads nothing)."""
         with self._create_lock:
             if self._engine is None:
-                from personaplex.engine import Engine
+                from personaplex.engine.core import Engine
 
                 s = self.settings
                 self._engine = Engine(

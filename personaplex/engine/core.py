@@ -5,7 +5,7 @@
     results = engine.process_batch([BatchRequest(a, p) for a, p in jobs])  # one batched loop
 
 One call at a time per engine (a lock), which is also what a GPU worker runs. `process_batch` steps
-several jobs together in the fast loop (personaplex.fast); each job gets exactly what it gets alone.
+several jobs together in the fast loop (personaplex.engine.fast); each job gets exactly what it gets alone.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from personaplex import audio as audio_io
-from personaplex import codec
 from personaplex.catalog import normalize_voice_name, voice_ids
-from personaplex.checkpoint import CheckpointInfo, extract_voices, resolve_model
+from personaplex.engine import codec
+from personaplex.engine.checkpoint import CheckpointInfo, extract_voices, resolve_model
+from personaplex.engine.frames import TEXT_PAD, FrameLoop, Sampling
+from personaplex.engine.loaders import LoadedModels, load_models
+from personaplex.engine.sampling import make_generator
 from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
-from personaplex.frames import TEXT_PAD, FrameLoop, Sampling
-from personaplex.loaders import LoadedModels, load_models
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, EngineResult, GenerationParams, Timings
-from personaplex.sampling import make_generator
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class _BatchJob:
 
     index: int
     samples: np.ndarray
-    plan: Any  # personaplex.fast.JobPlan
+    plan: Any  # personaplex.engine.fast.JobPlan
     timings: Timings
     report: Progress
     cancelled: ShouldCancel
@@ -178,7 +178,7 @@ class Engine:
         self.voice_prompt_dir = Path(voice_prompt_dir) if voice_prompt_dir else None
         self.hf_token = hf_token
         self.captured = captured
-        """The fast loop (personaplex.fast, CUDA graphs on a GPU); None: on CUDA without cpu offload."""
+        """The fast loop (personaplex.engine.fast, CUDA graphs on a GPU); None: on CUDA without cpu offload."""
         self.max_batch = max_batch
         self.max_batch_frames = max_batch_frames
         self._fast = None  # the last FastLoop, reused while jobs fit it
@@ -503,7 +503,7 @@ class Engine:
         sampling = Sampling(**{f.name: getattr(params, f.name) for f in fields(Sampling)})
         return sampling, None if params.greedy else make_generator(params.seed, models.device)
 
-    # ---- the fast loop (personaplex.fast) ----------------------------------------------------
+    # ---- the fast loop (personaplex.engine.fast) ----------------------------------------------------
     def _use_fast_loop(self) -> bool:
         if self.captured is not None:
             return self.captured
@@ -512,7 +512,7 @@ class Engine:
     def _plan(
         self, models: LoadedModels, user_codes: torch.Tensor, voice: _VoicePrompt, params: GenerationParams
     ):
-        from personaplex.fast import plan_job
+        from personaplex.engine.fast import plan_job
 
         sampling, generator = self._sampling(models, params)
         return plan_job(
@@ -532,7 +532,7 @@ class Engine:
 
         See `reuses_rows` for when a loop with more rows than jobs is reused.
         """
-        from personaplex.fast import FastLoop
+        from personaplex.engine.fast import FastLoop
 
         assert self._info is not None
         loop = self._fast

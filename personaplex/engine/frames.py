@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from personaplex.loaders import LoadedModels
-from personaplex.sampling import draw_noise, sample
+from personaplex.engine.loaders import LoadedModels
+from personaplex.engine.sampling import draw_noise, sample
 
 TEXT_PAD = 3
 """Text id forced during prompts (and printed as PAD); 0 is EPAD."""

@@ -20,7 +20,7 @@ CUDA graph can hold, with as few kernels per frame as the same results allow:
 - what each row is fed at each frame (forced text, agent and user tokens, replayed voice
   embeddings, the voice's token cache) is a schedule on the device, indexed by the row's frame
   counter inside the step: nothing is copied in per frame;
-- sampling keeps `personaplex.sampling.sample`'s semantics; the exponential race noise is drawn
+- sampling keeps `personaplex.engine.sampling.sample`'s semantics; the exponential race noise is drawn
   outside the step, per row from the row's own generator, into a static buffer (`draw_noise`,
   the same calls in the same order as `FrameLoop`), so a seed gives the same tokens eagerly,
   captured, alone or batched; columns past a row's top-k hold +inf, so the race needs no masks;
@@ -39,10 +39,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from personaplex.convert import rope_inverse_frequencies
-from personaplex.frames import AUDIO_STREAMS, SILENCE_TOKENS, SINE_TOKENS, TEXT_PAD, UNGENERATED, Sampling
-from personaplex.loaders import LoadedModels
-from personaplex.sampling import draw_noise
+from personaplex.engine.convert import rope_inverse_frequencies
+from personaplex.engine.frames import (
+    AUDIO_STREAMS,
+    SILENCE_TOKENS,
+    SINE_TOKENS,
+    TEXT_PAD,
+    UNGENERATED,
+    Sampling,
+)
+from personaplex.engine.loaders import LoadedModels
+from personaplex.engine.sampling import draw_noise
 
 GEN = 1 + AUDIO_STREAMS
 """Streams generated per frame: text and the 8 agent codebooks."""
@@ -661,7 +668,7 @@ class FastLoop:
         greedy: torch.Tensor,
         noise: torch.Tensor,
     ) -> torch.Tensor:
-        """personaplex.sampling.sample per row: argmax if greedy, else the race over the row's top-k.
+        """personaplex.engine.sampling.sample per row: argmax if greedy, else the race over the row's top-k.
 
         noise [B, capacity]: the row's draws in its first k columns, +inf past them (race 0 there).
         """

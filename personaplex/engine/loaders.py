@@ -15,8 +15,8 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import MimiModel, MoshiForConditionalGeneration
 
-from personaplex.checkpoint import CheckpointInfo
-from personaplex.convert import (
+from personaplex.engine.checkpoint import CheckpointInfo
+from personaplex.engine.convert import (
     convert_lm,
     convert_mimi,
     moshi_config,

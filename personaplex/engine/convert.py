@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers import MimiConfig, MoshiConfig
 
-from personaplex.checkpoint import LMConfig, MimiSpec
+from personaplex.engine.checkpoint import LMConfig, MimiSpec
 from personaplex.errors import CheckpointError
 
 AGENT_CODEBOOKS = 8
