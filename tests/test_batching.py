@@ -32,7 +32,8 @@ from fixtures import (
 )
 
 from personaplex import audio as audio_io
-from personaplex.engine.core import BatchRequest, Engine, plan_groups
+from personaplex.engine.batching import BatchRequest, plan_groups
+from personaplex.engine.core import Engine
 from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
 from personaplex.jobs import Job, JobStatus
 from personaplex.params import SAMPLE_RATE, EngineResult, GenerationParams

@@ -460,7 +460,7 @@ def test_cancel_mid_generation(tiny_engine: Engine, clip: Path) -> None:
 def test_a_cancel_during_the_decode_phase_cancels_the_job(tiny_engine: Engine, clip: Path) -> None:
     """A cancel that comes while the frames are decoded is honoured (issue 10, item 6): before, the
     decode ran on and the job succeeded after its DELETE had answered cancel_requested."""
-    from personaplex.engine.core import BatchRequest
+    from personaplex.engine.batching import BatchRequest
 
     state = {"decoding": False}
 

@@ -17,7 +17,8 @@ from fixtures import SPEECH_40S
 
 from personaplex import audio as audio_io
 from personaplex.engine import codec
-from personaplex.engine.core import Engine, reuses_rows
+from personaplex.engine.batching import reuses_rows
+from personaplex.engine.core import Engine
 from personaplex.engine.fast import FastLoop, JobPlan
 from personaplex.params import SAMPLE_RATE, GenerationParams
 

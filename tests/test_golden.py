@@ -29,7 +29,8 @@ import soundfile as sf
 from fixtures import GOLDEN_DIR, SPEECH_40S
 
 from personaplex import audio as audio_io
-from personaplex.engine.core import BatchRequest, Engine, wrap_with_system_tags
+from personaplex.engine.batching import BatchRequest
+from personaplex.engine.core import Engine, wrap_with_system_tags
 from personaplex.params import FRAME_SIZE, SAMPLE_RATE, EngineResult, GenerationParams
 
 GOLDEN = Path(os.environ.get("PERSONAPLEX_GOLDEN_DIR") or GOLDEN_DIR)

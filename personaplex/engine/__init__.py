@@ -7,6 +7,8 @@
     sampling    top-k sampling and the RNG streams
     frames      FrameLoop: the eager frame-by-frame driver (the reference's order of operations)
     fast        FastLoop: static ring KV caches, per-row positions, CUDA graphs; the batched rows
+    voices      which file a voice name means, loudness normalisation, its prompt tensors
+    batching    BatchRequest, which jobs share a batch, and the driver that steps their rows
     core        Engine: the façade the worker holds (load, process, process_batch, offload, status)
     tiny        tiny random checkpoints in the real layout, for tests and the demo
 
@@ -20,10 +22,12 @@ from typing import Any
 
 __all__ = ["BatchRequest", "Engine"]
 
+_HOMES = {"BatchRequest": "personaplex.engine.batching", "Engine": "personaplex.engine.core"}
+
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from personaplex.engine import core
+    if name in _HOMES:
+        import importlib
 
-        return getattr(core, name)
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

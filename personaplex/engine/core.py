@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +24,33 @@ import numpy as np
 import torch
 
 from personaplex import audio as audio_io
-from personaplex.catalog import normalize_voice_name, voice_ids
 from personaplex.engine import codec
-from personaplex.engine.checkpoint import CheckpointInfo, extract_voices, resolve_model
+from personaplex.engine.batching import (
+    PROGRESS_EVERY,
+    BatchRequest,
+    BatchRow,
+    Outcome,
+    Progress,
+    ShouldCancel,
+    never_cancelled,
+    no_progress,
+    plan_groups,
+    reuses_rows,
+    step_rows,
+)
+from personaplex.engine.checkpoint import DEFAULT_REPO, CheckpointInfo, extract_voices, resolve_model
+from personaplex.engine.fast import FastLoop, JobPlan, plan_job
 from personaplex.engine.frames import TEXT_PAD, FrameLoop, Sampling
 from personaplex.engine.loaders import LoadedModels, load_models
 from personaplex.engine.sampling import make_generator
-from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
+from personaplex.engine.voices import VoicePrompt, load_voice_prompt, resolve_voice
+from personaplex.errors import CancelledError
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, EngineResult, GenerationParams, Timings
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
-ShouldCancel = Callable[[], bool]
-
 SILENCE_FRAMES = int(0.5 * FRAME_RATE)
 """Frames of silence after the voice prompt and after the text prompt (the reference's 0.5 s)."""
-PROGRESS_EVERY = 5
-"""Frames between progress callbacks."""
-VOICE_LOUDNESS_LUFS = -24.0
 MARKER_TOKENS = {0: "EPAD", TEXT_PAD: "PAD"}
 FAST_FRAMES_BUCKET = 256
 """The fast loop's frame capacity is rounded up to this, so jobs of similar lengths reuse its graphs."""
@@ -52,39 +60,6 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_BATCH_FRAMES = 30_000
 """Rows x the longest row's frames per batch: what the fast loop allocates per row scales with its
 frame capacity (Settings.max_batch_frames, PERSONAPLEX_MAX_BATCH_FRAMES). A longer job runs alone."""
-
-Outcome = EngineResult | Exception
-OnDone = Callable[[Outcome], None]
-
-
-@dataclass
-class BatchRequest:
-    """One job of `Engine.process_batch`: its audio and parameters, and its own callbacks.
-
-    `on_done` receives the job's EngineResult (or its exception) as soon as its row ends, before the
-    batch does: a short job's outputs need not wait for the longest one.
-    """
-
-    audio: audio_io.AudioSource
-    params: GenerationParams = field(default_factory=GenerationParams)
-    progress: Progress | None = None
-    should_cancel: ShouldCancel | None = None
-    on_done: OnDone | None = None
-
-
-def plan_groups(lengths: list[int], max_batch: int, max_frames: int) -> list[list[int]]:
-    """Split jobs (their frame counts) into batches, longest first: each batch holds at most
-    `max_batch` rows and rows x its longest row's frames <= `max_frames` (a longer job runs alone).
-    Similar lengths share a batch, so rows that end early leave little idle. Returns index lists."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for index in order:
-        group = groups[-1] if groups else None
-        if group and len(group) < max_batch and (len(group) + 1) * lengths[group[0]] <= max_frames:
-            group.append(index)
-        else:
-            groups.append([index])
-    return groups
 
 
 def wrap_with_system_tags(text: str) -> str:
@@ -98,70 +73,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@dataclass
-class _VoicePrompt:
-    embeddings: torch.Tensor | None = None  # [N, 1, 1, D] from a catalog .pt
-    cache: torch.Tensor | None = None  # [1, 17, 4]
-    codes: torch.Tensor | None = None  # [1, 8, F] from a .wav
-
-
-def _no_progress(phase: str, done: int, total: int) -> None:
-    pass
-
-
-@dataclass
-class _BatchJob:
-    """One row of a batch: the job's request index, its samples and plan, and its callbacks."""
-
-    index: int
-    samples: np.ndarray
-    plan: Any  # personaplex.engine.fast.JobPlan
-    timings: Timings
-    report: Progress
-    cancelled: ShouldCancel
-    prepare_s: float = 0.0
-    """Seconds spent decoding the audio, loading the voice and planning (in total_s, no phase)."""
-
-    def phase_at(self, t: int) -> tuple[str, int, int]:
-        """(phase, frame within it, frames in it) of the row's frame t."""
-        prompt = self.plan.prompt_frames
-        if t < prompt:
-            return "prompt", t, prompt
-        return "generate", t - prompt, self.plan.generate_frames
-
-    def cancel_message(self, t: int) -> str:
-        phase, index, total = self.phase_at(t)
-        if phase == "prompt":
-            return "Cancelled during the prompt phase."
-        return f"Cancelled at frame {index} of {total}."
-
-
-class _RowsDropped(Exception):
-    """Raised inside FastLoop.run's before_frame to stop a segment after rows were cancelled."""
-
-    def __init__(self, frames: int) -> None:
-        super().__init__(frames)
-        self.frames = frames
-
-
-def reuses_rows(loop_rows: int, jobs: int, graphs: bool) -> bool:
-    """Whether a fast loop with `loop_rows` rows should run a batch of `jobs` (its spare rows idle).
-
-    With CUDA graphs, yes for more than half its rows: a replay at a few more rows costs far less
-    than a new capture, and the loop's memory was already held for a batch that size. Without
-    graphs an idle row is pure waste, so the rows must match.
-    """
-    if jobs == loop_rows:
-        return True
-    return graphs and loop_rows / 2 < jobs < loop_rows
-
-
 class Engine:
     """PersonaPlex on torch + transformers; thread-safe, one job at a time."""
 
     def __init__(
         self,
-        model: str | os.PathLike = "nvidia/personaplex-7b-v1",
+        model: str | os.PathLike = DEFAULT_REPO,
         device: str | torch.device | None = None,
         cpu_offload: bool = False,
         max_audio_seconds: float | None = audio_io.DEFAULT_MAX_SECONDS,
@@ -181,7 +98,7 @@ class Engine:
         """The fast loop (personaplex.engine.fast, CUDA graphs on a GPU); None: on CUDA without cpu offload."""
         self.max_batch = max_batch
         self.max_batch_frames = max_batch_frames
-        self._fast = None  # the last FastLoop, reused while jobs fit it
+        self._fast: FastLoop | None = None  # the last one, reused while jobs fit it
         self._lock = threading.RLock()
         self._models: LoadedModels | None = None
         self._info: CheckpointInfo | None = None
@@ -263,8 +180,8 @@ class Engine:
     ) -> EngineResult:
         """Run one recording through PersonaPlex; raises AudioError, UnknownVoiceError, CancelledError."""
         params = params or GenerationParams()
-        report = progress or (lambda phase, done, total: None)
-        cancelled = should_cancel or (lambda: False)
+        report = progress or no_progress
+        cancelled = should_cancel or never_cancelled
         samples = audio_io.load(audio, SAMPLE_RATE, self.max_audio_seconds)
         with self._lock, torch.inference_mode():
             timings = Timings()
@@ -307,11 +224,11 @@ class Engine:
                     settle(index, self._process_safely(request))
                 return results  # type: ignore[return-value]
             for request in requests:
-                (request.progress or _no_progress)("load", 0, 1)
+                (request.progress or no_progress)("load", 0, 1)
             load_s = self.load()
             models = self._models
             assert models is not None
-            jobs: list[_BatchJob] = []
+            jobs: list[BatchRow] = []
             for index, request in enumerate(requests):
                 try:
                     jobs.append(self._prepare(index, request, models, load_s))
@@ -339,10 +256,10 @@ class Engine:
         except Exception as exc:
             return exc
 
-    def _prepare(self, index: int, request: BatchRequest, models: LoadedModels, load_s: float) -> _BatchJob:
+    def _prepare(self, index: int, request: BatchRequest, models: LoadedModels, load_s: float) -> BatchRow:
         """Everything a job needs before the batch starts; raises what would fail it."""
-        report = request.progress or _no_progress
-        cancelled = request.should_cancel or (lambda: False)
+        report = request.progress or no_progress
+        cancelled = request.should_cancel or never_cancelled
         report("load", 1, 1)
         if cancelled():
             raise CancelledError("Cancelled before it started.")
@@ -355,71 +272,25 @@ class Engine:
         user_codes = codec.encode(models.mimi, samples)
         timings.encode_s = time.perf_counter() - clock
         plan = self._plan(models, user_codes, voice, params)
-        job = _BatchJob(index, samples, plan, timings, report, cancelled)
+        job = BatchRow(index, samples, plan, timings, report, cancelled)
         job.prepare_s = time.perf_counter() - prepared - timings.encode_s  # audio, voice, plan
         return job
 
     def _run_batch(
-        self, models: LoadedModels, rows: list[_BatchJob], settle: Callable[[int, Outcome], None]
+        self, models: LoadedModels, rows: list[BatchRow], settle: Callable[[int, Outcome], None]
     ) -> None:
-        """Step `rows` together until each has ended or been cancelled.
+        """Step `rows` together until each has ended (decoded and settled at once) or been cancelled."""
 
-        The loop runs in segments that end where some row's prompt or whole plan ends, so each job's
-        phase timings are measured there (one device sync per segment, none per frame).
-        """
-        loop = self._fast_loop(models, [job.plan for job in rows])
-        sync = torch.cuda.synchronize if models.device.type == "cuda" else (lambda: None)
-        live = list(range(len(rows)))
-        done = 0  # frames every row has been stepped
-        clock = time.perf_counter()
-
-        def before(offset: int) -> None:
-            t = done + offset
-            dropped = []
-            for b in live:
-                job = rows[b]
-                if job.cancelled():
-                    dropped.append(b)
-                    continue
-                phase, index, total = job.phase_at(t)
-                if index % PROGRESS_EVERY == 0:
-                    job.report(phase, index, total)
-            if dropped:
-                for b in dropped:
-                    live.remove(b)
-                    settle(rows[b].index, CancelledError(rows[b].cancel_message(t)))
-                raise _RowsDropped(t)
-
-        while live:
-            stop = min(e for b in live for e in (rows[b].plan.prompt_frames, len(rows[b].plan)) if e > done)
+        def ended(row: BatchRow, frames: torch.Tensor) -> None:
             try:
-                loop.run(stop - done, before)
-                done = stop
-            except _RowsDropped as interrupt:
-                done = interrupt.frames
-            sync()
-            now = time.perf_counter()
-            ended = []
-            for b in live:
-                job = rows[b]
-                if done == job.plan.prompt_frames:
-                    job.timings.prompt_s = now - clock
-                    job.report("prompt", job.plan.prompt_frames, job.plan.prompt_frames)
-                if done == len(job.plan):
-                    job.timings.generate_s = now - clock - job.timings.prompt_s
-                    job.report("generate", job.plan.generate_frames, job.plan.generate_frames)
-                    ended.append(b)
-            if ended:
-                outputs = loop.results()
-                for b in ended:
-                    live.remove(b)
-                    job = rows[b]
-                    try:
-                        settle(job.index, self._finish_batched(models, job, outputs[b]))
-                    except Exception as exc:
-                        settle(job.index, exc)
+                settle(row.index, self._finish_batched(models, row, frames))
+            except Exception as exc:
+                settle(row.index, exc)
 
-    def _finish_batched(self, models: LoadedModels, job: _BatchJob, frames: torch.Tensor) -> EngineResult:
+        loop = self._fast_loop(models, [row.plan for row in rows])
+        step_rows(loop, rows, ended, lambda row, error: settle(row.index, error))
+
+    def _finish_batched(self, models: LoadedModels, job: BatchRow, frames: torch.Tensor) -> EngineResult:
         result = self._finish(models, job.samples, frames, job.timings, job.report, job.cancelled)
         t = job.timings
         t.total_s = t.load_s + job.prepare_s + t.encode_s + t.prompt_s + t.generate_s + t.decode_s
@@ -430,7 +301,7 @@ class Engine:
         self,
         models: LoadedModels,
         samples: np.ndarray,
-        voice: _VoicePrompt,
+        voice: VoicePrompt,
         params: GenerationParams,
         timings: Timings,
         report: Progress,
@@ -510,10 +381,8 @@ class Engine:
         return self.device.type == "cuda" and not self.cpu_offload
 
     def _plan(
-        self, models: LoadedModels, user_codes: torch.Tensor, voice: _VoicePrompt, params: GenerationParams
-    ):
-        from personaplex.engine.fast import plan_job
-
+        self, models: LoadedModels, user_codes: torch.Tensor, voice: VoicePrompt, params: GenerationParams
+    ) -> JobPlan:
         sampling, generator = self._sampling(models, params)
         return plan_job(
             models,
@@ -527,13 +396,11 @@ class Engine:
             generator=generator,
         )
 
-    def _fast_loop(self, models: LoadedModels, plans: list):
+    def _fast_loop(self, models: LoadedModels, plans: list[JobPlan]) -> FastLoop:
         """A FastLoop holding `plans`: the last one if they fit it, else a new one (capacities rounded up).
 
         See `reuses_rows` for when a loop with more rows than jobs is reused.
         """
-        from personaplex.engine.fast import FastLoop
-
         assert self._info is not None
         loop = self._fast
         graphs = models.device.type == "cuda"
@@ -558,7 +425,7 @@ class Engine:
         self,
         models: LoadedModels,
         user_codes: torch.Tensor,
-        voice: _VoicePrompt,
+        voice: VoicePrompt,
         params: GenerationParams,
         timings: Timings,
         report: Progress,
@@ -568,12 +435,13 @@ class Engine:
         loop = self._fast_loop(models, [plan])
         sync = torch.cuda.synchronize if models.device.type == "cuda" else (lambda: None)
 
-        def before(phase: str, total: int, message: Callable[[int], str]) -> Callable[[int], None]:
-            def check(index: int) -> None:
+        def before(phase: str, total: int, message: Callable[[int], str]) -> Callable[[int], bool]:
+            def check(index: int) -> bool:
                 if cancelled():
                     raise CancelledError(message(index))
                 if index % PROGRESS_EVERY == 0:
                     report(phase, index, total)
+                return False  # one job: nothing to re-plan
 
             return check
 
@@ -595,7 +463,7 @@ class Engine:
     def _prompt(
         self,
         loop: FrameLoop,
-        voice: _VoicePrompt,
+        voice: VoicePrompt,
         text_tokens: list[int],
         report: Progress,
         cancelled: ShouldCancel,
@@ -623,43 +491,9 @@ class Engine:
             return []  # the reference crashes here; an empty prompt simply skips the phase
         return list(models.tokenizer.encode(wrap_with_system_tags(text_prompt)))
 
-    def _voice_prompt(self, models: LoadedModels, name: str) -> _VoicePrompt:
-        path = self._resolve_voice(name)
-        if path.suffix == ".pt":
-            state = torch.load(path, map_location=models.device, weights_only=True)
-            return _VoicePrompt(embeddings=state["embeddings"].to(models.dtype), cache=state["cache"])
-        return _VoicePrompt(codes=codec.encode(models.mimi, self._normalized_voice_audio(path)))
-
-    def _resolve_voice(self, name: str) -> Path:
+    def _voice_prompt(self, models: LoadedModels, name: str) -> VoicePrompt:
         assert self._voices_dir is not None
-        catalog_name = normalize_voice_name(name)
-        if catalog_name is not None:
-            path = self._voices_dir / catalog_name
-            if path.is_file():
-                return path
-        # Files outside the catalog are for local callers (the CLI); the web tier sends catalog names only.
-        candidates = [Path(name)]
-        if self.voice_prompt_dir is not None:
-            candidates.insert(0, self.voice_prompt_dir / name)
-        for path in candidates:
-            if path.suffix in (".pt", ".wav") and path.is_file():
-                return path
-        raise UnknownVoiceError(name, voice_ids())
-
-    @staticmethod
-    def _normalized_voice_audio(path: Path) -> np.ndarray:
-        """Voice WAV normalised to -24 LUFS with pyloudnorm, as the reference conditions it."""
-        import pyloudnorm
-
-        samples = audio_io.load(path, SAMPLE_RATE, max_seconds=None)
-        try:
-            loudness = pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(samples)
-        except ValueError as exc:
-            raise AudioError(f"The voice prompt {path.name} is too short to measure its loudness.") from exc
-        if not np.isfinite(loudness):
-            raise AudioError(f"The voice prompt {path.name} is silent: it has no loudness to normalise.")
-        normalized = pyloudnorm.normalize.loudness(samples, loudness, VOICE_LOUDNESS_LUFS)
-        return np.asarray(normalized, dtype=np.float32)
+        return load_voice_prompt(models, resolve_voice(name, self._voices_dir, self.voice_prompt_dir))
 
     # ---- user audio --------------------------------------------------------------------------
     def _generate(

@@ -453,11 +453,15 @@ class FastLoop:
 
     # ---- running -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, frames: int, before_frame: Callable[[int], None] | None = None) -> None:
-        """Step every row `frames` times (rows past their end idle). `before_frame(i)` may raise."""
+    def run(self, frames: int, before_frame: Callable[[int], bool] | None = None) -> int:
+        """Step every row up to `frames` times (rows past their end idle); returns the frames stepped.
+
+        `before_frame(i)` runs before the i-th step; True stops the run there (rows left, so the
+        caller re-plans), and an exception it raises (a cancel) propagates.
+        """
         for index in range(frames):
-            if before_frame is not None:
-                before_frame(index)
+            if before_frame is not None and before_frame(index):
+                return index
             t = self.t_host
             for b, plan in enumerate(self.plans):
                 if plan.samples_at(t):
@@ -471,6 +475,7 @@ class FastLoop:
             else:
                 self._step(depth)
             self.t_host += 1
+        return frames
 
     @torch.inference_mode()
     def results(self) -> list[torch.Tensor]:
