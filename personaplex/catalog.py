@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+DEFAULT_REPO = "nvidia/personaplex-7b-v1"
+"""The hub repo of the model (PERSONAPLEX_MODEL's default)."""
 DEFAULT_VOICE = "NATF2.pt"
 DEFAULT_SEED = 42424242
 VOICE_SUFFIX = ".pt"  # every catalog id ends with it; callers may leave it off

@@ -18,14 +18,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from personaplex.catalog import DEFAULT_REPO
 from personaplex.errors import CheckpointError, ModelNotAvailableError
+from personaplex.params import FRAME_RATE, SAMPLE_RATE
 
-DEFAULT_REPO = "nvidia/personaplex-7b-v1"
 LM_FILE = "model.safetensors"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 VOICES_FILE = "voices.tgz"
 CONFIG_FILE = "config.json"
+MIMI_CONFIG_FILE = "mimi_config.json"
+"""Mimi's hyper-parameters, when config.json names them (`mimi_config_name`); else MimiSpec's."""
 CHECKPOINT_FILES = (LM_FILE, MIMI_FILE, TOKENIZER_FILE, VOICES_FILE, CONFIG_FILE)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -86,8 +89,8 @@ class LMConfig:
 class MimiSpec:
     """Mimi's hyper-parameters in Kyutai's sections (seanet, quantizer, transformer)."""
 
-    sample_rate: int = 24000
-    frame_rate: float = 12.5
+    sample_rate: int = SAMPLE_RATE
+    frame_rate: float = FRAME_RATE
     seanet: dict[str, Any] = field(
         default_factory=lambda: {
             "dimension": 512,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from personaplex import audio as audio_io
+from personaplex.catalog import DEFAULT_REPO
 from personaplex.engine import codec
 from personaplex.engine.batching import (
     PROGRESS_EVERY,
@@ -38,7 +39,7 @@ from personaplex.engine.batching import (
     reuses_rows,
     step_rows,
 )
-from personaplex.engine.checkpoint import DEFAULT_REPO, CheckpointInfo, extract_voices, resolve_model
+from personaplex.engine.checkpoint import CheckpointInfo, extract_voices, resolve_model
 from personaplex.engine.fast import FastLoop, JobPlan, plan_job
 from personaplex.engine.frames import TEXT_PAD, FrameLoop, Sampling
 from personaplex.engine.loaders import LoadedModels, load_models

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from personaplex.engine.loaders import LoadedModels
 from personaplex.engine.sampling import draw_noise, sample
+from personaplex.params import GenerationParams
 
 TEXT_PAD = 3
 """Text id forced during prompts (and printed as PAD); 0 is EPAD."""
@@ -29,11 +30,13 @@ UNGENERATED = -2
 
 @dataclass(frozen=True)
 class Sampling:
-    greedy: bool = False
-    temp_audio: float = 0.8
-    temp_text: float = 0.7
-    topk_audio: int = 250
-    topk_text: int = 25
+    """The sampling part of GenerationParams (its defaults are those, the reference CLI's)."""
+
+    greedy: bool = GenerationParams.greedy
+    temp_audio: float = GenerationParams.temp_audio
+    temp_text: float = GenerationParams.temp_text
+    topk_audio: int = GenerationParams.topk_audio
+    topk_text: int = GenerationParams.topk_text
 
 
 class TokenRing:

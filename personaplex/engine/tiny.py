@@ -34,17 +34,18 @@ import torch
 from safetensors.torch import save_file
 
 from personaplex.catalog import PROMPTS, VOICES
-
-MODEL_FILE = "model.safetensors"
-MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
-VOICES_FILE = "voices.tgz"
-CONFIG_FILE = "config.json"
-MIMI_CONFIG_FILE = "mimi_config.json"
+from personaplex.engine.checkpoint import (
+    CONFIG_FILE,
+    MIMI_CONFIG_FILE,
+    MIMI_FILE,
+    TOKENIZER_FILE,
+    VOICES_FILE,
+)
+from personaplex.engine.checkpoint import LM_FILE as MODEL_FILE
+from personaplex.engine.frames import SINE_TOKENS  # a voice cache's user rows: the sine prompt's codes
+from personaplex.params import FRAME_RATE, SAMPLE_RATE
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-#: The user-stream rows of a voice prompt's cache (Mimi codes of the reference's sine prompt).
-SINE_TOKENS = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -80,9 +81,9 @@ DEFAULT_LM_CONFIG: dict[str, object] = {
 }
 
 DEFAULT_MIMI_CONFIG: dict[str, object] = {
-    "sample_rate": 24000,
+    "sample_rate": SAMPLE_RATE,
     "channels": 1,
-    "frame_rate": 12.5,
+    "frame_rate": FRAME_RATE,
     "seanet": {
         "channels": 1,
         "dimension": 32,
