@@ -41,7 +41,7 @@ THIRD_PARTY_ENV = {
 """Variables the services may set that belong to other software; FLOWER_<option> is checked apart."""
 
 LONGEST_RTF = 2.0
-"""Real-time factor bound for one job: the eager path measured 1.71 at B=1 on an H200 (DESIGN.md §3)."""
+"""Real-time factor bound for one job: the eager path measured 1.71 at B=1 on an H200 (docs/architecture.md §5, "Reference figures")."""
 
 MODEL_LOAD_S = 300.0
 """Allowance for loading the resident model before a job's first frame (download excluded)."""

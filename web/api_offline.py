@@ -1,4 +1,4 @@
-"""POST /api/offline: the seed's synchronous call, now a queued job with a bounded wait.
+"""POST /api/offline: the legacy server's synchronous call, now a queued job with a bounded wait.
 
 Same fields as POST /api/jobs. It subscribes to the job's events before enqueueing, waits up to
 `offline_timeout` seconds for a final event, and answers with the WAV and an `X-Text-Output` header

@@ -1,6 +1,6 @@
 """Finding, downloading and describing a PersonaPlex checkpoint directory.
 
-A checkpoint directory holds the hub's five files (see DESIGN.md §2): the LM and Mimi weights in
+A checkpoint directory holds the hub's five files (docs/architecture.md §5, "The checkpoint directory"): the LM and Mimi weights in
 their original Kyutai key names, the SentencePiece model, voices.tgz and a Kyutai-style
 config.json. `PERSONAPLEX_MODEL` names either a hub repo id or such a local directory.
 """

@@ -1,6 +1,6 @@
 """Write a tiny random PersonaPlex checkpoint in the real hub layout and original (Kyutai) key names.
 
-The directory matches ``nvidia/personaplex-7b-v1`` file for file (see DESIGN.md §2 "Checkpoint
+The directory matches ``nvidia/personaplex-7b-v1`` file for file (docs/architecture.md §5 "The checkpoint
 directory"): ``model.safetensors`` (the LM, ``n_q`` = ``dep_q`` = 16 like the real one),
 ``tokenizer-e351c8d8-checkpoint125.safetensors`` (Mimi), ``tokenizer_spm_32k_3.model`` (a real
 SentencePiece model), ``voices.tgz`` (``voices/<id>``, e.g. ``voices/NATF2.pt``, for every catalog
