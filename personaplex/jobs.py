@@ -23,6 +23,8 @@ from typing import Any
 
 import redis
 
+from personaplex.fleet import WorkerRecord, record_from_json, record_to_json
+
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 """A job id is a uuid4 hex; anything else is "not found" and never becomes a key or a path."""
 
@@ -369,17 +371,6 @@ class JobStore:
             pipe.hgetall(Keys.job(job_id))
         return [Job.from_hash(raw) for raw in pipe.execute() if raw]
 
-    def save(self, job: Job) -> None:
-        """Overwrite every field of an existing or new job (no status check; prefer named methods)."""
-        self.redis.hset(Keys.job(job.id), mapping=job.to_hash())
-
-    def update(self, job_id: str, **values: Any) -> bool:
-        """Set some fields of an existing job; False if it does not exist (an expired job stays gone)."""
-        unknown = set(values) - {f.name for f in fields(Job)}
-        if unknown:
-            raise TypeError(f"unknown job fields: {', '.join(sorted(unknown))}")
-        return self._apply(job_id, values) == 1
-
     # -- status transitions ---------------------------------------------------------------------
 
     def mark_running(self, job_id: str, worker: str) -> Job | None:
@@ -664,10 +655,11 @@ class WorkerRegistry:
         self.redis = redis_client
         self._live = redis_client.register_script(_LIVE_WORKERS_LUA)
 
-    def beat(self, name: str, record: dict[str, Any], ttl_s: float) -> None:
-        payload = {**record, "worker": name, "timestamp": time.time()}
+    def beat(self, name: str, record: WorkerRecord, ttl_s: float) -> None:
+        """Write the worker's record, stamped with its name and the time, to live `ttl_s` seconds."""
+        payload: WorkerRecord = {**record, "worker": name, "timestamp": time.time()}
         with self.redis.pipeline() as pipe:
-            pipe.set(Keys.worker(name), json.dumps(payload), px=_ms(ttl_s))
+            pipe.set(Keys.worker(name), record_to_json(payload), px=_ms(ttl_s))
             pipe.sadd(Keys.WORKERS, name)
             pipe.execute()
 
@@ -677,10 +669,10 @@ class WorkerRegistry:
             pipe.srem(Keys.WORKERS, name)
             pipe.execute()
 
-    def live(self) -> list[dict[str, Any]]:
+    def live(self) -> list[WorkerRecord]:
         """Every worker whose heartbeat has not expired, sorted by name."""
         names = sorted(_text(name) for name in self.redis.smembers(Keys.WORKERS))
         if not names:
             return []
         records = self._live(keys=[Keys.WORKERS, *map(Keys.worker, names)], args=names)
-        return sorted((json.loads(v) for v in records), key=lambda record: record["worker"])
+        return sorted(map(record_from_json, records), key=lambda record: record["worker"])

@@ -44,8 +44,8 @@ from personaplex.jobs import Job, JobStatus, JobStore, Keys, WorkerRegistry
 from personaplex.params import GenerationParams
 from personaplex.settings import Settings
 from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, FsBlobStore, RedisBlobStore, read_output
-from worker import TASK_NAME, create_celery_app
-from worker.control import query_gpu_status, request_offload
+from worker import create_celery_app
+from worker.control import query_gpu_status, request_offload, send_job
 from worker.runtime import WorkerRuntime
 
 StartWorker = Callable[..., WorkerProcess]
@@ -75,7 +75,7 @@ class Harness:
         return job
 
     def send(self, job_id: str) -> None:
-        self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id)
+        send_job(self.app, job_id)
 
     def gpu_status(self, worker: WorkerProcess) -> tuple[dict, float]:
         """(reply, seconds it took) of gpu_status from one worker."""
@@ -393,7 +393,7 @@ def test_redis_blob_store_serves_workers_without_a_shared_filesystem(
     try:
         job = JobStore(redis_client, settings.retention_s).create(Job())
         blobs.put(job.id, INPUT, speech_clip(1.0))
-        app.send_task(TASK_NAME, args=[job.id], task_id=job.id)
+        send_job(app, job.id)
         done = wait_for_job(JobStore(redis_client), job.id)
     finally:
         app.close()

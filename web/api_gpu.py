@@ -10,10 +10,11 @@ be another client's); offload acts on the whole fleet, so it takes an admin key.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Response, jsonify, request
 
+from personaplex.fleet import OffloadReply, OffloadStatus, WorkerRecord
 from web.auth import current_principal, require_admin
 from web.errors import ApiError
 from web.services import Services, services
@@ -26,32 +27,37 @@ bp = Blueprint("gpu", __name__, url_prefix="/api/gpu")
 CONTROL_TIMEOUT_S = 1.0
 """Seconds to wait for workers to answer a control command."""
 
-_OFFLOAD_RANK = {"offloaded": 2, "deferred": 1, "not_loaded": 0}
 _MEMORY_FIELDS = ("memory_total", "memory_allocated", "memory_reserved")
 _JOB_FIELDS = ("running_job", "running_jobs", "progress")
 """Worker fields naming jobs: left out for client keys (active_connections still counts them)."""
 
 
-def broadcast(svc: Services, command: str, worker: str | None, expected: int) -> list[dict[str, Any]]:
-    """Replies to a control command, one dict per worker, each with its "worker" name."""
-    send = query_gpu_status if command == "gpu_status" else request_offload
-    replies = send(
+def live_status(svc: Services, expected: int) -> dict[str, WorkerRecord]:
+    """Fresh gpu_status replies of the live workers (`expected` of them, by the heartbeats)."""
+    return query_gpu_status(svc.celery, timeout=CONTROL_TIMEOUT_S, expected=expected or None)
+
+
+def offload_workers(svc: Services, worker: str | None, expected: int) -> list[OffloadReply]:
+    """Offload replies of every live worker, or of the one named, each with its "worker" name."""
+    replies = request_offload(
         svc.celery, [worker] if worker else None, timeout=CONTROL_TIMEOUT_S, expected=expected or None
     )
-    return [{"worker": name, **(body or {})} for name, body in replies.items()]
+    return [cast(OffloadReply, {"worker": name, **(body or {})}) for name, body in replies.items()]
 
 
 def fleet(svc: Services) -> list[dict[str, Any]]:
-    """One record per live worker: the heartbeat, overlaid by a fresh control reply when one came."""
-    records = {w.get("worker"): {**w, "source": "heartbeat"} for w in svc.workers.live()}
+    """One record per live worker: the heartbeat, overlaid by a fresh control reply when one came,
+    each with its `source` ("heartbeat" or "live")."""
+    records: dict[str, dict[str, Any]] = {
+        w["worker"]: {**w, "source": "heartbeat"} for w in svc.workers.live()
+    }
     try:
-        replies = broadcast(svc, "gpu_status", None, len(records))
+        replies = live_status(svc, len(records))
     except Exception as exc:  # kombu errors vary; heartbeats still describe the fleet
         log.warning("gpu_status broadcast failed: %s", exc)
-        replies = []
-    for reply in replies:
-        name = reply.get("worker")
-        records[name] = {**records.get(name, {}), **reply, "source": "live"}
+        replies = {}
+    for name, reply in replies.items():
+        records[name] = {**records.get(name, {}), "worker": name, **(reply or {}), "source": "live"}
     return [records[name] for name in sorted(records, key=str)]
 
 
@@ -86,19 +92,13 @@ def offload() -> Response:
     require_admin("POST /api/gpu/offload")
     svc = services()
     worker = request.args.get("worker") or None
-    replies = broadcast(svc, "offload", worker, len(svc.workers.live()))
+    replies = offload_workers(svc, worker, len(svc.workers.live()))
     if worker and not replies:
         raise ApiError(404, f"Worker {worker[:128]!r} did not answer within {CONTROL_TIMEOUT_S:g} s.")
     return jsonify(
         {
-            "status": max(
-                (r.get("status", "not_loaded") for r in replies), key=_offload_rank, default="not_loaded"
-            ),
+            "status": OffloadStatus.strongest(r.get("status") for r in replies),
             "memory_allocated": round(sum(float(r.get("memory_allocated") or 0.0) for r in replies), 1),
             "workers": replies,
         }
     )
-
-
-def _offload_rank(status: str) -> int:
-    return _OFFLOAD_RANK.get(status, -1)

@@ -1,4 +1,7 @@
-"""GET /health: Redis reachable, workers alive, queue length. 503 within 2 s when Redis is down."""
+"""GET /health: Redis reachable, workers alive, queue length. 503 within 2 s when Redis is down.
+
+`gpu_available` and `model_loaded` are read from the workers' heartbeat records (personaplex.fleet).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from redis.exceptions import RedisError
 
+from personaplex.fleet import WorkerRecord, gpu_available
 from personaplex.jobs import JobStore, WorkerRegistry
 from web.services import services
 
@@ -30,10 +34,10 @@ def health() -> tuple[Response, int]:
     return jsonify(_report(workers, queue_length)), 200
 
 
-def _report(workers: list[dict[str, Any]], queue_length: int) -> dict[str, Any]:
+def _report(workers: list[WorkerRecord], queue_length: int) -> dict[str, Any]:
     return {
         "status": "healthy" if workers else "degraded",
-        "gpu_available": any(_has_gpu(w) for w in workers),
+        "gpu_available": any(gpu_available(w) for w in workers),
         "model_loaded": any(bool(w.get("model_loaded")) for w in workers),
         "timestamp": _now(),
         "redis": "ok",
@@ -41,10 +45,6 @@ def _report(workers: list[dict[str, Any]], queue_length: int) -> dict[str, Any]:
         "queue_length": queue_length,
         **({} if workers else {"detail": "No worker is alive: jobs wait until one starts."}),
     }
-
-
-def _has_gpu(worker: dict[str, Any]) -> bool:
-    return bool(worker.get("gpu_available")) or str(worker.get("device") or "").startswith("cuda")
 
 
 def _unhealthy(exc: Exception) -> dict[str, Any]:

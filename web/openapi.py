@@ -1,18 +1,41 @@
-"""GET /openapi.json: an OpenAPI 3.1 description of the API, checked against the routes by a test."""
+"""GET /openapi.json: an OpenAPI 3.1 description of the API, checked against the routes by a test.
+
+Values that have a home elsewhere are read from it, so the document cannot drift from the code: the
+parameter defaults from `GenerationParams`, the environment variables from `Settings`, the limits from
+the modules that enforce them, and the enums from `JobStatus` and `OffloadStatus`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
 from personaplex import __version__
-from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_VOICE, voice_ids
+from personaplex.catalog import DEFAULT_VOICE, voice_ids
+from personaplex.fleet import OffloadStatus
 from personaplex.jobs import JobStatus
+from personaplex.params import GenerationParams
+from personaplex.settings import Settings
+from web.api_batches import MAX_BATCH_FILES
+from web.api_jobs import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
+from web.validation import MAX_TEXT_PROMPT_CHARS
 
 bp = Blueprint("openapi", __name__)
 
 JSON = "application/json"
+
+PARAM_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(GenerationParams)}
+"""Each generation parameter's default, as a job gets it when the form leaves the field out."""
+
+ENV: dict[str, str] = {f.name: f.metadata["env"] for f in fields(Settings)}
+"""Each setting's environment variable, by field name."""
+
+
+def _param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A generation parameter's form field: `schema` with the parameter's default."""
+    return {**schema, "default": PARAM_DEFAULTS[name]}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -44,19 +67,21 @@ JOB_ID = {
 
 UPLOAD_FIELDS: dict[str, Any] = {
     "file": {"type": "string", "format": "binary", "description": "Input speech: WAV, FLAC or OGG."},
-    "voice_prompt": {
-        "type": "string",
-        "default": DEFAULT_VOICE,
-        "enum": voice_ids(),
-        "description": "Voice id as GET /api/voices lists it (e.g. 'NATF2.pt'); 'NATF2' and 'natf2' work too.",
-    },
-    "text_prompt": {"type": "string", "default": DEFAULT_PROMPT, "maxLength": 8000},
-    "seed": {"type": "integer", "default": DEFAULT_SEED, "minimum": -1, "description": "-1: random."},
-    "greedy": {"type": "boolean", "default": False},
-    "temp_audio": {"type": "number", "default": 0.8, "minimum": 0, "maximum": 10},
-    "temp_text": {"type": "number", "default": 0.7, "minimum": 0, "maximum": 10},
-    "topk_audio": {"type": "integer", "default": 250, "minimum": 1},
-    "topk_text": {"type": "integer", "default": 25, "minimum": 1},
+    "voice_prompt": _param(
+        "voice_prompt",
+        {
+            "type": "string",
+            "enum": voice_ids(),
+            "description": "Voice id as GET /api/voices lists it (e.g. 'NATF2.pt'); 'NATF2' and 'natf2' work too.",
+        },
+    ),
+    "text_prompt": _param("text_prompt", {"type": "string", "maxLength": MAX_TEXT_PROMPT_CHARS}),
+    "seed": _param("seed", {"type": "integer", "minimum": -1, "description": "-1: random."}),
+    "greedy": _param("greedy", {"type": "boolean"}),
+    "temp_audio": _param("temp_audio", {"type": "number", "minimum": 0, "maximum": 10}),
+    "temp_text": _param("temp_text", {"type": "number", "minimum": 0, "maximum": 10}),
+    "topk_audio": _param("topk_audio", {"type": "integer", "minimum": 1}),
+    "topk_text": _param("topk_text", {"type": "integer", "minimum": 1}),
 }
 
 UPLOAD_BODY = {
@@ -112,7 +137,7 @@ SUBMIT_ERRORS = {
         "samples, unknown voice, bad seed or parameter."
     ),
     "401": _error("Missing or wrong API key."),
-    "413": _error("Upload larger than PERSONAPLEX_MAX_UPLOAD_MB."),
+    "413": _error(f"Upload larger than {ENV['max_upload_mb']}."),
     "429": _error("The queue is full; see the Retry-After header."),
     "503": _error("Redis or the broker is unreachable."),
     "507": _error("No room to store the upload: the data directory is full or Redis is out of memory."),
@@ -271,6 +296,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "worker": {"type": "string"},
+            "model": {"type": "string", "description": "The model it serves (HF repo id or checkpoint)."},
             "model_loaded": {"type": "boolean"},
             "device": {"type": ["string", "null"]},
             "gpu": _ref("Gpu"),
@@ -288,6 +314,7 @@ SCHEMAS: dict[str, Any] = {
             "idle_timeout": {"type": "number"},
             "idle_deadline": {"type": ["number", "null"]},
             "last_used": {"type": ["number", "null"]},
+            "timestamp": {"type": "number", "description": "When its heartbeat was written."},
             "source": {"type": "string", "enum": ["heartbeat", "live"]},
         },
     },
@@ -305,7 +332,7 @@ SCHEMAS: dict[str, Any] = {
     "OffloadResult": {
         "type": "object",
         "properties": {
-            "status": {"type": "string", "enum": ["offloaded", "deferred", "not_loaded"]},
+            "status": {"type": "string", "enum": [s.value for s in reversed(OffloadStatus)]},
             "memory_allocated": {"type": "number"},
             "workers": {"type": "array", "items": {"type": "object"}},
         },
@@ -451,7 +478,12 @@ def _paths() -> dict[str, Any]:
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_LIST_LIMIT,
+                            "default": DEFAULT_LIST_LIMIT,
+                        },
                     },
                 ],
                 "responses": {"200": _json(_ref("JobList"), "Jobs."), "400": _error("Bad filter.")},
@@ -527,7 +559,7 @@ def _paths() -> dict[str, Any]:
                 "description": "Repeated `files` fields and/or a zip (`archive`). Shared parameters are "
                 "form fields; `per_file` overrides them per input. Every input is validated before "
                 "any is queued: one bad file answers 400 naming it and nothing is queued. At most "
-                "500 inputs; a zip's expanded size counts against PERSONAPLEX_MAX_UPLOAD_MB.",
+                f"{MAX_BATCH_FILES} inputs; a zip's expanded size counts against {ENV['max_upload_mb']}.",
                 "tags": ["batches"],
                 "requestBody": BATCH_BODY,
                 "responses": {
@@ -590,7 +622,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "Seed-compatible synchronous call",
                 "tags": ["jobs"],
                 "requestBody": UPLOAD_BODY,
-                "description": "Queues a job and waits up to PERSONAPLEX_OFFLINE_TIMEOUT seconds.",
+                "description": f"Queues a job and waits up to {ENV['offline_timeout']} seconds.",
                 "responses": {
                     "200": {
                         **_wav("The output WAV."),
@@ -631,8 +663,8 @@ def build_document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": (
-                        "Needed on /api routes when any key is set (PERSONAPLEX_API_KEY, "
-                        "PERSONAPLEX_API_KEYS, PERSONAPLEX_ADMIN_KEYS). A client key sees only its own "
+                        f"Needed on /api routes when any key is set ({ENV['api_key']}, "
+                        f"{ENV['api_keys']}, {ENV['admin_keys']}). A client key sees only its own "
                         "jobs and batches (another's id answers 404, like an unknown one); an admin key "
                         "sees all and may offload."
                     ),

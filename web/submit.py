@@ -19,10 +19,10 @@ from web.auth import current_owner
 from web.errors import ApiError
 from web.services import Services
 from web.validation import Upload
+from worker.control import send_job
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "personaplex.process_audio"
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.5}
 """How hard Celery tries to publish before the enqueue counts as failed (about half a second)."""
 
@@ -97,9 +97,7 @@ def enqueue(svc: Services, job_id: str) -> None:
     """Send the job's message, then take it off the outbox (if this process dies in between, a
     worker's sweeper sends it after `dispatch_grace_s`: a second message for a job is harmless)."""
     try:
-        svc.celery.send_task(
-            TASK_NAME, args=[job_id], task_id=job_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY
-        )
+        send_job(svc.celery, job_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
     except Exception as exc:  # kombu raises many types when the broker is down
         log.error("Could not enqueue job %s: %s", job_id, exc)
         reason = f"Could not enqueue the job: the broker is unreachable ({exc})."

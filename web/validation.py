@@ -16,6 +16,7 @@ from personaplex.audio import AudioInfo, check_decodes, probe
 from personaplex.catalog import DEFAULT_PROMPT, normalize_voice_name, voice_ids
 from personaplex.errors import AudioError
 from personaplex.params import GenerationParams
+from personaplex.settings import FALSE_WORDS, TRUE_WORDS
 from web.errors import ApiError
 
 DEFAULT_INPUT_NAME = "input.wav"
@@ -28,8 +29,6 @@ _ASCII_KEPT = re.compile(r"[A-Za-z0-9_.-]")
 MAX_TEXT_PROMPT_CHARS = 8000
 """Longest persona prompt accepted (characters)."""
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 _CASTS: dict[str, type] = {
     "seed": int,
     "greedy": bool,
@@ -149,8 +148,8 @@ def parse_text_prompt(raw: str | None) -> str:
 def _cast(name: str, raw: str, cast: type) -> Any:
     if cast is bool:
         lowered = raw.lower()
-        if lowered in _TRUE | _FALSE:
-            return lowered in _TRUE
+        if lowered in TRUE_WORDS | FALSE_WORDS:
+            return lowered in TRUE_WORDS
         raise ApiError(400, f"{name} must be true or false, got {raw[:32]!r}.")
     try:
         return cast(raw)

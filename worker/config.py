@@ -15,9 +15,6 @@ from typing import Any
 
 from personaplex.settings import Settings
 
-TASK_NAME = "personaplex.process_audio"
-"""The one task; the web enqueues it by name with task_id = job id."""
-
 MAX_SWEEP_PERIOD_S = 100.0
 """Longest time between two scans for expired unacked messages (kombu's default period), seconds."""
 

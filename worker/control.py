@@ -1,38 +1,36 @@
-"""Remote control commands, answered by each worker from the process that holds the model.
+"""How other processes drive the GPU workers: the task they run and the control commands they answer.
 
-They run on the worker's event-loop thread, so they only read state and never wait on the engine:
-`offload` while a job runs replies "deferred" and the model is freed when the job ends.
-
-Callers (the web) use the helpers at the bottom, which return {worker name: reply}.
+The web (and tests, tools) import only this: no torch, no engine, no runner, so enqueueing and
+asking for status load none of the worker's machinery. The commands themselves are answered in
+worker.commands, from the process that holds the model; the replies are typed in personaplex.fleet.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from celery import Celery
-from celery.worker.control import control_command, inspect_command
+from personaplex.fleet import OffloadReply, WorkerRecord
 
-from worker.runtime import get_runtime
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery.result import AsyncResult
+
+TASK_NAME = "personaplex.process_audio"
+"""The one task; it is sent by name with task_id = job id, its only argument the job id."""
+
+GPU_STATUS = "gpu_status"
+"""The inspect command whose reply is a worker's WorkerRecord (without a timestamp)."""
+
+OFFLOAD = "offload"
+"""The control command that frees a worker's model now, or when its job ends; replies OffloadReply."""
 
 REPLY_TIMEOUT_S = 1.0
 """How long callers wait for replies; workers answer in milliseconds even while a job runs."""
 
 
-def _hostname(state: Any) -> str:
-    return state.consumer.hostname
-
-
-@inspect_command()
-def gpu_status(state: Any, **kwargs: Any) -> dict[str, Any]:
-    """Model, GPU memory, running job and its progress, and idle deadline of this worker."""
-    return get_runtime().status(_hostname(state))
-
-
-@control_command()
-def offload(state: Any, **kwargs: Any) -> dict[str, Any]:
-    """Free the model's GPU memory now, or when the running job ends ("deferred")."""
-    return {**get_runtime().request_offload(), "worker": _hostname(state)}
+def send_job(app: Celery, job_id: str, **options: Any) -> AsyncResult:
+    """Publish job `job_id`'s message (`options`: Celery's publish options, e.g. retry_policy)."""
+    return app.send_task(TASK_NAME, args=[job_id], task_id=job_id, **options)
 
 
 def query_gpu_status(
@@ -40,12 +38,12 @@ def query_gpu_status(
     destination: list[str] | None = None,
     timeout: float = REPLY_TIMEOUT_S,
     expected: int | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, WorkerRecord]:
     """gpu_status of every live worker (or those named), keyed by worker name.
 
     `expected`: how many workers are believed alive; the wait ends once that many have answered.
     """
-    return _broadcast(app, "gpu_status", destination, timeout, expected)
+    return cast(dict[str, WorkerRecord], _broadcast(app, GPU_STATUS, destination, timeout, expected))
 
 
 def request_offload(
@@ -53,9 +51,9 @@ def request_offload(
     destination: list[str] | None = None,
     timeout: float = REPLY_TIMEOUT_S,
     expected: int | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, OffloadReply]:
     """Ask every live worker (or those named) to offload; replies keyed by worker name."""
-    return _broadcast(app, "offload", destination, timeout, expected)
+    return cast(dict[str, OffloadReply], _broadcast(app, OFFLOAD, destination, timeout, expected))
 
 
 def _broadcast(

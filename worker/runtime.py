@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from personaplex.fleet import GpuMemory, OffloadReply, OffloadStatus, WorkerRecord
 from personaplex.jobs import Fence, JobStore, WorkerRegistry
 from personaplex.settings import Settings
 from personaplex.storage import BlobStore, open_blob_store
@@ -186,14 +187,14 @@ class WorkerRuntime:
 
     # -- offload ---------------------------------------------------------------------------------
 
-    def request_offload(self) -> dict[str, Any]:
+    def request_offload(self) -> OffloadReply:
         """Free the model now, or defer it to the end of the running job (waits at most 0.3 s)."""
         with self._state:
             if self._running_job is not None:
                 self._offload_pending = True
-                return self._offload_reply("deferred")
+                return self._offload_reply(OffloadStatus.DEFERRED)
         status = self._offload_now(wait_s=CONTROL_LOCK_WAIT_S)
-        if status == "deferred":
+        if status is OffloadStatus.DEFERRED:
             with self._state:
                 self._offload_pending = True
         return self._offload_reply(status)
@@ -207,15 +208,15 @@ class WorkerRuntime:
             pending = self._offload_pending and self._running_job is None
         if pending:
             status = self._offload_now(wait_s=0)
-            if status != "deferred":
+            if status is not OffloadStatus.DEFERRED:
                 with self._state:
                     self._offload_pending = False
-            return status == "offloaded"
+            return status is OffloadStatus.OFFLOADED
         deadline = self.idle_deadline()
         if deadline is None or (time.time() if now is None else now) < deadline:
             return False
         log.info("model idle for %.0f s: offloading", self.settings.gpu_idle_timeout)
-        return self._offload_now(wait_s=0) == "offloaded"
+        return self._offload_now(wait_s=0) is OffloadStatus.OFFLOADED
 
     def idle_deadline(self) -> float | None:
         """When the idle model will be offloaded (unix time), or None if it is busy, unloaded or kept."""
@@ -226,28 +227,28 @@ class WorkerRuntime:
             return None
         return (last_used or time.time()) + timeout
 
-    def _offload_now(self, wait_s: float | None) -> str:
+    def _offload_now(self, wait_s: float | None) -> OffloadStatus:
         """Offload unless a job runs; waits for the engine lock `wait_s` seconds (None: as needed)."""
         acquired = self._engine_lock.acquire(timeout=-1 if wait_s is None else wait_s)
         if not acquired:
-            return "deferred"  # a load or another offload is in progress
+            return OffloadStatus.DEFERRED  # a load or another offload is in progress
         try:
             with self._state:
                 if self._running_job is not None:
-                    return "deferred"
+                    return OffloadStatus.DEFERRED
             if not self.model_loaded:
-                return "not_loaded"
+                return OffloadStatus.NOT_LOADED
             self._engine.offload()  # type: ignore[union-attr]
-            return "offloaded"
+            return OffloadStatus.OFFLOADED
         finally:
             self._engine_lock.release()
 
-    def _offload_reply(self, status: str) -> dict[str, Any]:
+    def _offload_reply(self, status: OffloadStatus) -> OffloadReply:
         return {"status": status, "memory_allocated": self._gpu()["memory_allocated"]}
 
     # -- status ----------------------------------------------------------------------------------
 
-    def status(self, worker: str) -> dict[str, Any]:
+    def status(self, worker: str) -> WorkerRecord:
         """The gpu_status reply (and heartbeat record): cheap, lock-light, safe from any thread."""
         with self._state:
             batch, last_used = dict(self._batch), self._last_used
@@ -269,7 +270,7 @@ class WorkerRuntime:
             "last_used": last_used,
         }
 
-    def _gpu(self) -> dict[str, Any]:
+    def _gpu(self) -> GpuMemory:
         engine = self._engine
         if engine is None:
             return {"name": None, "memory_total": 0.0, "memory_allocated": 0.0, "memory_reserved": 0.0}

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from worker.config import TASK_NAME
+from worker.control import send_job
 from worker.housekeeping import Housekeeper
 from worker.runtime import get_runtime
 
@@ -20,11 +20,7 @@ _housekeepers: list[Housekeeper] = []
 @worker_ready.connect
 def start_housekeeping(sender: Any, **kwargs: Any) -> None:
     app = sender.app
-
-    def send_job(job_id: str) -> object:
-        return app.send_task(TASK_NAME, args=[job_id], task_id=job_id)
-
-    housekeeper = Housekeeper(get_runtime(), sender.hostname, send_job)
+    housekeeper = Housekeeper(get_runtime(), sender.hostname, lambda job_id: send_job(app, job_id))
     housekeeper.start()
     _housekeepers.append(housekeeper)
 

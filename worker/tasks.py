@@ -8,7 +8,7 @@ from celery import Task
 from celery.exceptions import Reject
 
 from worker.celery_app import app
-from worker.config import TASK_NAME
+from worker.control import TASK_NAME
 from worker.runner import JobRunner
 from worker.runtime import get_runtime
 
