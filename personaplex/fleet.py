@@ -69,7 +69,7 @@ class WorkerRecord(TypedDict):
     progress: dict[str, Any] | None
     running_jobs: list[str]
     active_connections: int
-    """How many jobs its batch runs (the seed's name for it)."""
+    """How many jobs its batch runs (the legacy server's name for it)."""
     idle_timeout: float
     idle_deadline: float | None
     last_used: float | None

@@ -3,7 +3,7 @@
 A real Flower subprocess on a free loopback port against the private Redis, a real worker on the
 tiny model and the real web server: a job submitted over HTTP shows up in Flower's API as a
 finished `personaplex.process_audio` task, next to the worker that ran it. Flower builds its task
-list from Celery events, so this also proves the config turns task events on (DESIGN.md §4).
+list from Celery events, so this also proves the config turns task events on (docs/architecture.md §1).
 """
 
 from __future__ import annotations

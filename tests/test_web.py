@@ -436,7 +436,7 @@ def test_events_socket_for_an_unknown_job_says_so(live: Live, job_id: str) -> No
     assert events[0]["type"] == "error" and "doesn't exist" in events[0]["error"]
 
 
-# -- the seed-compatible synchronous call ------------------------------------------------------------
+# -- the legacy-compatible synchronous call ---------------------------------------------------------
 
 
 def test_offline_waits_and_returns_wav_with_text_header(

@@ -62,7 +62,7 @@ def fleet(svc: Services) -> list[dict[str, Any]]:
 
 
 def summarize(workers: list[dict[str, Any]], idle_timeout: float) -> dict[str, Any]:
-    """The seed's single-GPU fields, computed over the fleet (memory summed over workers)."""
+    """The legacy server's single-GPU fields, computed over the fleet (memory summed over workers)."""
     gpus = [w.get("gpu") or {} for w in workers]
     names = sorted({g["name"] for g in gpus if g.get("name")})
     return {

@@ -1,4 +1,4 @@
-"""Celery configuration derived from `Settings`: the defaults a GPU worker needs (DESIGN.md §4).
+"""Celery configuration derived from `Settings`: the defaults a GPU worker needs (docs/architecture.md §1).
 
 - threads pool, concurrency 1: control commands are answered from the process that holds the model
   while the single slot runs a job (prefork breaks CUDA; solo cannot answer while busy);

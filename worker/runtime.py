@@ -264,7 +264,7 @@ class WorkerRuntime:
             "running_job": running,
             "progress": dict(progress) if progress else None,
             "running_jobs": list(batch),
-            "active_connections": len(batch),  # the seed's name for running jobs
+            "active_connections": len(batch),  # the legacy server's name for running jobs
             "idle_timeout": self.settings.gpu_idle_timeout,
             "idle_deadline": self.idle_deadline(),
             "last_used": last_used,

@@ -1,6 +1,6 @@
 """Worker lifecycle hooks: start housekeeping when the worker is ready, stop it at shutdown.
 
-`worker_process_init` does not fire under the threads pool (DESIGN.md §4), so `worker_ready` it is.
+`worker_process_init` does not fire under the threads pool (docs/architecture.md §1), so `worker_ready` it is.
 The engine is not loaded here: the first job loads it (lazily, under a lock) and it then stays.
 """
 
