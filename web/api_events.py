@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, request
 from flask_sock import Sock
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -23,6 +23,7 @@ from simple_websocket import Server
 from personaplex.jobs import Job, is_valid_job_id
 from web.api_jobs import job_view
 from web.auth import current_principal
+from web.errors import ApiError
 from web.pubsub import Notice, Waiter, is_final_event, next_event, subscription
 from web.services import Services, services
 
@@ -39,6 +40,16 @@ OUTAGE_GRACE_S = 30.0
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_SERVER_ERROR = 1011
+
+
+@bp.before_request
+def require_websocket_upgrade() -> None:
+    """A plain HTTP request gets a 400 that says what to do, not the server's generic one."""
+    upgrade = request.headers.get("Upgrade", "").lower()
+    if upgrade != "websocket":
+        raise ApiError(
+            400, "This route is a WebSocket: connect with ws:// (or wss://) and Upgrade: websocket."
+        )
 
 
 @sock.route("/<job_id>/events", bp=bp)

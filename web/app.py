@@ -11,6 +11,7 @@ from personaplex.settings import Settings
 from web import auth, errors, services
 from web.api_batches import bp as batches_bp
 from web.api_catalog import bp as catalog_bp
+from web.api_docs import bp as docs_bp
 from web.api_events import bp as events_bp
 from web.api_gpu import bp as gpu_bp
 from web.api_jobs import bp as jobs_bp
@@ -23,6 +24,7 @@ from web.static_page import bp as page_bp
 BLUEPRINTS = (
     health_bp,
     openapi_bp,
+    docs_bp,
     catalog_bp,
     gpu_bp,
     jobs_bp,

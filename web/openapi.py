@@ -20,6 +20,7 @@ from personaplex.params import GenerationParams
 from personaplex.settings import Settings
 from web.api_batches import MAX_BATCH_FILES
 from web.api_jobs import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
+from web.services import services
 from web.validation import MAX_TEXT_PROMPT_CHARS
 
 bp = Blueprint("openapi", __name__)
@@ -107,9 +108,11 @@ BATCH_BODY = {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
+                "anyOf": [{"required": ["files"]}, {"required": ["archive"]}],
                 "properties": {
                     "files": {
                         "type": "array",
+                        "minItems": 1,
                         "items": {"type": "string", "format": "binary"},
                         "description": "Input audio files (repeat the field); a zip among them is expanded.",
                     },
@@ -549,7 +552,8 @@ def _paths() -> dict[str, Any]:
                     "101": {
                         "description": "Switching protocols; messages follow the Event schema.",
                         "content": {JSON: {"schema": _ref("Event")}},
-                    }
+                    },
+                    "400": _error("Not a WebSocket upgrade (a plain HTTP request)"),
                 },
             },
         },
@@ -644,8 +648,17 @@ def _paths() -> dict[str, Any]:
     }
 
 
-def build_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document."""
+def _with_key_errors(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation that needs a key also answers 401 without one (or with a wrong one)."""
+    for path in paths.values():
+        for method, operation in path.items():
+            if method != "parameters" and operation.get("security") != []:
+                operation["responses"].setdefault("401", _error("No API key, or not one of this server's"))
+    return paths
+
+
+def build_document(keys_required: bool = True) -> dict[str, Any]:
+    """The OpenAPI 3.1 document; `keys_required`: whether this server asks /api calls for a key."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -654,8 +667,8 @@ def build_document() -> dict[str, Any]:
             "description": "Offline PersonaPlex speech-to-speech as a queued service.",
         },
         "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
-        "paths": _paths(),
+        "security": [{"bearer": []}] if keys_required else [],
+        "paths": _with_key_errors(_paths()) if keys_required else _paths(),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {
@@ -676,4 +689,4 @@ def build_document() -> dict[str, Any]:
 
 @bp.get("/openapi.json")
 def openapi_json() -> Response:
-    return jsonify(build_document())
+    return jsonify(build_document(services().settings.has_keys))
