@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -28,8 +27,9 @@ from types import FrameType
 from typing import IO, Any
 
 from personaplex.batches import output_stems
-from personaplex.client import DEFAULT_URL, FINAL_STATUSES, ClientError, PersonaPlexClient
+from personaplex.client import FINAL_STATUSES, ClientError, PersonaPlexClient
 from personaplex.errors import AudioError
+from personaplex.settings import ClientSettings
 
 EXIT_OK = 0
 EXIT_JOBS_FAILED = 1
@@ -69,7 +69,7 @@ _UNAVAILABLE = frozenset({502, 503, 504})
 
 
 class CliError(Exception):
-    """Stop with a message and an exit code."""
+    """Stop with a message and an exit code: the CLI's boundary adapter (personaplex/errors.py)."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
         super().__init__(message)
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    env = os.environ
+    client = ClientSettings.from_env()
     parser = argparse.ArgumentParser(
         prog="personaplex",
         description="Submit audio to a PersonaPlex Queue service and collect the replies.",
@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--url",
-        default=env.get("PERSONAPLEX_API_URL") or DEFAULT_URL,
+        default=client.api_url,
         help="service base URL (default: $PERSONAPLEX_API_URL or %(default)s)",
     )
-    parser.add_argument("--api-key", default=env.get("PERSONAPLEX_API_KEY"), help=argparse.SUPPRESS)
+    parser.add_argument("--api-key", default=client.api_key, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (%(default)s)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

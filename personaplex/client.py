@@ -23,8 +23,8 @@ from typing import Any
 import requests
 
 from personaplex.errors import PersonaPlexError
+from personaplex.settings import DEFAULT_API_URL, ClientSettings
 
-DEFAULT_URL = "http://localhost:8998"
 DEFAULT_TIMEOUT_S = 30.0
 """Seconds one ordinary request may take."""
 
@@ -77,7 +77,7 @@ class PersonaPlexClient:
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str = DEFAULT_API_URL,
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         session: requests.Session | None = None,
@@ -91,10 +91,8 @@ class PersonaPlexClient:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> PersonaPlexClient:
         """Read PERSONAPLEX_API_URL (default http://localhost:8998) and PERSONAPLEX_API_KEY."""
-        env = os.environ if environ is None else environ
-        return cls(
-            env.get("PERSONAPLEX_API_URL", DEFAULT_URL), env.get("PERSONAPLEX_API_KEY") or None, **kwargs
-        )
+        settings = ClientSettings.from_env(environ)
+        return cls(settings.api_url, settings.api_key, **kwargs)
 
     # -- transport -------------------------------------------------------------------------------
 
@@ -178,8 +176,6 @@ class PersonaPlexClient:
                 )
             pause = poll_interval if deadline is None else min(poll_interval, deadline - time.monotonic())
             time.sleep(max(pause, 0.0))
-
-    poll = wait
 
     def download_audio(self, job_id: str, dest: str | os.PathLike | None = None) -> bytes | Path:
         """The output WAV's bytes, or the path it was written to when `dest` is given."""

@@ -5,12 +5,32 @@
     ├── UnknownVoiceError       a voice prompt that is neither in the catalog nor a readable file
     ├── ModelNotAvailableError  weights missing, gated, or not downloadable (says what to do)
     ├── CheckpointError         a checkpoint whose keys or shapes do not match the config
-    └── CancelledError          a job was cancelled between frames
+    ├── CancelledError          a job was cancelled between frames
+    ├── QueueFullError          (personaplex.jobs) the queue had no room: nothing was written
+    └── ClientError             (personaplex.client) the service answered an error, or was unreachable
+        └── WaitTimeoutError    a wait ran out before the job was final; the job goes on
+
+QueueFullError and the client's errors live beside the code that raises them; this docstring is
+where the tree is drawn, and tests/test_errors.py pins it. Three more exceptions are boundary
+adapters, not part of the tree: each turns an error into what its boundary speaks, and carries no
+meaning of its own: `ApiError` (web/errors.py) into an HTTP status and a JSON body, `CliError`
+(personaplex/cli.py) into a message and an exit code, `ToolError` (personaplex/mcp_server.py) into
+an MCP tool error.
 
 Each error's message is written for the person who has to fix the problem.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "AudioError",
+    "CancelledError",
+    "CheckpointError",
+    "ModelNotAvailableError",
+    "PersonaPlexError",
+    "UnknownVoiceError",
+]
+"""The drawing's classes defined here; QueueFullError and the client's errors are defined where raised."""
 
 
 class PersonaPlexError(Exception):

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from personaplex.errors import PersonaPlexError
 from personaplex.fleet import WorkerRecord, record_from_json, record_to_json
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -267,7 +268,7 @@ return due
 """
 
 
-class QueueFullError(Exception):
+class QueueFullError(PersonaPlexError):
     """The queue had no room for the jobs: nothing was written."""
 
     def __init__(self, queued: int, incoming: int, limit: int) -> None:

@@ -47,12 +47,13 @@ from personaplex.catalog import (
     voice_ids,
 )
 from personaplex.client import FINAL_STATUSES, ClientError, PersonaPlexClient
+from personaplex.params import FRAME_RATE
+from personaplex.settings import DEFAULT_API_URL, ClientSettings
 
 log = logging.getLogger("personaplex.mcp")
 
 SERVER_NAME = "personaplex"
 
-DEFAULT_API_URL = "http://localhost:8998"
 DEFAULT_MAX_WAIT_S = 600.0
 """Seconds process_audio waits for its job before returning {"status": "pending", "job_id"}."""
 
@@ -68,8 +69,6 @@ MAX_POLL_FAILURES = 20
 REQUEST_TIMEOUT_S = 30.0
 """Seconds one ordinary HTTP request to the service may take."""
 
-FRAME_RATE_HZ = 12.5
-"""Model frames per second of audio (one frame = 1920 samples at 24 kHz)."""
 
 MB = 1024 * 1024
 
@@ -126,9 +125,10 @@ class McpConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> McpConfig:
         env = os.environ if environ is None else environ
         upload_mb = _env_number(env, "PERSONAPLEX_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)
+        client = ClientSettings.from_env(env)
         return cls(
-            api_url=(env.get("PERSONAPLEX_API_URL") or DEFAULT_API_URL).rstrip("/"),
-            api_key=env.get("PERSONAPLEX_API_KEY") or None,
+            api_url=client.api_url,
+            api_key=client.api_key,
             max_wait_s=max(_env_number(env, "PERSONAPLEX_MCP_MAX_WAIT", DEFAULT_MAX_WAIT_S), 0.0),
             max_upload_mb=upload_mb if upload_mb > 0 else DEFAULT_MAX_UPLOAD_MB,
         )
@@ -145,11 +145,6 @@ def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 # -- result types (each tool publishes its output schema from these) -----------------------------
-
-
-class ErrorResult(TypedDict, total=False):
-    status: Required[str]
-    error: str
 
 
 class HealthResult(TypedDict, total=False):
@@ -283,7 +278,8 @@ class CancelResult(TypedDict, total=False):
 
 
 class ToolError(Exception):
-    """A failure whose message already says what went wrong and what to do."""
+    """A failure whose message already says what went wrong and what to do, reported as an MCP tool
+    error: the MCP server's boundary adapter (personaplex/errors.py)."""
 
 
 def error(message: str) -> dict[str, Any]:
@@ -569,7 +565,7 @@ def replace_atomically(path: Path, data: bytes) -> None:
 def estimated_frames(job: Mapping[str, Any]) -> int:
     """Frames the generation phase will run, derived from the input's duration."""
     duration = job.get("input_duration_s") or 0.0
-    return max(int(math.ceil(duration * FRAME_RATE_HZ - 1e-9)), 1)
+    return max(int(math.ceil(duration * FRAME_RATE - 1e-9)), 1)
 
 
 def progress_message(job: Mapping[str, Any]) -> str:

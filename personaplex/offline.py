@@ -11,19 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from personaplex.catalog import ASSISTANT_PROMPT
-from personaplex.engine.checkpoint import DEFAULT_REPO
 from personaplex.errors import PersonaPlexError
 from personaplex.params import GenerationParams
+from personaplex.settings import Settings
 
-TRUE_WORDS = {"1", "true", "yes", "on"}
+SAMPLING = GenerationParams()
+"""Where the sampling options' defaults come from (the reference CLI's, like every job's)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    """The options; DEVICE, CPU_OFFLOAD and PERSONAPLEX_MODEL give their defaults, parsed by Settings."""
+    settings = settings or Settings()
     parser = argparse.ArgumentParser(
         prog="python -m personaplex.offline",
         description="Offline PersonaPlex: a user recording in, the agent's reply audio and text out.",
@@ -33,25 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-text", required=True, help="JSON list of per-frame text to write")
     parser.add_argument("--voice-prompt", required=True, help="catalog voice (NATF2.pt) or a .pt/.wav file")
     parser.add_argument("--voice-prompt-dir", help="folder holding voice prompt files (default: voices.tgz)")
-    parser.add_argument("--text-prompt", default=ASSISTANT_PROMPT, help="persona prompt ('' for none)")
+    parser.add_argument("--text-prompt", default=SAMPLING.text_prompt, help="persona prompt ('' for none)")
     parser.add_argument("--seed", type=int, default=-1, help="seed; -1 draws a random one")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    parser.add_argument("--temp-audio", type=float, default=0.8)
-    parser.add_argument("--temp-text", type=float, default=0.7)
-    parser.add_argument("--topk-audio", type=int, default=250)
-    parser.add_argument("--topk-text", type=int, default=25)
-    parser.add_argument("--device", default=os.environ.get("DEVICE") or None, help="cuda, cuda:1, cpu (auto)")
+    parser.add_argument("--temp-audio", type=float, default=SAMPLING.temp_audio)
+    parser.add_argument("--temp-text", type=float, default=SAMPLING.temp_text)
+    parser.add_argument("--topk-audio", type=int, default=SAMPLING.topk_audio)
+    parser.add_argument("--topk-text", type=int, default=SAMPLING.topk_text)
+    parser.add_argument("--device", default=settings.device, help="cuda, cuda:1, cpu (auto)")
     parser.add_argument(
         "--cpu-offload",
         action="store_true",
-        default=os.environ.get("CPU_OFFLOAD", "").lower() in TRUE_WORDS,
+        default=settings.cpu_offload,
         help="put what does not fit on the GPU on the CPU (accelerate); also CPU_OFFLOAD=true",
     )
     parser.add_argument(
         "--model",
         "--hf-repo",
         dest="model",
-        default=os.environ.get("PERSONAPLEX_MODEL", DEFAULT_REPO),
+        default=settings.model,
         help="hub repo id or local checkpoint directory (PERSONAPLEX_MODEL)",
     )
     parser.add_argument("--max-audio-seconds", type=float, default=None, help="refuse longer input")
@@ -59,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # e.g. CPU_OFFLOAD=maybe: the same start-up error as the service's
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser(settings).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         run(args)

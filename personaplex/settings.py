@@ -1,8 +1,9 @@
-"""One settings object for web and worker, read from the environment when asked, never at import.
+"""Settings read from the environment when asked, never at import: `Settings` for web and worker,
+`ClientSettings` for the clients (REST client, CLI, MCP server).
 
-Every setting is declared once, as a `Settings` field whose metadata holds its environment variable,
-parser and meaning; `Settings.from_env` and the README table (`Settings.describe()`) both derive from
-those fields, so there is one place to read what can be configured.
+Every setting is declared once, as a field whose metadata holds its environment variable, parser
+and meaning; `from_env` and the README table (`Settings.describe()`) both derive from those fields,
+so there is one place to read what can be configured.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from personaplex.catalog import DEFAULT_REPO
+
+DEFAULT_API_URL = "http://localhost:8998"
+"""Where the clients look for the service when PERSONAPLEX_API_URL is unset."""
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
@@ -82,14 +88,53 @@ def option(env: str, default: Any, parse: Callable[[str], Any], meaning: str) ->
     return field(default=default, metadata={"env": env, "parse": parse, "meaning": meaning})
 
 
+class EnvSettings:
+    """A frozen dataclass of `option()` fields, read from the environment by `from_env()`."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Any:
+        """Read every option from `environ` (default `os.environ`), then apply keyword overrides.
+
+        A malformed value raises ValueError naming the variable, so a bad deployment fails at start.
+        """
+        env = os.environ if environ is None else environ
+        unknown = set(overrides) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        options = fields(cls)  # type: ignore[arg-type]
+        values = {f.name: _parse(f, env[f.metadata["env"]]) for f in options if f.metadata["env"] in env}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, meaning) rows, one per setting, for the README table."""
+        return [(f.metadata["env"], _show(f.default), f.metadata["meaning"]) for f in fields(cls)]  # type: ignore[arg-type]
+
+
+def _api_url(text: str) -> str:
+    """A base URL without its trailing slash; empty means the default."""
+    return text.strip().rstrip("/") or DEFAULT_API_URL
+
+
 @dataclass(frozen=True)
-class Settings:
+class ClientSettings(EnvSettings):
+    """Where the clients (the REST client, the CLI, the MCP server) find the service and its key."""
+
+    api_url: str = option("PERSONAPLEX_API_URL", DEFAULT_API_URL, _api_url, "The service's base URL")
+    api_key: str | None = option(
+        "PERSONAPLEX_API_KEY", None, _optional_str, "Sent as a bearer token when set"
+    )
+
+
+@dataclass(frozen=True)
+class Settings(EnvSettings):
     """The service configuration. Build it with `Settings.from_env()`, never at import time."""
 
     redis_url: str = option(
         "REDIS_URL", "redis://localhost:6379/0", str, "Redis: broker, job records, events"
     )
-    model: str = option("PERSONAPLEX_MODEL", "nvidia/personaplex-7b-v1", str, "HF repo id or checkpoint dir")
+    model: str = option("PERSONAPLEX_MODEL", DEFAULT_REPO, str, "HF repo id or checkpoint dir")
     data_dir: Path = option(
         "PERSONAPLEX_DATA_DIR", Path("./data"), Path, "Shared directory of job blobs (fs)"
     )
@@ -173,25 +218,6 @@ class Settings:
         "HOST", "127.0.0.1", str, "Interface of the development web server; off loopback it needs a key"
     )
     port: int = option("PORT", 8998, _positive(int), "Port of the development web server")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every option from `environ` (default `os.environ`), then apply keyword overrides.
-
-        A malformed value raises ValueError naming the variable, so a bad deployment fails at start.
-        """
-        env = os.environ if environ is None else environ
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-        values = {f.name: _parse(f, env[f.metadata["env"]]) for f in fields(cls) if f.metadata["env"] in env}
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def describe(cls) -> list[tuple[str, str, str]]:
-        """(environment variable, default, meaning) rows, one per setting, for the README table."""
-        return [(f.metadata["env"], _show(f.default), f.metadata["meaning"]) for f in fields(cls)]
 
     @property
     def retention_s(self) -> float:

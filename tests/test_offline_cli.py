@@ -34,8 +34,8 @@ def input_16k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+def _run(args: list[str], cwd: Path, **environ: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **environ}
     env.pop("PERSONAPLEX_MODEL", None)
     return subprocess.run(
         [sys.executable, "-m", "personaplex.offline", *args],
@@ -130,3 +130,31 @@ def test_cli_runs_with_the_same_seed_write_the_same_bytes(
     time.sleep(1.1)  # a write-time stamp (libsndfile's PEAK chunk) has second resolution
     assert run("second") == first
     assert (tmp_path / "second.json").read_bytes() == (tmp_path / "first.json").read_bytes()
+
+
+def test_a_malformed_setting_is_the_services_start_up_error(input_16k: Path, tmp_path: Path) -> None:
+    """CPU_OFFLOAD=maybe is refused as web and worker refuse it, not silently read as false."""
+    args = _flags(
+        input_wav=str(input_16k),
+        output_wav=str(tmp_path / "never.wav"),
+        output_text=str(tmp_path / "never.json"),
+        voice_prompt="NATF2.pt",
+    )
+    done = _run(args, cwd=tmp_path, CPU_OFFLOAD="maybe")
+    assert done.returncode == 2
+    assert "CPU_OFFLOAD" in done.stderr and "'maybe'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "never.wav").exists()
+
+
+def test_sampling_defaults_are_the_jobs() -> None:
+    from personaplex.offline import build_parser
+    from personaplex.settings import Settings
+
+    args = build_parser(Settings(device="cpu", cpu_offload=True, model="m")).parse_args(
+        ["--input-wav", "i", "--output-wav", "o", "--output-text", "t", "--voice-prompt", "v"]
+    )
+    defaults = GenerationParams()
+    for name in ("text_prompt", "greedy", "temp_audio", "temp_text", "topk_audio", "topk_text"):
+        assert getattr(args, name) == getattr(defaults, name), name
+    assert (args.device, args.cpu_offload, args.model) == ("cpu", True, "m")

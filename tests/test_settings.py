@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from personaplex.settings import Settings, parse_bool
+from personaplex.settings import DEFAULT_API_URL, ClientSettings, Settings, parse_bool
 
 
 def test_defaults_match_the_spec() -> None:
@@ -100,3 +100,14 @@ def test_describe_lists_every_setting_once() -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().port = 1  # type: ignore[misc]
+
+
+def test_client_settings_are_read_like_the_services() -> None:
+    """One home for the clients' URL and key (REST client, CLI, MCP server), read by the same helper."""
+    assert ClientSettings.from_env({}) == ClientSettings(DEFAULT_API_URL, None)
+    assert DEFAULT_API_URL == "http://localhost:8998"
+    env = {"PERSONAPLEX_API_URL": " http://gpu-box:9000/ ", "PERSONAPLEX_API_KEY": "k"}
+    assert ClientSettings.from_env(env) == ClientSettings("http://gpu-box:9000", "k")
+    blank = {"PERSONAPLEX_API_URL": "", "PERSONAPLEX_API_KEY": " "}
+    assert ClientSettings.from_env(blank) == ClientSettings(DEFAULT_API_URL, None)
+    assert [env for env, _, _ in ClientSettings.describe()] == ["PERSONAPLEX_API_URL", "PERSONAPLEX_API_KEY"]

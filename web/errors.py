@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """Raised by views to answer with a status, a message and optional extra fields or headers."""
+    """Raised by views to answer with a status, a message and optional extra fields or headers: the
+    web tier's boundary adapter from errors to HTTP (personaplex/errors.py draws the tree)."""
 
     def __init__(
         self,
