@@ -47,6 +47,7 @@ from personaplex.engine.sampling import make_generator
 from personaplex.engine.voices import VoicePrompt, load_voice_prompt, resolve_voice
 from personaplex.errors import CancelledError
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, EngineResult, GenerationParams, Timings
+from personaplex.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ MARKER_TOKENS = {0: "EPAD", TEXT_PAD: "PAD"}
 FAST_FRAMES_BUCKET = 256
 """The fast loop's frame capacity is rounded up to this, so jobs of similar lengths reuse its graphs."""
 FAST_REPLAY_BUCKET = 64
-DEFAULT_MAX_BATCH = 8
-"""Jobs stepped together by `process_batch` (Settings.max_batch, PERSONAPLEX_MAX_BATCH)."""
-DEFAULT_MAX_BATCH_FRAMES = 30_000
+DEFAULT_MAX_BATCH = Settings.max_batch
+"""Jobs stepped together by `process_batch` (its home: Settings.max_batch, PERSONAPLEX_MAX_BATCH)."""
+DEFAULT_MAX_BATCH_FRAMES = Settings.max_batch_frames
 """Rows x the longest row's frames per batch: what the fast loop allocates per row scales with its
 frame capacity (Settings.max_batch_frames, PERSONAPLEX_MAX_BATCH_FRAMES). A longer job runs alone."""
 
