@@ -9,6 +9,8 @@ Sections (add new fixtures to the section they belong to, or start a new one):
   5. Workers: `worker_env` (env for a worker subprocess), `start_worker` (factory; all stopped after)
   6. The whole service stack: `live_service` (module; base URL of web + worker + its own Redis)
   7. Queueing like the web, without it: `queue` (a fixtures.Queue on the test's Redis)
+  8. The web API for tests/test_web_*.py: `speech`, `clip` (module); `serve` (factory), `live` (a
+     web_helpers.Live on a real server); `app_client` (a web_helpers.AppClient: Flask's test client)
 
 Helper classes and paths live in tests/fixtures.py (imported as `fixtures`: tests/ is on sys.path
 because it has no __init__.py).
@@ -30,6 +32,9 @@ from personaplex.settings import Settings
 from personaplex.storage import FsBlobStore
 
 if TYPE_CHECKING:
+    import numpy as np
+    from web_helpers import AppClient, Live
+
     from web.server_thread import ServerThread
 
 # -- 0. Skips: counted always, refused in CI -------------------------------------------------------
@@ -234,3 +239,56 @@ def queue(settings: Settings, redis_client: redis.Redis) -> Iterator[Queue]:
     q = Queue(settings, redis_client)
     yield q
     q.app.close()
+
+
+# -- 8. The web API for tests/test_web_*.py (helpers in tests/web_helpers.py) ----------------------
+# Small limits by default (web_helpers.SMALL_LIMITS). Modules that define their own `speech`, `clip`
+# or `serve` keep theirs: a module's fixture wins over these.
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    """20 s of real speech (`speech_wav`), decoded: 24 kHz float samples."""
+    from personaplex.audio import load
+
+    return load(SPEECH_20S)
+
+
+@pytest.fixture(scope="module")
+def clip(speech: np.ndarray) -> bytes:
+    """Two seconds of real speech as a 16-bit WAV."""
+    from personaplex.audio import encode_wav
+
+    return encode_wav(speech[: 2 * 24000], 24000, subtype="PCM_16")
+
+
+@pytest.fixture
+def serve(
+    start_web: Callable[..., ServerThread], redis_client: redis.Redis, tmp_path: Path
+) -> Callable[..., Live]:
+    """serve(**settings_overrides) -> a Live on a real server (small limits by default); stopped after
+    the test."""
+    from web_helpers import SMALL_LIMITS, Live
+
+    def start(**overrides: object) -> Live:
+        return Live(start_web(**{**SMALL_LIMITS, **overrides}), tmp_path / "data", redis_client)
+
+    return start
+
+
+@pytest.fixture
+def live(serve: Callable[..., Live]) -> Live:
+    """A Live on a real server with the default small limits."""
+    return serve()
+
+
+@pytest.fixture
+def app_client(redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> AppClient:
+    """The app (small limits, the private Redis flushed, data in tmp_path/data) through Flask's test
+    client: no server and no socket, for tests of one request's validation or error answer."""
+    from web_helpers import SMALL_LIMITS, AppClient
+
+    from web.app import create_app
+
+    config = {"redis_url": redis_server.url, "data_dir": tmp_path / "data", **SMALL_LIMITS}
+    return AppClient(create_app(config, environ={}), tmp_path / "data", redis_client)
