@@ -696,31 +696,22 @@ get_job_status and fetch the WAV with get_job_result. list_voices and get_prompt
 choices; health_check says whether the service and its GPU workers are up."""
 
 
-def create_server(config: McpConfig | None = None) -> MCPServer:
-    """The MCP server with every tool bound to `config` (default: read from the environment)."""
-    config = config or McpConfig.from_env()
-    server = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="INFO")
-    read_only = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True)
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await anyio.to_thread.run_sync(partial(fn, *args))
 
-    def tool(annotations: ToolAnnotations) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register a tool; its description is the docstring with the indentation removed."""
 
-        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            server.add_tool(fn, description=inspect.getdoc(fn), annotations=annotations)
-            return fn
+class Tools:
+    """Every tool of the MCP server, as methods over one configuration; `TOOLS` registers them."""
 
-        return register
+    def __init__(self, config: McpConfig) -> None:
+        self.config = config
 
-    def client() -> PersonaPlexClient:
-        return PersonaPlexClient(config.api_url, api_key=config.api_key, timeout=REQUEST_TIMEOUT_S)
-
-    async def in_thread(fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(partial(fn, *args))
+    def client(self) -> PersonaPlexClient:
+        return PersonaPlexClient(self.config.api_url, api_key=self.config.api_key, timeout=REQUEST_TIMEOUT_S)
 
     # -- service and catalog ---------------------------------------------------------------------
 
-    @tool(read_only)
-    def health_check() -> HealthResult:
+    def health_check(self) -> HealthResult:
         """Check the PersonaPlex service: Redis, live GPU workers and queue length.
 
         status is "healthy" (workers are up), "degraded" (no worker is alive, so jobs wait in the
@@ -729,27 +720,23 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
         """
 
         def body() -> dict[str, Any]:
-            report = client().health()
-            return {"api_url": config.api_url, **report}
+            report = self.client().health()
+            return {"api_url": self.config.api_url, **report}
 
-        return guarded(config, "health_check", body)  # type: ignore[return-value]
+        return guarded(self.config, "health_check", body)  # type: ignore[return-value]
 
-    @tool(read_only)
-    def get_gpu_status() -> GpuStatusResult:
+    def get_gpu_status(self) -> GpuStatusResult:
         """GPU workers and their memory: whether the model is loaded, running jobs, idle timeout.
 
         One entry per live worker in `workers`; the top-level fields summarise the fleet.
         """
 
         def body() -> dict[str, Any]:
-            return {"status": "ok", **client().gpu_status()}
+            return {"status": "ok", **self.client().gpu_status()}
 
-        return guarded(config, "get_gpu_status", body)  # type: ignore[return-value]
+        return guarded(self.config, "get_gpu_status", body)  # type: ignore[return-value]
 
-    @server.tool(
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True)
-    )
-    def offload_gpu() -> OffloadResult:
+    def offload_gpu(self) -> OffloadResult:
         """Free GPU memory by unloading the model from every worker; the next job reloads it.
 
         status: "offloaded", "deferred" (a job is running: the model is unloaded after it) or
@@ -757,32 +744,30 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
         """
 
         def body() -> dict[str, Any]:
-            return dict(client().offload())
+            return dict(self.client().offload())
 
-        return guarded(config, "offload_gpu", body)  # type: ignore[return-value]
+        return guarded(self.config, "offload_gpu", body)  # type: ignore[return-value]
 
-    @tool(read_only)
-    def list_voices() -> VoicesResult:
+    def list_voices(self) -> VoicesResult:
         """The 18 voices PersonaPlex can answer in (natural and variety, female and male).
 
         Pass a voice's `id` (e.g. "NATF2.pt") as voice_prompt; "NATF2" and "natf2" work too.
         """
 
         def body() -> dict[str, Any]:
-            voices = client().voices()
+            voices = self.client().voices()
             return {"status": "ok", "voices": voices, "default": DEFAULT_VOICE, "count": len(voices)}
 
-        return guarded(config, "list_voices", body)  # type: ignore[return-value]
+        return guarded(self.config, "list_voices", body)  # type: ignore[return-value]
 
-    @tool(read_only)
-    def get_prompt_examples() -> PromptsResult:
+    def get_prompt_examples(self) -> PromptsResult:
         """Example persona prompts (assistant, customer service, casual chat, ...) for text_prompt.
 
         The text prompt sets who the voice is and what it knows; write your own in the same style.
         """
 
         def body() -> dict[str, Any]:
-            prompts = client().prompts()
+            prompts = self.client().prompts()
             return {
                 "status": "ok",
                 "prompts": prompts,
@@ -790,11 +775,12 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
                 "default_seed": DEFAULT_SEED,
             }
 
-        return guarded(config, "get_prompt_examples", body)  # type: ignore[return-value]
+        return guarded(self.config, "get_prompt_examples", body)  # type: ignore[return-value]
 
     # -- jobs ------------------------------------------------------------------------------------
 
     def submit(
+        self,
         input_file: str,
         voice_prompt: str,
         text_prompt: str,
@@ -803,25 +789,27 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
     ) -> tuple[dict[str, Any], Path | None]:
         """Check the voice, the input and (if given) the output path, then queue the job."""
         voice = check_voice(voice_prompt)
-        data, name = read_input(input_file, config.max_upload_bytes)
+        data, name = read_input(input_file, self.config.max_upload_bytes)
         output = check_output(output_file) if output_file is not None else None
-        submitted = client().submit_job(
+        submitted = self.client().submit_job(
             data, filename=name, voice_prompt=voice, text_prompt=text_prompt, seed=seed
         )
         return submitted, output
 
-    def fetch_output(job: Mapping[str, Any], output: Path) -> dict[str, Any]:
-        data = client().download_audio(job["id"])
+    def fetch_output(self, job: Mapping[str, Any], output: Path) -> dict[str, Any]:
+        data = self.client().download_audio(job["id"])
         assert isinstance(data, bytes)
         write_output(output, data)
         return success_result(job, output)
 
-    async def wait_for(job_id: str, ctx: Context, meter: ProgressMeter, deadline: float) -> dict[str, Any]:
+    async def wait_for(
+        self, job_id: str, ctx: Context, meter: ProgressMeter, deadline: float
+    ) -> dict[str, Any]:
         """Poll until the job is final or the deadline passes, notifying progress every second.
 
         A few failed reads in a row (the service restarting) are waited out; more raise.
         """
-        poller = client()
+        poller = self.client()
         latest: dict[str, Any] = await in_thread(poller.get_job, job_id)
 
         async def heartbeat() -> None:
@@ -846,18 +834,16 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
             group.cancel_scope.cancel()
         return latest
 
-    async def cancel_quietly(job_id: str) -> None:
+    async def cancel_quietly(self, job_id: str) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
-                await in_thread(client().cancel_job, job_id)
+                await in_thread(self.client().cancel_job, job_id)
                 log.info("process_audio was cancelled by the client: cancelled job %s", job_id)
             except Exception as exc:
                 log.warning("Could not cancel job %s after the call was cancelled: %s", job_id, exc)
 
-    @server.tool(
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False)
-    )
     async def process_audio(
+        self,
         input_file: str,
         output_file: str,
         ctx: Context,
@@ -883,13 +869,13 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
         started = time.monotonic()
         try:
             submitted, output = await in_thread(
-                submit, input_file, voice_prompt, text_prompt, seed, output_file
+                self.submit, input_file, voice_prompt, text_prompt, seed, output_file
             )
             assert output is not None
         except ToolError as exc:
             return error(str(exc))  # type: ignore[return-value]
         except ClientError as exc:
-            return error(describe_client_error(exc, config))  # type: ignore[return-value]
+            return error(describe_client_error(exc, self.config))  # type: ignore[return-value]
         except Exception as exc:
             log.exception("process_audio failed unexpectedly")
             return error(f"process_audio failed unexpectedly: {type(exc).__name__}: {exc}")  # type: ignore[return-value]
@@ -898,31 +884,29 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
         log.info("process_audio: submitted job %s (%s)", job_id, input_file)
         try:
             meter = ProgressMeter()
-            job = await wait_for(job_id, ctx, meter, started + config.max_wait_s)
+            job = await self.wait_for(job_id, ctx, meter, started + self.config.max_wait_s)
             if job.get("status") not in FINAL_STATUSES:
                 return pending_result(job, time.monotonic() - started)  # type: ignore[return-value]
             if job.get("status") != "succeeded":
                 return error(final_job_error(job))  # type: ignore[return-value]
-            result = await in_thread(fetch_output, job, output)
+            result = await in_thread(self.fetch_output, job, output)
             progress, total = meter.finish(job)
             await ctx.report_progress(progress, total, f"Job {job_id}: done, the answer is written.")
             return result  # type: ignore[return-value]
         except anyio.get_cancelled_exc_class():
-            await cancel_quietly(job_id)
+            await self.cancel_quietly(job_id)
             raise
         except ToolError as exc:
             return error(str(exc))  # type: ignore[return-value]
         except ClientError as exc:
-            message = describe_client_error(exc, config)
+            message = describe_client_error(exc, self.config)
             return error(f"{message} (job {job_id}: get_job_status tells whether it goes on)")  # type: ignore[return-value]
         except Exception as exc:
             log.exception("process_audio failed unexpectedly for job %s", job_id)
             return error(f"process_audio failed unexpectedly for job {job_id}: {type(exc).__name__}: {exc}")  # type: ignore[return-value]
 
-    @server.tool(
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False)
-    )
     def submit_audio_job(
+        self,
         input_file: str,
         voice_prompt: str = DEFAULT_VOICE,
         text_prompt: str = ASSISTANT_PROMPT,
@@ -936,7 +920,7 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
         """
 
         def body() -> dict[str, Any]:
-            submitted, _ = submit(input_file, voice_prompt, text_prompt, seed)
+            submitted, _ = self.submit(input_file, voice_prompt, text_prompt, seed)
             job = submitted.get("job") or {}
             params = job.get("params") or {}
             job_id = submitted["job_id"]
@@ -951,17 +935,16 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
                 "message": f"Queued. Poll get_job_status('{job_id}'), then call get_job_result('{job_id}', output_file).",
             }
 
-        return guarded(config, "submit_audio_job", body)  # type: ignore[return-value]
+        return guarded(self.config, "submit_audio_job", body)  # type: ignore[return-value]
 
-    @tool(read_only)
-    def get_job_status(job_id: str) -> JobStatusResult:
+    def get_job_status(self, job_id: str) -> JobStatusResult:
         """A job's state: queued, running (with progress), succeeded, failed (with the worker's reason) or cancelled.
 
         When it is "succeeded", call get_job_result(job_id, output_file) to write the answer.
         """
 
         def body() -> dict[str, Any]:
-            job = client().get_job(job_id.strip())
+            job = self.client().get_job(job_id.strip())
             status = str(job.get("status"))
             out: dict[str, Any] = {
                 "status": status,
@@ -991,12 +974,9 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
                 out["message"] = progress_message(job) + " Ask again in a few seconds."
             return out
 
-        return guarded(config, "get_job_status", body)  # type: ignore[return-value]
+        return guarded(self.config, "get_job_status", body)  # type: ignore[return-value]
 
-    @server.tool(
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True)
-    )
-    def get_job_result(job_id: str, output_file: str) -> AudioResult:
+    def get_job_result(self, job_id: str, output_file: str) -> AudioResult:
         """Write a finished job's answer to output_file (WAV, atomically, creating parent folders).
 
         Returns the same fields as process_audio on success; "pending" with the job's progress if it
@@ -1006,7 +986,7 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
 
         def body() -> dict[str, Any]:
             output = check_output(output_file)
-            job = client().get_job(job_id.strip())
+            job = self.client().get_job(job_id.strip())
             if job.get("status") not in FINAL_STATUSES:
                 pending = pending_result(job, time.time() - float(job.get("created_at") or time.time()))
                 pending["message"] = (
@@ -1015,14 +995,11 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
                 return pending
             if job.get("status") != "succeeded":
                 raise ToolError(final_job_error(job))
-            return fetch_output(job, output)
+            return self.fetch_output(job, output)
 
-        return guarded(config, "get_job_result", body)  # type: ignore[return-value]
+        return guarded(self.config, "get_job_result", body)  # type: ignore[return-value]
 
-    @server.tool(
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True)
-    )
-    def cancel_job(job_id: str) -> CancelResult:
+    def cancel_job(self, job_id: str) -> CancelResult:
         """Cancel a job: a queued one never runs; a running one stops at its next frame.
 
         status "cancelled" (done) or "cancel_requested" (running: it ends as cancelled within a
@@ -1030,7 +1007,7 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
         """
 
         def body() -> dict[str, Any]:
-            job = client().cancel_job(job_id.strip())
+            job = self.client().cancel_job(job_id.strip())
             status = str(job.get("status"))
             if status == "cancelled":
                 return {
@@ -1046,8 +1023,36 @@ def create_server(config: McpConfig | None = None) -> MCPServer:
                 "message": "The job stops at its next frame; get_job_status confirms it is cancelled.",
             }
 
-        return guarded(config, "cancel_job", body)  # type: ignore[return-value]
+        return guarded(self.config, "cancel_job", body)  # type: ignore[return-value]
 
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True)
+
+TOOLS: tuple[tuple[str, ToolAnnotations], ...] = (
+    ("health_check", READ_ONLY),
+    ("get_gpu_status", READ_ONLY),
+    ("offload_gpu", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True)),
+    ("list_voices", READ_ONLY),
+    ("get_prompt_examples", READ_ONLY),
+    ("process_audio", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False)),
+    (
+        "submit_audio_job",
+        ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False),
+    ),
+    ("get_job_status", READ_ONLY),
+    ("get_job_result", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True)),
+    ("cancel_job", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True)),
+)
+"""Each tool by its method name on `Tools`, with its hints; the one place tools are registered."""
+
+
+def create_server(config: McpConfig | None = None) -> MCPServer:
+    """The MCP server with every tool bound to `config` (default: read from the environment)."""
+    tools = Tools(config or McpConfig.from_env())
+    server = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="INFO")
+    for name, hints in TOOLS:
+        method = getattr(tools, name)
+        server.add_tool(method, description=inspect.getdoc(method), annotations=hints)
     return server
 
 
