@@ -35,7 +35,8 @@ from personaplex.jobs import Job, JobStatus, JobStore  # noqa: E402
 from personaplex.params import GenerationParams  # noqa: E402
 from personaplex.settings import Settings  # noqa: E402
 from personaplex.storage import INPUT, OUTPUT_JSON, FsBlobStore, read_output  # noqa: E402
-from worker import TASK_NAME, create_celery_app  # noqa: E402
+from worker import create_celery_app  # noqa: E402
+from worker.control import send_job  # noqa: E402
 
 SPEECH = REPO / "tests" / "data" / "recordings" / "input_assistant.wav"
 
@@ -75,7 +76,7 @@ def submit(
         job = Job(params=GenerationParams(seed=i).to_dict(), input_duration_s=seconds)
         blobs.put(job.id, INPUT, audio_io.encode_wav(speech[start : start + int(seconds * 24_000)]))
         jobs.create(job)
-        app.send_task(TASK_NAME, args=[job.id], task_id=job.id)
+        send_job(app, job.id)
         jobs.mark_dispatched(job.id)
         ids.append(job.id)
     return ids

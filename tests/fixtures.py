@@ -30,7 +30,8 @@ from personaplex.jobs import Job, JobStore, Keys
 from personaplex.params import GenerationParams
 from personaplex.settings import Settings
 from personaplex.storage import INPUT, OUTPUT_JSON, FsBlobStore, read_output
-from worker import TASK_NAME, create_celery_app
+from worker import create_celery_app
+from worker.control import send_job
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "tests" / "data"
@@ -151,7 +152,7 @@ class Queue:
         job = Job(params=params.to_dict(), input_duration_s=seconds)
         self.blobs.put(job.id, INPUT, audio)  # before the record: a queued record is claimable at once
         self.jobs.create(job)
-        self.app.send_task(TASK_NAME, args=[job.id], task_id=job.id)
+        send_job(self.app, job.id)
         self.jobs.mark_dispatched(job.id)
         return job
 
