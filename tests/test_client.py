@@ -128,19 +128,3 @@ def test_round_trip_with_a_real_worker(
     assert isinstance(result.text, list) and result.job_id
     assert client.gpu_status()["workers"][0]["worker"] == "gpu0@test"
     assert client.offload(worker="gpu0@test")["status"] in ("offloaded", "not_loaded")
-
-
-def test_the_client_errors_are_in_the_tree_that_errors_draws() -> None:
-    """errors.__all__ is the drawing less what other modules define (named in brackets there)."""
-    import re
-
-    from personaplex import client, errors
-
-    drawing = errors.__doc__ or ""
-    drawn = set(re.findall(r"[├└]── (\w+)", drawing)) | {"PersonaPlexError"}
-    elsewhere = set(re.findall(r"[├└]── (\w+) +\(personaplex\.", drawing)) | {"WaitTimeoutError"}
-    assert set(errors.__all__) == drawn - elsewhere
-    for cls in (ClientError, WaitTimeoutError, *(getattr(errors, name) for name in errors.__all__)):
-        assert issubclass(cls, errors.PersonaPlexError), cls
-    assert issubclass(WaitTimeoutError, ClientError)
-    assert not hasattr(client.PersonaPlexClient, "poll")  # removed: `wait` is the one name

@@ -39,6 +39,15 @@ def test_the_drawing_matches_the_classes() -> None:
     assert drawn == defined
 
 
+def test_errors_exports_what_it_defines() -> None:
+    """errors.__all__ is the drawing less the classes other modules define (named in brackets there)."""
+    drawing = errors.__doc__ or ""
+    drawn = set(re.findall(r"[├└]── (\w+)", drawing)) | {"PersonaPlexError"}
+    elsewhere = set(re.findall(r"[├└]── (\w+) +\(personaplex\.", drawing)) | {"WaitTimeoutError"}
+    assert set(errors.__all__) == drawn - elsewhere
+    assert issubclass(client.WaitTimeoutError, client.ClientError)
+
+
 def test_boundary_adapters_say_so_and_stand_outside() -> None:
     for adapter in ADAPTERS:
         assert not issubclass(adapter, errors.PersonaPlexError), adapter

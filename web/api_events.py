@@ -24,7 +24,7 @@ from personaplex.jobs import Job, is_valid_job_id
 from web.api_jobs import job_view
 from web.auth import current_principal
 from web.errors import ApiError
-from web.pubsub import Notice, Waiter, is_final_event, next_event, subscription
+from web.pubsub import Notice, Waiter, is_final_event, subscription
 from web.services import Services, services
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _relay(ws: Server, svc: Services, waiter: Waiter) -> None:
     """Send the job's events until the final one, the client leaves, or Redis stays away too long."""
     lost_at: float | None = None
     while ws.connected:
-        item = next_event(waiter, WAIT_SLICE_S)
+        item = waiter.get(WAIT_SLICE_S)
         if item is Notice.LOST:
             lost_at = time.monotonic()
         elif item is Notice.RESUMED:

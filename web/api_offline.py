@@ -32,7 +32,7 @@ from personaplex.jobs import Job, JobStatus
 from personaplex.params import TEXT_MARKERS
 from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV, read_output
 from web.errors import ApiError
-from web.pubsub import Notice, Waiter, is_final_event, next_event, subscription
+from web.pubsub import Notice, Waiter, is_final_event, subscription
 from web.services import Services, services
 from web.submit import accept, job_urls, new_job
 from web.validation import parse_upload
@@ -82,7 +82,7 @@ def wait_final(
     next_read = time.monotonic() + RECHECK_INTERVAL_S
     lost = False
     while (remaining := deadline - time.monotonic()) > 0 and still_there():
-        item = next_event(waiter, min(remaining, WAIT_SLICE_S))
+        item = waiter.get(min(remaining, WAIT_SLICE_S))
         lost = item is Notice.LOST or (lost and item is not Notice.RESUMED)
         due = time.monotonic() >= next_read and not lost
         if is_final_event(item) or item is Notice.RESUMED or due:

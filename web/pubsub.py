@@ -137,11 +137,6 @@ class EventHub:
                     del self._waiters[waiter.job_id]
             self._last_active = time.monotonic()
 
-    def waiting(self) -> int:
-        """Waiters registered now (for tests and operators)."""
-        with self._locked():
-            return sum(len(waiters) for waiters in self._waiters.values())
-
     @contextmanager
     def _locked(self) -> Iterator[None]:
         if self._pid != os.getpid():  # forked: the parent's thread and waiters are not ours
@@ -253,11 +248,6 @@ def subscription(svc: Services, job_id: str) -> Iterator[Waiter]:
         yield waiter
     finally:
         svc.events.unsubscribe(waiter)
-
-
-def next_event(waiter: Waiter, timeout: float) -> Event | Notice | None:
-    """The next event or hub notice for the waiter, or None if none came within `timeout` seconds."""
-    return waiter.get(timeout)
 
 
 def is_final_event(event: Event | Notice) -> bool:
