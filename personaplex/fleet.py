@@ -4,7 +4,7 @@ A worker describes itself in one record (`WorkerRecord`): it answers the `gpu_st
 with it and, stamped with a time, writes it to Redis as its heartbeat. It answers `offload` with an
 `OffloadReply` whose status is an `OffloadStatus`. The worker builds these, the web reads them (health,
 GPU status, offload) and the OpenAPI document lists their values, all from the definitions here: no
-torch, no Celery, nothing but the standard library, so every process can import it.
+torch, no Celery, nothing but the standard library and typing_extensions, so every process can import it.
 """
 
 # No `from __future__ import annotations` here: TypedDict reads NotRequired[...] from evaluated
@@ -12,7 +12,11 @@ torch, no Celery, nothing but the standard library, so every process can import 
 import json
 from collections.abc import Iterable
 from enum import StrEnum
-from typing import Any, NotRequired, TypedDict, cast
+from typing import Any, NotRequired, cast
+
+# typing_extensions' TypedDict: the web derives its schemas from these types with pydantic, which
+# reads Python 3.11's typing.TypedDict only from 3.12 on.
+from typing_extensions import TypedDict
 
 
 class OffloadStatus(StrEnum):

@@ -12,6 +12,10 @@ FRAME_RATE = 12.5
 FRAME_SIZE = 1920  # samples per frame at 24 kHz
 TEXT_MARKERS = frozenset({"PAD", "EPAD", "BOS", "EOS"})
 """Per-frame text entries that are markers, not words."""
+SEED_RANGE = (-1, 2**63)
+"""Seeds from -1 (random) up to, not including, 2**63 (torch takes a 64-bit seed)."""
+TEMPERATURE_RANGE = (0.0, 10.0)
+"""Temperatures allowed, both ends included (0 samples greedily)."""
 
 
 @dataclass(frozen=True)
@@ -30,12 +34,13 @@ class GenerationParams:
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.seed < -1 or self.seed >= 2**63:
+        if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise ValueError(f"seed must be -1 (random) or in [0, 2**63), got {self.seed}")
+        low, high = TEMPERATURE_RANGE
         for name in ("temp_audio", "temp_text"):
             value = getattr(self, name)
-            if not 0.0 <= float(value) <= 10.0:
-                raise ValueError(f"{name} must be between 0 and 10, got {value}")
+            if not low <= float(value) <= high:
+                raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value}")
         for name in ("topk_audio", "topk_text"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

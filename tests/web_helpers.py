@@ -27,6 +27,7 @@ from werkzeug.test import TestResponse
 
 from personaplex.audio import encode_wav, load, probe
 from personaplex.jobs import JobStore, WorkerRegistry
+from personaplex.params import EngineResult
 from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, FsBlobStore
 from web.server_thread import ServerThread
 
@@ -107,10 +108,11 @@ def finish_like_a_worker(live: Live, job_id: str, text: str = "hello there") -> 
     """What the worker does for a job, through the same stores (used where no model is needed)."""
     live.jobs.mark_running(job_id, "fake@test")
     live.jobs.set_progress(job_id, "generate", 5, 10)
-    wav = encode_wav(load(live.blobs.get(job_id, INPUT))[:2400], 24000)
+    audio = load(live.blobs.get(job_id, INPUT))[:2400]
     frames = ["PAD", " hello", " there", "EPAD", "PAD"]
-    document = {"text": text, "frames": frames, "tokens": [], "duration_s": 0.1, "timings": {}}
-    live.blobs.put(job_id, OUTPUT_WAV, wav)
+    result = EngineResult(audio=audio, text_frames=frames, tokens=[], input_duration_s=0.1)
+    document = {**result.text_document(), "text": text}
+    live.blobs.put(job_id, OUTPUT_WAV, encode_wav(audio, result.sample_rate))
     live.blobs.put(job_id, OUTPUT_JSON, json.dumps(document).encode())
     live.jobs.mark_succeeded(job_id, {"text": text, "duration_s": 0.1})
 

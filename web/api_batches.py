@@ -32,12 +32,14 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from personaplex.batches import Batch, BatchInput, output_stems, unique_names
 from personaplex.jobs import Job, JobStatus
 from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV, read_output
+from web import schemas
 from web.api_jobs import revoke_quietly
 from web.auth import current_owner, current_principal
 from web.errors import ApiError
+from web.schemas import EXPIRED, PARAM_FIELDS, answer
 from web.services import Services, services
 from web.submit import check_capacity, enqueue, job_urls, new_job, store_jobs
-from web.validation import PARAM_FIELDS, Upload, check_audio, parse_params, safe_input_name
+from web.validation import Upload, check_audio, parse_params, safe_input_name
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,6 @@ MAX_BATCH_FILES = 500
 MANIFEST_NAME = "_batch.json"
 """The archive's index of every input; no output stem can start with "_" (names are sanitized)."""
 
-EXPIRED = "expired"
-"""The state reported for a job whose record is gone (retention ended)."""
 
 _SKIPPED_PREFIXES = ("__MACOSX/",)
 
@@ -84,7 +84,7 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         ],
         "urls": urls,
     }
-    return jsonify(body), 202, {"Location": urls["self"]}
+    return jsonify(answer(schemas.BatchAccepted, body)), 202, {"Location": urls["self"]}
 
 
 @bp.get("/<batch_id>")
@@ -94,7 +94,7 @@ def get_batch(batch_id: str) -> Response:
     view = batch_view(batch, job_map(svc, batch))
     if not view["finished"]:
         svc.batches.keep_alive(batch.id)
-    return jsonify(view)
+    return jsonify(answer(schemas.Batch, view))
 
 
 @bp.get("/<batch_id>/archive")
@@ -145,7 +145,7 @@ def cancel_batch(batch_id: str) -> tuple[Response, int]:
     revoke_quietly(svc, cancelled)
     view = batch_view(batch, job_map(svc, batch))
     body = {**view, "cancelled": len(cancelled), "cancel_requested": stopping}
-    return jsonify(body), 202 if stopping else 200
+    return jsonify(answer(schemas.Batch, body)), 202 if stopping else 200
 
 
 # -- reading the request -------------------------------------------------------------------------

@@ -21,10 +21,12 @@ from redis.exceptions import RedisError
 from simple_websocket import Server
 
 from personaplex.jobs import Job, is_valid_job_id
+from web import schemas
 from web.api_jobs import job_view
 from web.auth import current_principal
 from web.errors import ApiError
 from web.pubsub import Notice, Waiter, is_final_event, subscription
+from web.schemas import answer
 from web.services import Services, services
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,8 @@ def _resync(ws: Server, svc: Services, job_id: str) -> bool:
 
 
 def _send_state(ws: Server, job: Job) -> None:
-    _send(ws, {"type": "state", "job_id": job.id, "status": job.status.value, "job": job_view(job)})
+    state = {"type": "state", "job_id": job.id, "status": job.status.value, "job": job_view(job)}
+    _send(ws, answer(schemas.Event, state))
 
 
 def _send(ws: Server, event: dict[str, Any]) -> None:

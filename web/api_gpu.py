@@ -15,8 +15,10 @@ from typing import Any, cast
 from flask import Blueprint, Response, jsonify, request
 
 from personaplex.fleet import OffloadReply, OffloadStatus, WorkerRecord
+from web import schemas
 from web.auth import current_principal, require_admin
 from web.errors import ApiError
+from web.schemas import WorkerSource, answer
 from web.services import Services, services
 from worker.control import query_gpu_status, request_offload
 
@@ -47,9 +49,9 @@ def offload_workers(svc: Services, worker: str | None, expected: int) -> list[Of
 
 def fleet(svc: Services) -> list[dict[str, Any]]:
     """One record per live worker: the heartbeat, overlaid by a fresh control reply when one came,
-    each with its `source` ("heartbeat" or "live")."""
+    each with its `source`."""
     records: dict[str, dict[str, Any]] = {
-        w["worker"]: {**w, "source": "heartbeat"} for w in svc.workers.live()
+        w["worker"]: {**w, "source": WorkerSource.HEARTBEAT} for w in svc.workers.live()
     }
     try:
         replies = live_status(svc, len(records))
@@ -57,7 +59,12 @@ def fleet(svc: Services) -> list[dict[str, Any]]:
         log.warning("gpu_status broadcast failed: %s", exc)
         replies = {}
     for name, reply in replies.items():
-        records[name] = {**records.get(name, {}), "worker": name, **(reply or {}), "source": "live"}
+        records[name] = {
+            **records.get(name, {}),
+            "worker": name,
+            **(reply or {}),
+            "source": WorkerSource.LIVE,
+        }
     return [records[name] for name in sorted(records, key=str)]
 
 
@@ -84,7 +91,7 @@ def gpu_status() -> Response:
     workers = fleet(svc)
     if not current_principal().admin:
         workers = [{k: v for k, v in w.items() if k not in _JOB_FIELDS} for w in workers]
-    return jsonify(summarize(workers, svc.settings.gpu_idle_timeout))
+    return jsonify(answer(schemas.GpuStatus, summarize(workers, svc.settings.gpu_idle_timeout)))
 
 
 @bp.post("/offload")
@@ -95,10 +102,9 @@ def offload() -> Response:
     replies = offload_workers(svc, worker, len(svc.workers.live()))
     if worker and not replies:
         raise ApiError(404, f"Worker {worker[:128]!r} did not answer within {CONTROL_TIMEOUT_S:g} s.")
-    return jsonify(
-        {
-            "status": OffloadStatus.strongest(r.get("status") for r in replies),
-            "memory_allocated": round(sum(float(r.get("memory_allocated") or 0.0) for r in replies), 1),
-            "workers": replies,
-        }
-    )
+    body = {
+        "status": OffloadStatus.strongest(r.get("status") for r in replies),
+        "memory_allocated": round(sum(float(r.get("memory_allocated") or 0.0) for r in replies), 1),
+        "workers": replies,
+    }
+    return jsonify(answer(schemas.OffloadResult, body))

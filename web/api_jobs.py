@@ -12,8 +12,10 @@ from flask import Blueprint, Response, jsonify, request, send_file
 
 from personaplex.jobs import Job, JobStatus
 from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV, read_output
+from web import schemas
 from web.auth import current_principal
 from web.errors import ApiError
+from web.schemas import answer
 from web.services import Services, services
 from web.submit import accept, job_urls
 from web.validation import parse_upload
@@ -35,6 +37,7 @@ def load_job(svc: Services, job_id: str) -> Job:
 
 
 def job_view(job: Job) -> dict[str, Any]:
+    """The job as clients see it (checked against schemas.Job by the body that holds it)."""
     return {**job.to_dict(), "job_id": job.id, "urls": job_urls(job.id)}
 
 
@@ -44,8 +47,8 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     upload = parse_upload(request.files, request.form, svc.settings.max_audio_seconds)
     job = accept(svc, upload)
     urls = job_urls(job.id)
-    body = {"job_id": job.id, "status": job.status.value, "urls": urls, "job": job_view(job)}
-    return jsonify(body), 202, {"Location": urls["self"]}
+    body = {"job_id": job.id, "status": job.status, "urls": urls, "job": job_view(job)}
+    return jsonify(answer(schemas.JobAccepted, body)), 202, {"Location": urls["self"]}
 
 
 @bp.get("")
@@ -57,7 +60,7 @@ def list_jobs() -> Response:
     limit = _parse_limit(request.args.get("limit"))
     owner = current_principal().owner_filter  # a client key lists its own jobs, an admin key all
     jobs = services().jobs.list_recent(status=status, limit=limit, owner=owner)
-    return jsonify({"jobs": [job_view(job) for job in jobs], "count": len(jobs)})
+    return jsonify(answer(schemas.JobList, {"jobs": [job_view(job) for job in jobs], "count": len(jobs)}))
 
 
 def _parse_limit(raw: str | None) -> int:
@@ -74,7 +77,7 @@ def _parse_limit(raw: str | None) -> int:
 
 @bp.get("/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(job_view(load_job(services(), job_id)))
+    return jsonify(answer(schemas.Job, job_view(load_job(services(), job_id))))
 
 
 def _require_output(svc: Services, job_id: str, name: str) -> tuple[Job, bytes]:
@@ -101,7 +104,7 @@ def get_audio(job_id: str) -> Response:
 @bp.get("/<job_id>/text")
 def get_text(job_id: str) -> Response:
     _, data = _require_output(services(), job_id, OUTPUT_JSON)
-    return jsonify({"job_id": job_id, **json.loads(data)})
+    return jsonify(answer(schemas.TextOutput, {"job_id": job_id, **json.loads(data)}))
 
 
 @bp.delete("/<job_id>")
@@ -113,12 +116,13 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
     job = svc.jobs.request_cancel(job_id) or job
     if job.status is JobStatus.CANCELLED:
         revoke_quietly(svc, [job_id])
-        return jsonify({**job_view(job), "cancel_requested": True}), 200
+        return jsonify(answer(schemas.CancelledJob, {**job_view(job), "cancel_requested": True})), 200
     message = (
         "The job stops at its worker's next check: before its next frame, or its next decode chunk. "
         "One already writing its outputs when the check comes finishes as succeeded."
     )
-    return jsonify({**job_view(job), "cancel_requested": True, "message": message}), 202
+    body = {**job_view(job), "cancel_requested": True, "message": message}
+    return jsonify(answer(schemas.CancelledJob, body)), 202
 
 
 def revoke_quietly(svc: Services, job_ids: list[str]) -> None:

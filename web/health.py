@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from personaplex.fleet import WorkerRecord, gpu_available
 from personaplex.jobs import JobStore, WorkerRegistry
+from web.schemas import Health, answer
 from web.services import services
 
 bp = Blueprint("health", __name__)
@@ -30,8 +31,8 @@ def health() -> tuple[Response, int]:
         workers = WorkerRegistry(client).live()
         queue_length = JobStore(client).queue_length()
     except RedisError as exc:
-        return jsonify(_unhealthy(exc)), 503
-    return jsonify(_report(workers, queue_length)), 200
+        return jsonify(answer(Health, _unhealthy(exc))), 503
+    return jsonify(answer(Health, _report(workers, queue_length))), 200
 
 
 def _report(workers: list[WorkerRecord], queue_length: int) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""GET /openapi.json: an OpenAPI 3.1 description of the API, checked against the routes by a test.
+"""GET /openapi.json: an OpenAPI 3.1 description of the API, checked against the routes by a test
+and against the live server by schemathesis (tests/test_openapi.py).
 
-Values that have a home elsewhere are read from it, so the document cannot drift from the code: the
-parameter defaults from `GenerationParams`, the environment variables from `Settings`, the limits from
-the modules that enforce them, and the enums from `JobStatus` and `OffloadStatus`.
+The paths are written here; every request and response body is a pydantic model of web/schemas.py,
+the same model the route validates with or answers through, so the document cannot drift from the
+code. The environment variables come from `Settings` and the limits from the modules that enforce them.
 """
 
 from __future__ import annotations
@@ -11,36 +12,29 @@ from dataclasses import fields
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
+from pydantic.json_schema import models_json_schema
 
 from personaplex import __version__
-from personaplex.catalog import DEFAULT_VOICE, voice_ids
-from personaplex.fleet import OffloadStatus
 from personaplex.jobs import JobStatus
-from personaplex.params import GenerationParams
 from personaplex.settings import Settings
 from web.api_batches import MAX_BATCH_FILES
 from web.api_jobs import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
+from web.schemas import RESPONSES, BatchUpload, JobUpload
 from web.services import services
-from web.validation import MAX_TEXT_PROMPT_CHARS
 
 bp = Blueprint("openapi", __name__)
 
 JSON = "application/json"
 
-PARAM_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(GenerationParams)}
-"""Each generation parameter's default, as a job gets it when the form leaves the field out."""
-
 ENV: dict[str, str] = {f.name: f.metadata["env"] for f in fields(Settings)}
 """Each setting's environment variable, by field name."""
 
 
-def _param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """A generation parameter's form field: `schema` with the parameter's default."""
-    return {**schema, "default": PARAM_DEFAULTS[name]}
+REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+    return {"$ref": REF_TEMPLATE.format(model=name)}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -66,32 +60,9 @@ JOB_ID = {
     "description": "The job id (32 lower-case hex digits); anything else is 404.",
 }
 
-UPLOAD_FIELDS: dict[str, Any] = {
-    "file": {"type": "string", "format": "binary", "description": "Input speech: WAV, FLAC or OGG."},
-    "voice_prompt": _param(
-        "voice_prompt",
-        {
-            "type": "string",
-            "enum": voice_ids(),
-            "description": "Voice id as GET /api/voices lists it (e.g. 'NATF2.pt'); 'NATF2' and 'natf2' work too.",
-        },
-    ),
-    "text_prompt": _param("text_prompt", {"type": "string", "maxLength": MAX_TEXT_PROMPT_CHARS}),
-    "seed": _param("seed", {"type": "integer", "minimum": -1, "description": "-1: random."}),
-    "greedy": _param("greedy", {"type": "boolean"}),
-    "temp_audio": _param("temp_audio", {"type": "number", "minimum": 0, "maximum": 10}),
-    "temp_text": _param("temp_text", {"type": "number", "minimum": 0, "maximum": 10}),
-    "topk_audio": _param("topk_audio", {"type": "integer", "minimum": 1}),
-    "topk_text": _param("topk_text", {"type": "integer", "minimum": 1}),
-}
-
 UPLOAD_BODY = {
     "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {"type": "object", "required": ["file"], "properties": UPLOAD_FIELDS}
-        }
-    },
+    "content": {"multipart/form-data": {"schema": _ref(JobUpload.__name__)}},
 }
 
 BATCH_ID = {
@@ -106,29 +77,7 @@ BATCH_BODY = {
     "required": True,
     "content": {
         "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "anyOf": [{"required": ["files"]}, {"required": ["archive"]}],
-                "properties": {
-                    "files": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {"type": "string", "format": "binary"},
-                        "description": "Input audio files (repeat the field); a zip among them is expanded.",
-                    },
-                    "archive": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "A zip of audio files (folders allowed; no absolute paths or '..').",
-                    },
-                    "per_file": {
-                        "type": "string",
-                        "description": "JSON object: input name (as sent, or as listed in the response) -> "
-                        'parameters for that file only, e.g. {"a.wav": {"seed": 1, "voice_prompt": "NATM1"}}.',
-                    },
-                    **{k: v for k, v in UPLOAD_FIELDS.items() if k != "file"},
-                },
-            },
+            "schema": _ref(BatchUpload.__name__),
             "encoding": {"files": {"contentType": "application/octet-stream"}},
         }
     },
@@ -146,257 +95,14 @@ SUBMIT_ERRORS = {
     "507": _error("No room to store the upload: the data directory is full or Redis is out of memory."),
 }
 
-SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {"error": {"type": "string"}},
-        "additionalProperties": True,
-    },
-    "Progress": {
-        "type": "object",
-        "properties": {
-            "phase": {"type": "string"},
-            "done": {"type": "integer"},
-            "total": {"type": "integer"},
-        },
-    },
-    "Job": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "job_id": {"type": "string"},
-            "status": {"type": "string", "enum": [s.value for s in JobStatus]},
-            "created_at": {"type": "number"},
-            "started_at": {"type": ["number", "null"]},
-            "finished_at": {"type": ["number", "null"]},
-            "attempts": {"type": "integer"},
-            "worker": {"type": ["string", "null"]},
-            "progress": _ref("Progress"),
-            "params": {"type": "object"},
-            "input_name": {"type": "string"},
-            "input_duration_s": {"type": ["number", "null"]},
-            "result": {
-                "type": ["object", "null"],
-                "description": "duration_s, text, frames, timings, and attempt: the attempt whose outputs it serves",
-            },
-            "error": {"type": ["string", "null"]},
-            "batch_id": {"type": ["string", "null"]},
-            "note": {
-                "type": ["string", "null"],
-                "description": "What the service did beyond the status, e.g. queued again after its worker died.",
-            },
-            "owner": {
-                "type": ["string", "null"],
-                "description": "Name of the API key that made the job; null when made without keys.",
-            },
-            "urls": _ref("JobUrls"),
-        },
-    },
-    "JobUrls": {
-        "type": "object",
-        "properties": {k: {"type": "string"} for k in ("self", "audio", "text", "events")},
-    },
-    "JobAccepted": {
-        "type": "object",
-        "properties": {
-            "job_id": {"type": "string"},
-            "status": {"type": "string"},
-            "urls": _ref("JobUrls"),
-            "job": _ref("Job"),
-        },
-    },
-    "JobList": {
-        "type": "object",
-        "properties": {"jobs": {"type": "array", "items": _ref("Job")}, "count": {"type": "integer"}},
-    },
-    "BatchAccepted": {
-        "type": "object",
-        "properties": {
-            "batch_id": {"type": "string"},
-            "count": {"type": "integer"},
-            "jobs": {
-                "type": "object",
-                "additionalProperties": {"type": "string"},
-                "description": "Input name -> job id.",
-            },
-            "inputs": {
-                "type": "array",
-                "description": "In the order the files were sent (zip members in archive order).",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string", "description": "Sanitized, unique in the batch."},
-                        "filename": {"type": "string", "description": "The name it was sent under."},
-                        "job_id": {"type": "string"},
-                    },
-                },
-            },
-            "urls": _ref("BatchUrls"),
-        },
-    },
-    "BatchUrls": {
-        "type": "object",
-        "properties": {k: {"type": "string"} for k in ("self", "archive")},
-    },
-    "BatchJob": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "output": {"type": "string", "description": "Stem of its files in the archive."},
-            "job_id": {"type": "string"},
-            "status": {"type": "string", "enum": [*(s.value for s in JobStatus), "expired"]},
-            "progress": _ref("Progress"),
-            "error": {"type": ["string", "null"]},
-            "worker": {"type": ["string", "null"]},
-            "attempts": {"type": "integer"},
-            "input_duration_s": {"type": ["number", "null"]},
-            "started_at": {"type": ["number", "null"]},
-            "finished_at": {"type": ["number", "null"]},
-            "urls": _ref("JobUrls"),
-        },
-    },
-    "Batch": {
-        "type": "object",
-        "properties": {
-            "batch_id": {"type": "string"},
-            "created_at": {"type": "number"},
-            "total": {"type": "integer"},
-            "finished": {"type": "boolean", "description": "No job is queued or running."},
-            "counts": {
-                "type": "object",
-                "properties": {s: {"type": "integer"} for s in [*(s.value for s in JobStatus), "expired"]},
-            },
-            "jobs": {"type": "array", "items": _ref("BatchJob")},
-            "urls": _ref("BatchUrls"),
-            "cancelled": {"type": "integer", "description": "DELETE only: jobs cancelled now."},
-            "cancel_requested": {"type": "integer", "description": "DELETE only: running jobs stopping."},
-        },
-    },
-    "TextOutput": {
-        "type": "object",
-        "properties": {
-            "job_id": {"type": "string"},
-            "text": {"type": "string"},
-            "frames": {"type": "array", "items": {"type": "string"}},
-            "tokens": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
-            "duration_s": {"type": "number"},
-            "sample_rate": {"type": "integer"},
-            "timings": {"type": "object"},
-        },
-    },
-    "Gpu": {
-        "type": "object",
-        "properties": {
-            "name": {"type": ["string", "null"]},
-            **{
-                f: {"type": "number", "description": "MB"}
-                for f in ("memory_total", "memory_allocated", "memory_reserved")
-            },
-        },
-    },
-    "Worker": {
-        "type": "object",
-        "properties": {
-            "worker": {"type": "string"},
-            "model": {"type": "string", "description": "The model it serves (HF repo id or checkpoint)."},
-            "model_loaded": {"type": "boolean"},
-            "device": {"type": ["string", "null"]},
-            "gpu": _ref("Gpu"),
-            "running_job": {
-                "type": ["string", "null"],
-                "description": "The first job of its batch still running.",
-            },
-            "running_jobs": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "Every job of its batch.",
-            },
-            "active_connections": {"type": "integer", "description": "Running jobs (its batch's size)."},
-            "progress": {"type": ["object", "null"]},
-            "idle_timeout": {"type": "number"},
-            "idle_deadline": {"type": ["number", "null"]},
-            "last_used": {"type": ["number", "null"]},
-            "timestamp": {"type": "number", "description": "When its heartbeat was written."},
-            "source": {"type": "string", "enum": ["heartbeat", "live"]},
-        },
-    },
-    "GpuStatus": {
-        "type": "object",
-        "properties": {
-            "model_loaded": {"type": "boolean"},
-            "active_connections": {"type": "integer", "description": "Running jobs, summed over workers."},
-            "idle_timeout": {"type": "number"},
-            "gpu": _ref("Gpu"),
-            "worker_count": {"type": "integer"},
-            "workers": {"type": "array", "items": _ref("Worker")},
-        },
-    },
-    "OffloadResult": {
-        "type": "object",
-        "properties": {
-            "status": {"type": "string", "enum": [s.value for s in reversed(OffloadStatus)]},
-            "memory_allocated": {"type": "number"},
-            "workers": {"type": "array", "items": {"type": "object"}},
-        },
-    },
-    "Voice": {
-        "type": "object",
-        "required": ["id", "name", "category", "filename"],
-        "properties": {
-            "id": {
-                "type": "string",
-                "enum": voice_ids(),
-                "description": "The legacy server's id, e.g. 'NATF2.pt'; pass it as voice_prompt.",
-            },
-            "name": {"type": "string", "examples": ["Natural Female 2"]},
-            "category": {"type": "string", "enum": ["natural", "variety"]},
-            "filename": {"type": "string", "description": "The same as id (kept for older clients)."},
-        },
-    },
-    "VoiceList": {
-        "type": "object",
-        "properties": {
-            "voices": {"type": "array", "items": _ref("Voice")},
-            "default": {"type": "string", "const": DEFAULT_VOICE},
-            "count": {"type": "integer"},
-        },
-    },
-    "Health": {
-        "type": "object",
-        "properties": {
-            "status": {"type": "string", "enum": ["healthy", "degraded", "unhealthy"]},
-            "gpu_available": {"type": "boolean"},
-            "model_loaded": {"type": "boolean"},
-            "timestamp": {"type": "string", "format": "date-time"},
-            "redis": {"type": "string"},
-            "workers": {"type": "integer"},
-            "queue_length": {"type": ["integer", "null"]},
-        },
-    },
-    "Event": {
-        "type": "object",
-        "required": ["type"],
-        "properties": {
-            "type": {
-                "type": "string",
-                "enum": [
-                    "state",
-                    "queued",
-                    "started",
-                    "progress",
-                    "succeeded",
-                    "failed",
-                    "cancelled",
-                    "error",
-                ],
-            },
-            "job_id": {"type": "string"},
-            "status": {"type": "string"},
-        },
-        "additionalProperties": True,
-    },
-}
+
+def component_schemas() -> dict[str, Any]:
+    """Every body's JSON Schema, written by pydantic from the models in web/schemas.py: the forms as
+    they are validated, the responses as they are written (nested models become components too)."""
+    models = [(m, "validation") for m in (JobUpload, BatchUpload)]
+    models += [(m, "serialization") for m in RESPONSES]
+    _, document = models_json_schema(models, ref_template=REF_TEMPLATE)
+    return document["$defs"]
 
 
 def _paths() -> dict[str, Any]:
@@ -432,7 +138,7 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Example persona prompts",
                 "tags": ["catalog"],
-                "responses": {"200": _json({"type": "object"}, "Prompts and defaults.")},
+                "responses": {"200": _json(_ref("PromptList"), "Prompts and defaults.")},
             }
         },
         "/api/gpu/status": {
@@ -506,8 +212,8 @@ def _paths() -> dict[str, Any]:
                 "summary": "Cancel a queued or running job",
                 "tags": ["jobs"],
                 "responses": {
-                    "200": _json(_ref("Job"), "Was queued: cancelled now."),
-                    "202": _json(_ref("Job"), "Is running: stops at its next frame."),
+                    "200": _json(_ref("CancelledJob"), "Was queued: cancelled now."),
+                    "202": _json(_ref("CancelledJob"), "Is running: stops at its next frame."),
                     "404": _error("Unknown job, or another client's."),
                     "409": _error("Already final."),
                 },
@@ -670,7 +376,7 @@ def build_document(keys_required: bool = True) -> dict[str, Any]:
         "security": [{"bearer": []}] if keys_required else [],
         "paths": _with_key_errors(_paths()) if keys_required else _paths(),
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": component_schemas(),
             "securitySchemes": {
                 "bearer": {
                     "type": "http",

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
+from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from personaplex.audio import AudioInfo, check_decodes, probe
-from personaplex.catalog import DEFAULT_PROMPT, normalize_voice_name, voice_ids
+from personaplex.catalog import voice_ids
 from personaplex.errors import AudioError
 from personaplex.params import GenerationParams
-from personaplex.settings import FALSE_WORDS, TRUE_WORDS
 from web.errors import ApiError
+from web.schemas import PARAM_FIELDS, GenerationForm, describe
 
 DEFAULT_INPUT_NAME = "input.wav"
 MAX_INPUT_NAME_BYTES = 200
@@ -26,19 +26,6 @@ and file systems refuse names over 255 bytes, so every archive member still extr
 MAX_EXTENSION_BYTES = 16
 """A longer "extension" is part of the stem (it is cut, not kept whole)."""
 _ASCII_KEPT = re.compile(r"[A-Za-z0-9_.-]")
-MAX_TEXT_PROMPT_CHARS = 8000
-"""Longest persona prompt accepted (characters)."""
-
-_CASTS: dict[str, type] = {
-    "seed": int,
-    "greedy": bool,
-    "temp_audio": float,
-    "temp_text": float,
-    "topk_audio": int,
-    "topk_text": int,
-}
-PARAM_FIELDS = ("voice_prompt", "text_prompt", *_CASTS)
-"""Every form field parse_params reads."""
 
 
 @dataclass(frozen=True)
@@ -110,49 +97,18 @@ def check_audio(data: bytes, max_audio_seconds: float | None) -> AudioInfo:
 
 
 def parse_params(form: MultiDict[str, str]) -> GenerationParams:
-    """Build GenerationParams from form fields; unknown fields are ignored."""
-    values: dict[str, Any] = {"voice_prompt": parse_voice(form.get("voice_prompt"))}
-    values["text_prompt"] = parse_text_prompt(form.get("text_prompt"))
-    known = {f.name for f in fields(GenerationParams)}
-    for name, cast in _CASTS.items():
+    """GenerationParams from the form fields, validated by `GenerationForm`; other fields are ignored.
+
+    A blank field takes its default, except text_prompt, where blank means no persona.
+    """
+    values = {}
+    for name in PARAM_FIELDS:
         raw = form.get(name)
-        if name in known and raw is not None and raw.strip() != "":
-            values[name] = _cast(name, raw.strip(), cast)
+        if raw is not None and (name == "text_prompt" or raw.strip()):
+            values[name] = raw if name == "text_prompt" else raw.strip()
     try:
-        return GenerationParams(**values)
-    except (TypeError, ValueError) as exc:
-        raise ApiError(400, str(exc)) from exc
-
-
-def parse_voice(raw: str | None) -> str:
-    if raw is None or not raw.strip():
-        return GenerationParams().voice_prompt
-    voice = normalize_voice_name(raw)
-    if voice is None:
-        raise ApiError(
-            400,
-            f"Unknown voice prompt {raw[:64]!r}. See GET /api/voices.",
-            valid_voices=voice_ids(),
-        )
-    return voice
-
-
-def parse_text_prompt(raw: str | None) -> str:
-    if raw is None:
-        return DEFAULT_PROMPT
-    if len(raw) > MAX_TEXT_PROMPT_CHARS:
-        raise ApiError(400, f"text_prompt is {len(raw)} characters; the limit is {MAX_TEXT_PROMPT_CHARS}.")
-    return raw.strip()
-
-
-def _cast(name: str, raw: str, cast: type) -> Any:
-    if cast is bool:
-        lowered = raw.lower()
-        if lowered in TRUE_WORDS | FALSE_WORDS:
-            return lowered in TRUE_WORDS
-        raise ApiError(400, f"{name} must be true or false, got {raw[:32]!r}.")
-    try:
-        return cast(raw)
-    except ValueError:
-        kind = "an integer" if cast is int else "a number"
-        raise ApiError(400, f"{name} must be {kind}, got {raw[:32]!r}.") from None
+        return GenerationForm.model_validate(values).to_params()
+    except ValidationError as exc:
+        field, message = describe(exc)
+        extra = {"valid_voices": voice_ids()} if field == "voice_prompt" else {}
+        raise ApiError(400, message, **extra) from exc
