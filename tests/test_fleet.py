@@ -26,7 +26,7 @@ from personaplex.fleet import (
 )
 from personaplex.params import GenerationParams
 from personaplex.settings import Settings
-from web.openapi import SCHEMAS, UPLOAD_FIELDS
+from web.openapi import component_schemas
 from worker.runtime import WorkerRuntime
 
 WORKER_ONLY_MODULES = ("worker.tasks", "worker.runner", "worker.runtime", "worker.commands", "torch")
@@ -91,12 +91,11 @@ def test_a_heartbeat_that_is_not_a_worker_record_is_refused() -> None:
 
 
 def test_the_openapi_document_is_generated_from_the_records_and_defaults() -> None:
-    worker = set(SCHEMAS["Worker"]["properties"])
+    schemas = component_schemas()
+    worker = set(schemas["Worker"]["properties"])
     assert worker == set(WorkerRecord.__annotations__) | {"source"}
-    assert SCHEMAS["OffloadResult"]["properties"]["status"]["enum"] == [
-        "offloaded",
-        "deferred",
-        "not_loaded",
-    ]
+    assert schemas["OffloadResult"]["properties"]["status"]["$ref"] == "#/components/schemas/OffloadStatus"
+    assert set(schemas["OffloadStatus"]["enum"]) == {"offloaded", "deferred", "not_loaded"}
+    form = schemas["JobUpload"]["properties"]
     for param in fields(GenerationParams):
-        assert UPLOAD_FIELDS[param.name]["default"] == param.default
+        assert form[param.name]["default"] == param.default
