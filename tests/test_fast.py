@@ -211,6 +211,37 @@ def test_a_loop_with_more_rows_than_jobs_leaves_the_rest_idle(
     assert not loop.fits(plans + plans[:1])  # more jobs than rows
 
 
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded"])
+def test_a_job_that_joins_a_running_loop_equals_the_job_alone(
+    engines: tuple[Engine, Engine], samples: np.ndarray, voice_wav: str, greedy: bool
+) -> None:
+    """Continuous batching's guarantee: a row loaded while others run (at another frame of theirs,
+    into a row a finished job left, its window wrapped) gets exactly the tokens it gets alone."""
+    _, fast = engines
+    models = fast._models
+    assert models is not None and fast._info is not None
+    jobs = _jobs(samples, voice_wav, greedy)
+    alone = [_run(fast, [_plan(fast, s, p)])[0] for s, p in jobs]
+    plans = [_plan(fast, s, p) for s, p in jobs]
+    capacity = {"frames": max(len(p) for p in plans), "replay_frames": max(p.replay_frames for p in plans)}
+    loop = FastLoop(models, plans[:1], fast._info.lm.delays, batch=2, sampling=True, **capacity)
+    assert loop.free_rows() == [1]
+    loop.run(7)
+    loop.load_row(1, plans[1])  # joins at frame 7 of row 0
+    loop.run(len(plans[1]))
+    assert loop.row_result(1).tolist() == alone[1]
+    loop.free_row(1)
+    loop.load_row(1, plans[2])  # into the row job 1 left, its ring and window used
+    loop.run(len(plans[0]) - 7 - len(plans[1]))
+    assert loop.row_result(0).tolist() == alone[0]
+    loop.free_row(0)
+    assert loop.free_rows() == [0]
+    loop.run(len(plans[2]))
+    assert loop.row_result(1).tolist() == alone[2]
+    with pytest.raises(AssertionError):
+        loop.load_row(1, plans[0])  # a busy row
+
+
 @pytest.mark.parametrize(
     ("loop_rows", "jobs", "graphs", "reused"),
     [(8, 8, False, True), (8, 5, True, True), (8, 4, True, False), (8, 5, False, False), (4, 8, True, False)],

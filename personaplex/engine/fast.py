@@ -256,9 +256,10 @@ def _layer(module: torch.nn.Module, step: int | None = None) -> _Layer:
 class FastLoop:
     """B jobs stepped together, one frame per call; static buffers, optional CUDA graph capture.
 
-    `batch`, `frames`, `replay_frames`, `topk_text` and `topk_audio` are capacities (default: what
-    `plans` need); a loop can be `load`ed again with other plans that fit them, reusing its graphs.
-    Fewer plans than `batch` leave the last rows empty: they idle through every step (length 0).
+    `batch`, `frames`, `replay_frames` and `topk` (text, audio) are capacities (default: what `plans`
+    need); a loop can be `load`ed again with other plans that fit them, reusing its graphs, and a
+    job can join a free row while the others run (`load_row`, `free_row`). A row without a job idles
+    through every step (length 0).
     """
 
     def __init__(
@@ -271,6 +272,7 @@ class FastLoop:
         replay_frames: int | None = None,
         sampling: bool | None = None,
         batch: int | None = None,
+        topk: tuple[int, int] | None = None,
     ) -> None:
         self.models = models
         moshi = models.moshi
@@ -289,8 +291,9 @@ class FastLoop:
         self.slots = -(-(self.window + 1) // SLOT_ALIGN) * SLOT_ALIGN  # +1: a scratch slot
         text_vocab, audio_vocab = config.vocab_size, config.audio_vocab_size
         self.text_vocab, self.audio_vocab = text_vocab, audio_vocab
-        self.topk_text = min(max(p.sampling.topk_text for p in plans), text_vocab)
-        self.topk_audio = min(max(p.sampling.topk_audio for p in plans), audio_vocab)
+        least_text, least_audio = topk or (0, 0)  # capacities for jobs that join later
+        self.topk_text = min(max(least_text, *(p.sampling.topk_text for p in plans)), text_vocab)
+        self.topk_audio = min(max(least_audio, *(p.sampling.topk_audio for p in plans)), audio_vocab)
         self.sampling = any(p.generator is not None and not p.sampling.greedy for p in plans)
         if sampling is not None:
             self.sampling = self.sampling or sampling
@@ -370,7 +373,10 @@ class FastLoop:
         self.audio_noise_index = torch.empty(B, AUDIO_STREAMS * self.topk_audio, **long)
 
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self.plans: list[JobPlan] = []
+        self.plans: list[JobPlan | None] = [None] * B
+        """Each row's job (None: the row idles); rows join and leave as `load_row` and `free_row` say."""
+        self.t_host: list[int] = [0] * B
+        """Each row's frame count on the host: its own, from the frame its job joined."""
         self.load(plans)
         if capture:
             self._capture()
@@ -388,10 +394,10 @@ class FastLoop:
 
     @torch.inference_mode()
     def load(self, plans: Sequence[JobPlan]) -> None:
-        """Reset every row's state and copy in the jobs' schedules and settings."""
+        """Reset every row's state and copy in the jobs' schedules and settings (rows 0, 1, ...)."""
         assert self.fits(plans), "plans exceed this loop's capacities"
-        self.plans = list(plans)
-        self.t_host = 0
+        self.plans = [None] * self.batch
+        self.t_host = [0] * self.batch
         self._reset()
         self.s_text.fill_(-1)
         self.s_agent.zero_()
@@ -400,31 +406,79 @@ class FastLoop:
         self.s_cache.copy_(self.initial[None, :, None].expand_as(self.s_cache))
         self.cache_at.fill_(-1)
         self._idle_settings()
-        inf = float("inf")
+        self.length.zero_()
+        self.replay_length.zero_()
         for b, plan in enumerate(plans):
-            n = len(plan)
-            self.s_text[b, :n] = plan.text
-            self.s_agent[b, :n] = plan.agent
-            self.s_user[b, :n] = plan.user
-            if plan.replay_frames:
-                self.s_embeddings[b, : plan.replay_frames] = plan.embeddings.to(self.dtype)
-                self.s_cache[b] = plan.voice_cache
-                self.cache_at[b] = plan.replay_frames - 1
-            s = plan.sampling
-            self.temp_text[b] = s.temp_text if s.temp_text > 0 else 1.0
-            self.temp_audio[b] = s.temp_audio if s.temp_audio > 0 else 1.0
-            self.greedy_text[b] = s.greedy or s.temp_text <= 0 or plan.generator is None
-            self.greedy_audio[b] = s.greedy or s.temp_audio <= 0 or plan.generator is None
-            kt, ka = self._row_topk(plan)
-            self.noise_text[b, kt:] = inf
-            self.noise_audio[b, AUDIO_STREAMS * self.topk_audio :] = inf
-            cols = torch.arange(self.topk_audio, device=self.device)
-            index = torch.arange(AUDIO_STREAMS, device=self.device)[:, None] * ka + cols[None]
-            index = torch.where(cols[None] < ka, index, AUDIO_STREAMS * self.topk_audio)
-            self.audio_noise_index[b] = index.flatten()
-        empty = [0] * (self.batch - len(plans))
-        self.length.copy_(torch.tensor([len(p) for p in plans] + empty))
-        self.replay_length.copy_(torch.tensor([p.replay_frames for p in plans] + empty))
+            self._write_row(b, plan)
+
+    @torch.inference_mode()
+    def load_row(self, b: int, plan: JobPlan) -> None:
+        """Start `plan` in row `b` while the other rows run on: the row's state is reset to a fresh
+        loop's, in place (captured graphs read the same buffers), so the job gets exactly the tokens
+        it gets alone. Its frame count starts at 0 whatever frame the loop is at."""
+        assert self.plans[b] is None, f"row {b} is busy"
+        assert self.fits([plan]), "the plan exceeds this loop's capacities"
+        self.tokens[b] = UNGENERATED
+        self.provided[b] = False
+        self.offset[b] = 0
+        self.position[b] = 0
+        self.t[b] = 0
+        self.slot_position[b] = -1
+        for cache in (*self.k_cache, *self.v_cache, *self.dkv_cache):
+            cache[b] = 0
+        self.out[b] = 0
+        self.noise_text[b] = 1.0
+        self.noise_audio[b] = 1.0
+        self.s_text[b] = -1
+        self.s_agent[b] = 0
+        self.s_user[b] = 0
+        self.s_embeddings[b] = 0
+        self.s_cache[b] = self.initial[:, None]
+        self.cache_at[b] = -1
+        self.t_host[b] = 0
+        self._write_row(b, plan)
+
+    def free_row(self, b: int) -> None:
+        """Take row `b`'s job out: the row idles (length 0) until a job is loaded into it."""
+        self.plans[b] = None
+        self.length[b] = 0
+        self.replay_length[b] = 0
+        self.temp_text[b] = 1.0
+        self.temp_audio[b] = 1.0
+        self.greedy_text[b] = True
+        self.greedy_audio[b] = True
+        self.audio_noise_index[b] = AUDIO_STREAMS * self.topk_audio
+
+    def free_rows(self) -> list[int]:
+        """The rows without a job, lowest first."""
+        return [b for b, plan in enumerate(self.plans) if plan is None]
+
+    def _write_row(self, b: int, plan: JobPlan) -> None:
+        """Copy a job's schedules and sampling settings into row `b` (its state is already fresh)."""
+        n = len(plan)
+        self.s_text[b, :n] = plan.text
+        self.s_agent[b, :n] = plan.agent
+        self.s_user[b, :n] = plan.user
+        if plan.replay_frames:
+            self.s_embeddings[b, : plan.replay_frames] = plan.embeddings.to(self.dtype)
+            self.s_cache[b] = plan.voice_cache
+            self.cache_at[b] = plan.replay_frames - 1
+        s = plan.sampling
+        self.temp_text[b] = s.temp_text if s.temp_text > 0 else 1.0
+        self.temp_audio[b] = s.temp_audio if s.temp_audio > 0 else 1.0
+        self.greedy_text[b] = s.greedy or s.temp_text <= 0 or plan.generator is None
+        self.greedy_audio[b] = s.greedy or s.temp_audio <= 0 or plan.generator is None
+        kt, ka = self._row_topk(plan)
+        inf = float("inf")
+        self.noise_text[b, kt:] = inf
+        self.noise_audio[b, AUDIO_STREAMS * self.topk_audio :] = inf
+        cols = torch.arange(self.topk_audio, device=self.device)
+        index = torch.arange(AUDIO_STREAMS, device=self.device)[:, None] * ka + cols[None]
+        index = torch.where(cols[None] < ka, index, AUDIO_STREAMS * self.topk_audio)
+        self.audio_noise_index[b] = index.flatten()
+        self.length[b] = n
+        self.replay_length[b] = plan.replay_frames
+        self.plans[b] = plan
 
     def _idle_settings(self) -> None:
         """Sampling settings for rows without a job: greedy, and noise that is never drawn."""
@@ -462,26 +516,35 @@ class FastLoop:
         for index in range(frames):
             if before_frame is not None and before_frame(index):
                 return index
-            t = self.t_host
+            depth = False
             for b, plan in enumerate(self.plans):
+                t = self.t_host[b]
+                if plan is None:
+                    continue
                 if plan.samples_at(t):
                     kt, ka = self._row_topk(plan)
                     draw_noise(
                         plan.generator, self.noise_text[b, :kt], self.noise_audio[b, : AUDIO_STREAMS * ka]
                     )
-            depth = any(t < len(p) and t >= p.prompt_frames for p in self.plans)
+                depth = depth or plan.prompt_frames <= t < len(plan)
             if self.graphs:
                 self.graphs[depth].replay()
             else:
                 self._step(depth)
-            self.t_host += 1
+            self.t_host = [t + 1 for t in self.t_host]
         return frames
 
     @torch.inference_mode()
     def results(self) -> list[torch.Tensor]:
-        """Each job's generate-phase frames [F, 9] (text, then 8 agent codes), on the CPU."""
-        out = self.out.cpu()
-        return [out[b, p.prompt_frames : len(p)] for b, p in enumerate(self.plans)]
+        """Each loaded job's generate-phase frames [F, 9] (text, then 8 agent codes), on the CPU."""
+        return [self.row_result(b) for b, plan in enumerate(self.plans) if plan is not None]
+
+    @torch.inference_mode()
+    def row_result(self, b: int) -> torch.Tensor:
+        """Row `b`'s generate-phase frames [F, 9], on the CPU."""
+        plan = self.plans[b]
+        assert plan is not None, f"row {b} has no job"
+        return self.out[b, plan.prompt_frames : len(plan)].cpu()
 
     def _capture(self) -> None:
         """Warm up on a side stream, record the two step variants, then reset the state."""
@@ -501,7 +564,7 @@ class FastLoop:
                     self._step(depth)
                 self.graphs[depth] = graph
             torch.cuda.synchronize(self.device)
-            self.load(self.plans)
+            self.load([plan for plan in self.plans if plan is not None])
 
     # ---- one frame (all on the device, no host sync) ---------------------------------------------
     def _step(self, depth: bool) -> None:
