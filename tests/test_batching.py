@@ -204,6 +204,87 @@ def test_settings_read_the_batch_limits() -> None:
         Settings.from_env({"PERSONAPLEX_MAX_BATCH": "0"})
 
 
+# ---- continuous batches: jobs join a running loop ---------------------------------------------------
+class ScriptedFeed:
+    """A JobFeed whose jobs arrive at its takes: `arrivals[i]` is what the i-th take finds waiting."""
+
+    def __init__(self, arrivals: list[list[BatchRequest]]) -> None:
+        self.arrivals = arrivals
+        self.takes: list[int] = []
+
+    def due(self) -> bool:
+        return bool(self.arrivals)
+
+    def take(self, rows: int) -> list[BatchRequest]:
+        self.takes.append(rows)
+        if not self.arrivals:
+            return []
+        waiting = self.arrivals.pop(0)
+        if len(waiting) > rows and self.arrivals:
+            self.arrivals[0] = waiting[rows:] + self.arrivals[0]
+        elif len(waiting) > rows:
+            self.arrivals.append(waiting[rows:])
+        return waiting[:rows]
+
+
+def finishing_order(jobs: list[tuple[bytes, GenerationParams]], order: list[int]) -> list[BatchRequest]:
+    """Requests that append their index to `order`, and keep their result, when they end."""
+    requests = []
+    for index, (audio, params) in enumerate(jobs):
+        request = BatchRequest(audio, params)
+
+        def done(
+            outcome: EngineResult | Exception, index: int = index, request: BatchRequest = request
+        ) -> None:
+            order.append(index)
+            request.result = outcome  # type: ignore[attr-defined]
+
+        request.on_done = done
+        requests.append(request)
+    return requests
+
+
+def assert_same_as_alone(engine: Engine, audio: bytes, params: GenerationParams, got: object) -> None:
+    assert isinstance(got, EngineResult), got
+    alone = engine.process(audio, params)
+    assert got.tokens == alone.tokens and got.text_frames == alone.text_frames
+    assert audio_io.encode_wav(got.audio) == audio_io.encode_wav(alone.audio)
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded"])
+def test_jobs_that_join_a_running_batch_equal_each_job_alone(
+    tiny_engine: Engine, speech: np.ndarray, greedy: bool
+) -> None:
+    long, *short = mixed_jobs(speech, greedy)[::-1]  # the 3.1 s job first, then three shorter ones
+    order: list[int] = []
+    first, *later = finishing_order([long, *short], order)
+    feed = ScriptedFeed([[later[0]], [], [], [later[1], later[2]]])
+    results = tiny_engine.process_batch([first], feed)
+    assert isinstance(results[0], EngineResult) and sorted(order) == [0, 1, 2, 3]
+    assert order[-1] == 0, "the long job started first and ends last: the others joined it"
+    assert len(feed.takes) >= 4 and not feed.arrivals
+    for (audio, params), request in zip([long, *short], [first, *later], strict=True):
+        assert_same_as_alone(tiny_engine, audio, params, request.result)  # type: ignore[attr-defined]
+
+
+def test_a_job_longer_than_the_running_loop_waits_for_it_to_drain(
+    tiny_engine: Engine, speech: np.ndarray
+) -> None:
+    """Oldest first: the long job does not fit the loop sized for a short one, so nothing joins until
+    that loop drains; the next loop is sized for it, and the job after it runs beside it."""
+    short = (clip(speech, 5, 0.7), GenerationParams(text_prompt="", seed=5))
+    long = (clip(speech, 10, 24.0), GenerationParams(seed=6))
+    after = (clip(speech, 1, 1.0), GenerationParams(seed=7, greedy=True))
+    order: list[int] = []
+    requests = finishing_order([short, long, after], order)
+    feed = ScriptedFeed([[requests[1], requests[2]]])
+    tiny_engine.process_batch(requests[:1], feed)
+    assert order == [0, 2, 1]
+    assert tiny_engine._fast is not None and tiny_engine._fast.frames > 24 * 12.5
+    for (audio, params), request in zip([short, long, after], requests, strict=True):
+        assert_same_as_alone(tiny_engine, audio, params, request.result)  # type: ignore[attr-defined]
+
+
 # ---- the worker -----------------------------------------------------------------------------------
 StartWorker = Callable[..., WorkerProcess]
 

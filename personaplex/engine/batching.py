@@ -3,7 +3,9 @@
 A batch's rows are `BatchRow`s. `step_rows` runs them in segments that end where some row's prompt
 or whole plan ends, so each job's phase timings are measured there (one device sync per segment,
 none per frame). A row that ends is handed back at once, decoded by the caller while the others go
-on; a cancelled row leaves at its next frame (it is masked: the loop's shapes are static).
+on; a cancelled row leaves at its next frame. Either frees its row of the loop, and with a `Joiner`
+the driver refills free rows at frame boundaries while the others run (continuous batching): each
+joining row counts its frames from its own start, so its job runs as it would alone.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -54,6 +57,18 @@ class BatchRequest:
     on_done: OnDone | None = None
 
 
+class JobFeed(Protocol):
+    """More jobs for a running batch (the worker's queue): what makes `Engine.process_batch` continuous."""
+
+    def due(self) -> bool:
+        """Whether a look for more jobs is due (cheap: no I/O)."""
+        ...
+
+    def take(self, rows: int) -> list[BatchRequest]:
+        """Up to `rows` more jobs, oldest first, now the batch's own; [] when none is waiting."""
+        ...
+
+
 def plan_groups(lengths: list[int], max_batch: int, max_frames: int) -> list[list[int]]:
     """Split jobs (their frame counts) into batches, longest first: each batch holds at most
     `max_batch` rows and rows x its longest row's frames <= `max_frames` (a longer job runs alone).
@@ -93,6 +108,12 @@ class BatchRow:
     cancelled: ShouldCancel = never_cancelled
     prepare_s: float = 0.0
     """Seconds spent decoding the audio, loading the voice and planning (in total_s, no phase)."""
+    slot: int = 0
+    """Its row of the loop."""
+    start: int = 0
+    """The loop's frame count when it joined: its own frame t is the loop's start + t."""
+    clock: float = 0.0
+    """perf_counter() when it joined (its phase timings run from there)."""
 
     def phase_at(self, t: int) -> tuple[str, int, int]:
         """(phase, frame within it, frames in it) of the row's frame t."""
@@ -108,58 +129,144 @@ class BatchRow:
         return f"Cancelled at frame {index} of {total}."
 
 
+class Joiner(Protocol):
+    """Where a running loop's free rows find more jobs (see `step_rows`)."""
+
+    def due(self) -> bool:
+        """Whether asking for more is worth it now; cheap, called before frames while a row is free."""
+        ...
+
+    def join(self, free: int, fits: Callable[[JobPlan], bool]) -> list[BatchRow]:
+        """Up to `free` prepared rows, oldest first, each of which `fits` the loop; [] if none."""
+        ...
+
+
 def step_rows(
     loop: FastLoop,
     rows: list[BatchRow],
     ended: Callable[[BatchRow, torch.Tensor], None],
     cancelled: Callable[[BatchRow, CancelledError], None],
+    joiner: Joiner | None = None,
 ) -> None:
-    """Step `rows` (loaded into `loop`) until each has ended (`ended(row, frames [F, 9])`) or been
-    cancelled (`cancelled(row, error)`)."""
+    """Step `rows` (loaded into `loop`, in order) until each has ended (`ended(row, frames [F, 9])`)
+    or been cancelled (`cancelled(row, error)`); with a `joiner`, free rows take its jobs as they
+    come, and the loop runs until no row is busy and the joiner has nothing more."""
     sync = torch.cuda.synchronize if loop.device.type == "cuda" else (lambda: None)
     live = list(rows)
-    done = 0  # frames every row has been stepped
-    clock = time.perf_counter()
-    while live:
-        stop = min(e for row in live for e in (row.plan.prompt_frames, len(row.plan)) if e > done)
-        before = functools.partial(_drop_cancelled, live, done, cancelled)
+    done = 0  # frames the loop has stepped
+    for slot, row in enumerate(rows):
+        row.slot, row.start, row.clock = slot, 0, time.perf_counter()
+    while True:
+        if joiner is not None and loop.free_rows() and (not live or joiner.due()):
+            _admit(loop, live, done, joiner)
+        if not live:
+            return
+        stop = min(
+            row.start + e
+            for row in live
+            for e in (row.plan.prompt_frames, len(row.plan))
+            if row.start + e > done
+        )
+        before = functools.partial(_before_frame, loop, live, done, cancelled, joiner)
         done += loop.run(stop - done, before)
         sync()
-        finished = _mark_phases(live, done, time.perf_counter() - clock)
-        if finished:
-            outputs = loop.results()
-            for row in finished:
-                live.remove(row)
-                ended(row, outputs[rows.index(row)])
+        for row in _mark_phases(live, done):
+            live.remove(row)
+            frames = loop.row_result(row.slot)
+            loop.free_row(row.slot)
+            ended(row, frames)
 
 
-def _drop_cancelled(
-    live: list[BatchRow], start: int, cancelled: Callable[[BatchRow, CancelledError], None], offset: int
+def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner) -> None:
+    for row in joiner.join(len(loop.free_rows()), lambda plan: loop.fits([plan])):
+        row.slot, row.start, row.clock = loop.free_rows()[0], done, time.perf_counter()
+        loop.load_row(row.slot, row.plan)
+        live.append(row)
+
+
+def _before_frame(
+    loop: FastLoop,
+    live: list[BatchRow],
+    start: int,
+    cancelled: Callable[[BatchRow, CancelledError], None],
+    joiner: Joiner | None,
+    offset: int,
 ) -> bool:
-    """Before frame start + offset: report progress, take cancelled rows out; True if any left."""
+    """Before the loop's frame start + offset: report progress, take cancelled rows out; True (end
+    the segment) if any left, or if a free row should ask the joiner for a job."""
     t = start + offset
     dropped = [row for row in live if row.cancelled()]
     for row in live:
         if row not in dropped:
-            phase, index, total = row.phase_at(t)
+            phase, index, total = row.phase_at(t - row.start)
             if index % PROGRESS_EVERY == 0:
                 row.report(phase, index, total)
     for row in dropped:
         live.remove(row)
-        cancelled(row, CancelledError(row.cancel_message(t)))
-    return bool(dropped)
+        loop.free_row(row.slot)
+        cancelled(row, CancelledError(row.cancel_message(t - row.start)))
+    refill = joiner is not None and offset > 0 and bool(loop.free_rows()) and joiner.due()
+    return bool(dropped) or refill
 
 
-def _mark_phases(live: list[BatchRow], done: int, elapsed: float) -> list[BatchRow]:
-    """Record the phase timings of rows whose prompt or plan ends at `done`; returns those that ended."""
+def _mark_phases(live: list[BatchRow], done: int) -> list[BatchRow]:
+    """Record the phase timings of rows whose prompt or plan ends at the loop's frame `done`;
+    returns those that ended."""
     finished = []
+    now = time.perf_counter()
     for row in live:
-        plan, timings = row.plan, row.timings
-        if done == plan.prompt_frames:
-            timings.prompt_s = elapsed
+        plan, timings, t = row.plan, row.timings, done - row.start
+        if t == plan.prompt_frames:
+            timings.prompt_s = now - row.clock
             row.report("prompt", plan.prompt_frames, plan.prompt_frames)
-        if done == len(plan):
-            timings.generate_s = elapsed - timings.prompt_s
+        if t == len(plan):
+            timings.generate_s = now - row.clock - timings.prompt_s
             row.report("generate", plan.generate_frames, plan.generate_frames)
             finished.append(row)
     return finished
+
+
+class FeedJoiner:
+    """The `Joiner` of a continuous batch: rows prepared and waiting (`queue`, oldest first), then
+    jobs taken from a `JobFeed` and prepared (`prepare` settles one that cannot start, returning None).
+
+    First come, first served: when the oldest waiting row does not fit the running loop (longer than
+    its frame capacity), no row joins (`held`) until the loop drains and one sized for it starts, so
+    no job waits behind a stream of newer ones.
+    """
+
+    def __init__(
+        self,
+        queue: list[BatchRow],
+        feed: JobFeed | None,
+        prepare: Callable[[BatchRequest], BatchRow | None],
+    ) -> None:
+        self.queue = queue
+        self.feed = feed
+        self.prepare = prepare
+        self.held = False
+
+    def due(self) -> bool:
+        if self.held:
+            return False
+        return bool(self.queue) or (self.feed is not None and self.feed.due())
+
+    def join(self, free: int, fits: Callable[[JobPlan], bool]) -> list[BatchRow]:
+        rows: list[BatchRow] = []
+        while len(rows) < free and not self.held:
+            if not self.queue and not self._fetch(free - len(rows)):
+                break
+            if fits(self.queue[0].plan):
+                rows.append(self.queue.pop(0))
+            else:
+                self.held = True
+        return rows
+
+    def _fetch(self, count: int) -> bool:
+        if self.feed is None:
+            return False
+        for request in self.feed.take(count):
+            row = self.prepare(request)
+            if row is not None:
+                self.queue.append(row)
+        return bool(self.queue)

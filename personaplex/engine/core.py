@@ -30,6 +30,8 @@ from personaplex.engine.batching import (
     PROGRESS_EVERY,
     BatchRequest,
     BatchRow,
+    FeedJoiner,
+    JobFeed,
     Outcome,
     Progress,
     ShouldCancel,
@@ -198,7 +200,7 @@ class Engine:
             return result
 
     # ---- several jobs in one batch -----------------------------------------------------------
-    def process_batch(self, requests: list[BatchRequest]) -> list[Outcome]:
+    def process_batch(self, requests: list[BatchRequest], feed: JobFeed | None = None) -> list[Outcome]:
         """Run several recordings together; each entry is that job's EngineResult or its exception.
 
         Each job keeps its own voice, prompt, seed, sampling and length, and gets exactly the tokens
@@ -208,11 +210,18 @@ class Engine:
         at most `max_batch` rows and `max_batch_frames` (see `plan_groups`), run one after another;
         a row that ends drops out (it is masked: the loop's shapes are static), its job is decoded
         and handed to its `on_done` at once, and the loop stops when its last live row ends.
+
+        With a `feed`, the batch is continuous (`_run_continuous`): rows freed by jobs that ended take
+        the feed's jobs at frame boundaries, and the call returns once no row is busy and the feed has
+        nothing more. Those jobs' outcomes reach their `on_done` only.
         """
-        results: list[Outcome | None] = [None] * len(requests)
+        count = len(requests)
+        requests = list(requests)
+        results: list[Outcome | None] = [None] * count
 
         def settle(index: int, outcome: Outcome) -> None:
-            results[index] = outcome
+            if index < count:
+                results[index] = outcome
             callback = requests[index].on_done
             if callback is not None:
                 try:
@@ -236,10 +245,14 @@ class Engine:
                     jobs.append(self._prepare(index, request, models, load_s))
                 except Exception as exc:
                     settle(index, exc)
+            if feed is not None:
+                self._run_continuous(models, jobs, requests, settle, feed)
+                self.last_used = time.time()
+                return results  # type: ignore[return-value]
             for group in plan_groups([len(j.plan) for j in jobs], self.max_batch, self.max_batch_frames):
                 rows = [jobs[i] for i in group]
                 try:
-                    self._run_batch(models, rows, settle)
+                    self._run_batch(models, self._fast_loop(models, [row.plan for row in rows]), rows, settle)
                 except Exception as exc:  # the whole batch failed (out of memory, ...): every live row
                     log.exception("a batch of %d jobs failed", len(rows))
                     for job in rows:
@@ -247,6 +260,69 @@ class Engine:
                             settle(job.index, exc)
             self.last_used = time.time()
         return results  # type: ignore[return-value]
+
+    def _run_continuous(
+        self,
+        models: LoadedModels,
+        jobs: list[BatchRow],
+        requests: list[BatchRequest],
+        settle: Callable[[int, Outcome], None],
+        feed: JobFeed,
+    ) -> None:
+        """Run `jobs`, then the feed's, in loops whose free rows are refilled as they run.
+
+        A loop is sized for the jobs waiting when it starts (`_continuous_loop`); a later job longer
+        than its frame capacity waits until the loop drains, and the next loop is sized for it.
+        """
+        settled: set[int] = set()
+
+        def settle_once(index: int, outcome: Outcome) -> None:
+            settled.add(index)
+            settle(index, outcome)
+
+        def prepare(request: BatchRequest) -> BatchRow | None:
+            requests.append(request)
+            index = len(requests) - 1
+            try:
+                row = self._prepare(index, request, models, 0.0)
+            except Exception as exc:
+                settle_once(index, exc)
+                return None
+            jobs.append(row)
+            return row
+
+        joiner = FeedJoiner(list(jobs), feed, prepare)
+        while joiner.queue:
+            joiner.held = False
+            loop = self._continuous_loop(models, [row.plan for row in joiner.queue])
+            first, joiner.queue = joiner.queue[: loop.batch], joiner.queue[loop.batch :]
+            loop.load([row.plan for row in first])
+            try:
+                self._run_batch(models, loop, first, settle_once, joiner)
+            except Exception as exc:  # the loop broke (out of memory, ...): every job not settled
+                log.exception("a continuous batch failed")
+                self._fast = None
+                for row in jobs:
+                    if row.index not in settled:
+                        settle_once(row.index, exc)
+                return
+
+    def _continuous_loop(self, models: LoadedModels, plans: list[JobPlan]) -> FastLoop:
+        """A loop for a continuous batch: frames for the longest of `plans` (rounded up), as many
+        rows as `max_batch` and `max_batch_frames` allow at that length (one row at least), top-k
+        room for the default sampling, so a later job of up to that length can join.
+
+        The last loop is reused when it has those rows and at least those frames (no new capture).
+        """
+        frames = _round_up(max(len(p) for p in plans), FAST_FRAMES_BUCKET)
+        rows = max(1, min(self.max_batch, self.max_batch_frames // frames))
+        loop = self._fast
+        if loop is not None and loop.batch == rows and loop.fits(plans[:rows]):
+            return loop
+        defaults = GenerationParams()
+        return self._new_fast_loop(
+            models, plans[:rows], frames, batch=rows, topk=(defaults.topk_text, defaults.topk_audio)
+        )
 
     def _batches(self) -> bool:
         """Whether process_batch steps jobs together (the fast loop), or runs them one by one."""
@@ -279,9 +355,15 @@ class Engine:
         return job
 
     def _run_batch(
-        self, models: LoadedModels, rows: list[BatchRow], settle: Callable[[int, Outcome], None]
+        self,
+        models: LoadedModels,
+        loop: FastLoop,
+        rows: list[BatchRow],
+        settle: Callable[[int, Outcome], None],
+        joiner: FeedJoiner | None = None,
     ) -> None:
-        """Step `rows` together until each has ended (decoded and settled at once) or been cancelled."""
+        """Step `rows` (loaded into `loop`) until each has ended (decoded and settled at once) or been
+        cancelled; with a `joiner`, until it has no more rows either."""
 
         def ended(row: BatchRow, frames: torch.Tensor) -> None:
             try:
@@ -289,8 +371,7 @@ class Engine:
             except Exception as exc:
                 settle(row.index, exc)
 
-        loop = self._fast_loop(models, [row.plan for row in rows])
-        step_rows(loop, rows, ended, lambda row, error: settle(row.index, error))
+        step_rows(loop, rows, ended, lambda row, error: settle(row.index, error), joiner)
 
     def _finish_batched(self, models: LoadedModels, job: BatchRow, frames: torch.Tensor) -> EngineResult:
         result = self._finish(models, job.samples, frames, job.timings, job.report, job.cancelled)
@@ -409,17 +490,24 @@ class Engine:
         if loop is not None and loop.fits(plans) and reuses_rows(loop.batch, len(plans), graphs):
             loop.load(plans)
             return loop
+        return self._new_fast_loop(models, plans, _round_up(max(len(p) for p in plans), FAST_FRAMES_BUCKET))
+
+    def _new_fast_loop(
+        self, models: LoadedModels, plans: list[JobPlan], frames: int, **capacities: Any
+    ) -> FastLoop:
+        """A new FastLoop for `plans` (captured on CUDA), kept as the engine's loop; it replaces the last."""
+        assert self._info is not None
         self._fast = None
-        frames = -(-max(len(p) for p in plans) // FAST_FRAMES_BUCKET) * FAST_FRAMES_BUCKET
-        replay = -(-max(p.replay_frames for p in plans) // FAST_REPLAY_BUCKET) * FAST_REPLAY_BUCKET
+        replay = _round_up(max(p.replay_frames for p in plans), FAST_REPLAY_BUCKET)
         self._fast = FastLoop(
             models,
             plans,
             self._info.lm.delays,
-            capture=graphs,
+            capture=models.device.type == "cuda",
             frames=frames,
             replay_frames=replay,
             sampling=True,
+            **capacities,
         )
         return self._fast
 
@@ -521,3 +609,7 @@ class Engine:
         if token >= models.tokenizer.vocab_size():  # random benchmark weights only
             return f"<{token}>"
         return models.tokenizer.id_to_piece(token).replace("▁", " ")
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
