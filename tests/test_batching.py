@@ -350,7 +350,8 @@ def test_a_claimed_job_is_left_to_its_batch_and_can_be_cancelled(
     # The spare receives the claimed jobs' messages first, leaves them to the batch (they come back
     # later) and runs the late job while the batch still runs: it does not wait on their leases.
     quick = wait_for_job(queue.jobs, late.id, timeout=60)
-    assert quick.status is JobStatus.SUCCEEDED and quick.worker == spare.hostname, quick.error
+    # (the spare, or a row of the batch freed by the cancel: continuous batching takes queued jobs)
+    assert quick.status is JobStatus.SUCCEEDED and quick.worker in (spare.hostname, worker.hostname)
     assert queue.jobs.get(jobs[0].id).status is JobStatus.RUNNING
     assert f"job {jobs[2].id} is being run by " in spare.log()  # left to the batch, not waited on
 

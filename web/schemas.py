@@ -27,6 +27,7 @@ from pydantic import (
     create_model,
 )
 from pydantic_core import PydanticCustomError
+from typing_extensions import is_typeddict
 
 from personaplex.catalog import DEFAULT_VOICE, normalize_voice_name, voice_ids
 from personaplex.fleet import OffloadStatus, WorkerRecord
@@ -323,18 +324,20 @@ class WorkerSource(StrEnum):
     """Its answer to this request's control broadcast."""
 
 
-def _optional_fields(record: type) -> dict[str, Any]:
-    """A TypedDict's keys as optional pydantic fields: a view may leave keys out (a client key does not
-    see job ids; an older worker's record lacks newer keys)."""
-    return {name: (hint | None, None) for name, hint in get_type_hints(record).items()}
+def _lenient(record: type, name: str | None = None, **required: Any) -> type[BaseModel]:
+    """A model of a TypedDict with every key optional (nested TypedDicts too), but `required`: a view
+    may leave keys out (a client key does not see job ids; an older worker's record lacks newer keys,
+    a newer one has more)."""
+    fields: dict[str, Any] = {}
+    for key, hint in get_type_hints(record).items():
+        fields[key] = ((_lenient(hint) if is_typeddict(hint) else hint) | None, None)
+    return create_model(
+        name or record.__name__, __base__=OpenSchema, __doc__=record.__doc__, **{**fields, **required}
+    )
 
 
-Worker = create_model(
-    "Worker",
-    __base__=OpenSchema,
-    __doc__="One GPU worker: its heartbeat, overlaid by a fresh control reply when one came.",
-    **{**_optional_fields(WorkerRecord), "worker": (str, ...), "source": (WorkerSource, ...)},
-)
+Worker = _lenient(WorkerRecord, "Worker", worker=(str, ...), source=(WorkerSource, ...))
+"""One GPU worker: its heartbeat, overlaid by a fresh control reply when one came."""
 
 
 class Gpu(Schema):

@@ -30,8 +30,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -42,6 +43,9 @@ from personaplex.params import FRAME_RATE, EngineResult, GenerationParams
 from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, completed_attempt
 from worker.runtime import WorkerRuntime
 
+if TYPE_CHECKING:
+    from personaplex.engine.batching import BatchRequest
+
 log = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_S = 0.25
@@ -50,6 +54,9 @@ PROGRESS_MIN_INTERVAL_S = 0.25
 CANCEL_CHECK_INTERVAL_S = 0.2
 """The Redis cancel flag is read at most 5 times a second, however fast frames go."""
 
+
+REFILL_CHECK_INTERVAL_S = 0.5
+"""A running loop with a free row looks for queued jobs at most twice a second."""
 
 CLAIM_LOOKAHEAD = 4
 """Queued ids read per free batch row when claiming (some may be leased or cancelled meanwhile)."""
@@ -197,25 +204,44 @@ class JobRunner:
         return outcomes[job.id]
 
     def _claim_waiting(self, leader: Job) -> list[Job]:
-        """Take up to max_batch - 1 queued jobs (oldest first) into this delivery's batch.
+        """Take up to max_batch - 1 queued jobs (oldest first) into this delivery's batch as it starts.
+
+        Jobs whose estimated frames would push the batch past max_batch_frames are left for other
+        workers (a running loop takes them later, when it has room: see `QueueFeed`).
+        """
+        settings = self.runtime.settings
+        longest = _frames_estimate(leader)
+
+        def fits(candidate: Job, claimed: int) -> bool:
+            nonlocal longest
+            frames = max(longest, _frames_estimate(candidate))
+            if candidate.id == leader.id or (claimed + 2) * frames > settings.max_batch_frames:
+                return False
+            longest = frames
+            return True
+
+        claimed = self.claim_queued(settings.max_batch - 1, fits)
+        if claimed:
+            log.info("job %s: batched with queued jobs %s", leader.id, ", ".join(j.id for j in claimed))
+        return claimed
+
+    def claim_queued(self, room: int, fits: Callable[[Job, int], bool] | None = None) -> list[Job]:
+        """Claim up to `room` queued jobs, oldest first, into this delivery's batch.
 
         Each claim takes the job's run lease first (so no other delivery runs it meanwhile), then
         moves it queued -> running atomically (counting its attempt); a job cancelled, started or
-        leased elsewhere in between is skipped. Jobs whose estimated frames would push the batch past
-        max_batch_frames are left for other workers.
+        leased elsewhere in between is skipped, and so is one `fits(job, claimed so far)` refuses.
+        With nothing queued this is one Redis round trip.
         """
-        settings = self.runtime.settings
-        room = settings.max_batch - 1
         if room <= 0:
             return []
+        settings = self.runtime.settings
         owner, ttl = self.runtime.lease_owner, settings.heartbeat_ttl
-        longest = _frames_estimate(leader)
         claimed: list[Job] = []
         for candidate in self.jobs.get_many(self.jobs.queued_ids(room * CLAIM_LOOKAHEAD)):
             if len(claimed) >= room:
                 break
-            frames = max(longest, _frames_estimate(candidate))
-            if candidate.id == leader.id or (len(claimed) + 2) * frames > settings.max_batch_frames:
+            if fits is not None and not fits(candidate, len(claimed)):
                 continue
             if self.jobs.cancel_requested(candidate.id) or not self.jobs.acquire_lease(
                 candidate.id, owner, ttl
@@ -234,10 +260,7 @@ class JobRunner:
                     )
                 self._release(started.id)
                 continue
-            longest = frames
             claimed.append(started)
-        if claimed:
-            log.info("job %s: batched with queued jobs %s", leader.id, ", ".join(j.id for j in claimed))
         return claimed
 
     def _release(self, job_id: str) -> None:
@@ -245,35 +268,25 @@ class JobRunner:
         self.jobs.release_lease(job_id, self.runtime.lease_owner)
 
     def _run_batch(self, jobs: list[Job]) -> dict[str, Outcome]:
-        """Run `jobs` in one engine batch; each job's outputs and record are written when it ends."""
-        from personaplex.engine.core import BatchRequest
-
+        """Run `jobs` in one continuous engine batch: rows that free up take queued jobs as it runs
+        (`QueueFeed`); each job's outputs and record are written when it ends."""
         outcomes: dict[str, Outcome] = {}
         batch = {"leader": jobs[0].id, "size": len(jobs)}
-        requests, members = [], []
+        members, requests = [], []
         for job in jobs:
-            try:
-                audio = self.blobs.get(job.id, INPUT)
-                params = GenerationParams.from_dict(job.params)
-            except Exception as exc:
-                outcomes[job.id] = self._settle(job, batch, 0.0, exc)
-                continue
-            reporter = ProgressReporter(self.runtime, job.id, self._fence(job))
-            reporter("load", 0, 1)
-            requests.append(BatchRequest(audio, params, reporter, CancelCheck(self.runtime, job.id)))
-            members.append(job)
+            request = self._request(job, batch, outcomes)
+            if request is not None:
+                members.append(job)
+                requests.append(request)
         if not requests:
             return outcomes
         load_s = 0.0
         try:
             load_s = self.runtime.ensure_loaded()
             for job, request in zip(members, requests, strict=True):
-
-                def done(outcome: EngineResult | Exception, job: Job = job) -> None:
-                    outcomes[job.id] = self._settle(job, batch, load_s, outcome)
-
-                request.on_done = done
-            results: list[EngineResult | Exception] = self.runtime.engine().process_batch(requests)
+                request.on_done = self._recorder(job, batch, outcomes, load_s)
+            feed = QueueFeed(self, batch, outcomes)
+            results: list[EngineResult | Exception] = self.runtime.engine().process_batch(requests, feed)
         except Exception as exc:  # the model did not load, or the batch broke: fail every job left
             log.exception("batch of %s failed", batch["leader"])
             results = [exc] * len(members)
@@ -281,6 +294,31 @@ class JobRunner:
             if job.id not in outcomes:
                 outcomes[job.id] = self._settle(job, batch, load_s, result)
         return outcomes
+
+    def _request(self, job: Job, batch: dict[str, Any], outcomes: dict[str, Outcome]) -> BatchRequest | None:
+        """The engine's request for one job (its audio, parameters, progress and cancel check); None
+        when its input does not read back, and the job has failed."""
+        from personaplex.engine.core import BatchRequest
+
+        try:
+            audio = self.blobs.get(job.id, INPUT)
+            params = GenerationParams.from_dict(job.params)
+        except Exception as exc:
+            outcomes[job.id] = self._settle(job, batch, 0.0, exc)
+            return None
+        reporter = ProgressReporter(self.runtime, job.id, self._fence(job))
+        reporter("load", 0, 1)
+        return BatchRequest(audio, params, reporter, CancelCheck(self.runtime, job.id))
+
+    def _recorder(
+        self, job: Job, batch: dict[str, Any], outcomes: dict[str, Outcome], load_s: float
+    ) -> Callable[[EngineResult | Exception], None]:
+        """The request's on_done: record the job's outcome the moment its row ends."""
+
+        def done(outcome: EngineResult | Exception) -> None:
+            outcomes[job.id] = self._settle(job, batch, load_s, outcome)
+
+        return done
 
     def _settle(
         self, job: Job, batch: dict[str, Any], load_s: float, outcome: EngineResult | Exception
@@ -389,3 +427,41 @@ def _gave_up(attempts: int, max_attempts: int) -> str:
         f"Gave up after {attempts} attempts (PERSONAPLEX_MAX_ATTEMPTS={max_attempts}): the job was "
         "delivered again each time its worker stopped before finishing it."
     )
+
+
+class QueueFeed:
+    """The queue, as the `JobFeed` of a delivery's continuous batch: free rows claim queued jobs.
+
+    A look is due at most every REFILL_CHECK_INTERVAL_S, and only while the runtime admits jobs (no
+    offload is waiting for the loop, the worker is not shutting down) and within half the visibility
+    timeout from the delivery's start: the leader's message stays unacked until the loop drains.
+    A look that finds the queue empty costs one Redis round trip.
+    """
+
+    def __init__(self, runner: JobRunner, batch: dict[str, Any], outcomes: dict[str, Outcome]) -> None:
+        self.runner = runner
+        self.batch = batch
+        self.outcomes = outcomes
+        now = time.monotonic()
+        self.next_look = now + REFILL_CHECK_INTERVAL_S
+        self.deadline = now + runner.runtime.settings.visibility_timeout / 2
+
+    def _open(self) -> bool:
+        return time.monotonic() < self.deadline and self.runner.runtime.admits_jobs
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_look and self._open()
+
+    def take(self, rows: int) -> list[BatchRequest]:
+        self.next_look = time.monotonic() + REFILL_CHECK_INTERVAL_S
+        if not self._open():
+            return []
+        requests = []
+        for job in self.runner.claim_queued(rows):
+            self.batch["size"] += 1
+            log.info("job %s joins the running batch of %s", job.id, self.batch["leader"])
+            request = self.runner._request(job, self.batch, self.outcomes)
+            if request is not None:
+                request.on_done = self.runner._recorder(job, self.batch, self.outcomes, 0.0)
+                requests.append(request)
+        return requests

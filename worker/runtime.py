@@ -76,6 +76,7 @@ class WorkerRuntime:
         """Running jobs whose lease was found lost: their rows stop and write nothing."""
         self._last_used: float | None = None
         self._offload_pending = False
+        self._draining = False
 
     # -- engine ----------------------------------------------------------------------------------
 
@@ -129,6 +130,18 @@ class WorkerRuntime:
             if pending:
                 log.info("running the offload deferred during job %s", job_id)
                 self._offload_now(wait_s=None)
+
+    @property
+    def admits_jobs(self) -> bool:
+        """Whether the running loop may take more jobs: not while an offload waits for it to drain,
+        nor once the worker is shutting down (its warm shutdown waits for the loop)."""
+        with self._state:
+            return not (self._offload_pending or self._draining)
+
+    def drain(self) -> None:
+        """The worker is shutting down: the running loop finishes its jobs and takes no more."""
+        with self._state:
+            self._draining = True
 
     def add_to_batch(self, job_id: str) -> None:
         """A job claimed into the running delivery's batch: its lease is refreshed from now on."""

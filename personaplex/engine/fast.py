@@ -238,6 +238,11 @@ def _stacked_qkv(attn: torch.nn.Module) -> torch.Tensor:
     return fused
 
 
+def _row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear for x [B, L, D], one matrix product per row b: its result does not depend on B."""
+    return torch.bmm(x, weight.T.expand(x.shape[0], -1, -1))
+
+
 def _layer(module: torch.nn.Module, step: int | None = None) -> _Layer:
     """A decoder layer's weights (the step's slice of the depth decoder's stacked weights)."""
     attn = module.self_attn
@@ -275,6 +280,10 @@ class FastLoop:
         topk: tuple[int, int] | None = None,
     ) -> None:
         self.models = models
+        # CPU GEMM kernels block rows together, so a row's sums depend on how many rows there are;
+        # one product per row keeps every row bit for bit what its job gives alone (and what the
+        # reference's one-row loop gives). On CUDA one GEMM for the batch is what makes it fast.
+        self._linear = _row_linear if models.device.type == "cpu" else F.linear
         moshi = models.moshi
         config = moshi.config
         device, dtype = models.device, models.dtype
@@ -680,25 +689,24 @@ class FastLoop:
         h = x[:, None, :]
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
             y = _rms(h, layer.norm1, self.eps)
-            qkv = F.linear(y, layer.qkv).view(B, 3, H, 1, hd)
+            qkv = self._linear(y, layer.qkv).view(B, 3, H, 1, hd)
             qk = qkv[:, :2]  # q and k rotated together: transformers' apply_rotary_pos_emb, same ops
             qk = qk * cos + _swap_halves(qk) * sin
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # [B, H, 1, hd]
             k_cache.scatter_(2, write, k)
             v_cache.scatter_(2, write, v)
             a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
-            h = h + F.linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
+            h = h + self._linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
             h = h + self._mlp(_rms(h, layer.norm2, self.eps), layer, self.act)
         h = _rms(h, self.out_norm, self.eps)
         self.position += run.long()
-        return h, F.linear(h, self.text_head)[:, 0].float()
+        return h, self._linear(h, self.text_head)[:, 0].float()
 
-    @staticmethod
-    def _mlp(y: torch.Tensor, layer: _Layer, act: Callable) -> torch.Tensor:
-        g = F.linear(y, layer.fc1)
+    def _mlp(self, y: torch.Tensor, layer: _Layer, act: Callable) -> torch.Tensor:
+        g = self._linear(y, layer.fc1)
         B, L, _ = g.shape
         g = g.view(B, L, 2, -1)
-        return F.linear(act(g[..., 0, :]) * g[..., 1, :], layer.fc2)
+        return self._linear(act(g[..., 0, :]) * g[..., 1, :], layer.fc2)
 
     def _depth(
         self, text: torch.Tensor, hidden: torch.Tensor, forced: torch.Tensor, provided: torch.Tensor
@@ -708,22 +716,22 @@ class FastLoop:
         previous, sampled = text, []
         # Per frame, not per step: the 8 input projections of the temporal hidden state, every
         # step's race noise.
-        projected = F.linear(hidden, self.depth_in_all).view(B, AUDIO_STREAMS, -1)
+        projected = self._linear(hidden, self.depth_in_all).view(B, AUDIO_STREAMS, -1)
         noise = self.noise_audio.gather(1, self.audio_noise_index).view(B, AUDIO_STREAMS, -1)
         for step in range(AUDIO_STREAMS):
             table = self.depth_text_table if step == 0 else self.depth_tables[step - 1]
             h = F.embedding(previous.clamp(min=0), table)[:, None] + projected[:, step : step + 1]
             for layer, kv_cache in zip(self.depth_layers[step], self.dkv_cache, strict=True):
                 y = _rms(h, layer.norm1, self.depth_eps)
-                qkv = F.linear(y, layer.qkv).view(B, 3, H, hd)
+                qkv = self._linear(y, layer.qkv).view(B, 3, H, hd)
                 kv_cache[:, :, :, step] = qkv[:, 1:]
                 q = qkv[:, 0, :, None]  # [B, H, 1, hd]
                 a = F.scaled_dot_product_attention(
                     q, kv_cache[:, 0, :, : step + 1], kv_cache[:, 1, :, : step + 1]
                 )
-                h = h + F.linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
+                h = h + self._linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
                 h = h + self._mlp(_rms(h, layer.norm2, self.depth_eps), layer, self.depth_act)
-            logits = F.linear(h, self.depth_heads[step])[:, 0].float()
+            logits = self._linear(h, self.depth_heads[step])[:, 0].float()
             token = self._sample(logits, self.temp_audio, self.greedy_audio, noise[:, step])
             sampled.append(token)
             previous = torch.where(provided[:, 1 + step], forced[:, 1 + step], token)
