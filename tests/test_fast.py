@@ -242,6 +242,18 @@ def test_a_job_that_joins_a_running_loop_equals_the_job_alone(
         loop.load_row(1, plans[0])  # a busy row
 
 
+def test_a_rows_products_do_not_depend_on_the_batch_size() -> None:
+    """Why the CPU fast loop multiplies row by row: F.linear's GEMM blocks rows together, so a row's
+    sums change with the batch size (1, 2-3, 4+ rows differ here), and near-ties flip tokens."""
+    from personaplex.engine.fast import _row_linear
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(192, 64, generator=generator)
+    x = torch.randn(8, 1, 64, generator=generator)
+    alone = torch.nn.functional.linear(x[:1], weight)  # what the reference's one-row loop computes
+    assert all(torch.equal(_row_linear(x[:rows], weight)[:1], alone) for rows in range(1, 9))
+
+
 @pytest.mark.parametrize(
     ("loop_rows", "jobs", "graphs", "reused"),
     [(8, 8, False, True), (8, 5, True, True), (8, 4, True, False), (8, 5, False, False), (4, 8, True, False)],
