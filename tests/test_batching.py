@@ -299,6 +299,19 @@ def test_a_job_longer_than_the_running_loop_waits_for_it_to_drain(
         assert_same_as_alone(tiny_engine, audio, params, request.result)  # type: ignore[attr-defined]
 
 
+def test_a_feed_that_fails_does_not_stop_the_running_rows(tiny_engine: Engine, speech: np.ndarray) -> None:
+    class BrokenFeed(ScriptedFeed):
+        def take(self, rows: int) -> list[BatchRequest]:
+            super().take(rows)
+            raise ConnectionError("the queue is unreachable")
+
+    audio, params = clip(speech, 0, 1.5), GenerationParams(seed=8)
+    feed = BrokenFeed([[], [], []])
+    (result,) = tiny_engine.process_batch([BatchRequest(audio, params)], feed)
+    assert len(feed.takes) >= 1
+    assert_same_as_alone(tiny_engine, audio, params, result)
+
+
 # ---- the worker -----------------------------------------------------------------------------------
 StartWorker = Callable[..., WorkerProcess]
 

@@ -18,7 +18,8 @@ every step is safe to repeat:
 Batching (README.md, "Batched jobs on a GPU worker"): a delivery that starts its job also claims up to `max_batch - 1` other
 queued jobs through their records (run lease first, then an atomic queued -> running transition that
 counts their attempt) and runs them all in one `Engine.process_batch`, writing each job's outputs and
-final record when its row ends. The claimed jobs' own messages, delivered later here or elsewhere,
+final record when its row ends. While the loop runs, rows that free up claim more queued jobs the
+same way (`QueueFeed`, continuous batching). The claimed jobs' own messages, delivered later here or elsewhere,
 find them final (or leased by the batch, and come back later) and are acked without running; if this
 worker dies, those messages are still queued or scheduled, the leases expire, and each job runs again.
 """
@@ -235,33 +236,43 @@ class JobRunner:
         """
         if room <= 0:
             return []
-        settings = self.runtime.settings
-        owner, ttl = self.runtime.lease_owner, settings.heartbeat_ttl
         claimed: list[Job] = []
         for candidate in self.jobs.get_many(self.jobs.queued_ids(room * CLAIM_LOOKAHEAD)):
             if len(claimed) >= room:
                 break
             if fits is not None and not fits(candidate, len(claimed)):
                 continue
-            if self.jobs.cancel_requested(candidate.id) or not self.jobs.acquire_lease(
-                candidate.id, owner, ttl
-            ):
-                continue
-            self.runtime.add_to_batch(candidate.id)
-            started = self.jobs.claim(candidate.id, self.worker)
-            if started is None:
-                self._release(candidate.id)
-                continue
-            fence = self.runtime.started(started.id, started.attempts)
-            if started.attempts > settings.max_attempts:
-                with contextlib.suppress(LeaseLost):
-                    self.jobs.mark_failed(
-                        started.id, _gave_up(started.attempts - 1, settings.max_attempts), fence
-                    )
-                self._release(started.id)
-                continue
-            claimed.append(started)
+            try:
+                started = self._claim_one(candidate)
+            except RedisError:
+                self.runtime.leave_batch(candidate.id)  # its lease expires; housekeeping recovers it
+                if claimed:
+                    break  # the jobs claimed so far are this batch's: keep them
+                raise
+            if started is not None:
+                claimed.append(started)
         return claimed
+
+    def _claim_one(self, candidate: Job) -> Job | None:
+        """Lease, then queued -> running (its attempt counted); None if it went elsewhere meanwhile."""
+        settings = self.runtime.settings
+        owner, ttl = self.runtime.lease_owner, settings.heartbeat_ttl
+        if self.jobs.cancel_requested(candidate.id) or not self.jobs.acquire_lease(candidate.id, owner, ttl):
+            return None
+        self.runtime.add_to_batch(candidate.id)
+        started = self.jobs.claim(candidate.id, self.worker)
+        if started is None:
+            self._release(candidate.id)
+            return None
+        fence = self.runtime.started(started.id, started.attempts)
+        if started.attempts > settings.max_attempts:
+            with contextlib.suppress(LeaseLost):
+                self.jobs.mark_failed(
+                    started.id, _gave_up(started.attempts - 1, settings.max_attempts), fence
+                )
+            self._release(started.id)
+            return None
+        return started
 
     def _release(self, job_id: str) -> None:
         self.runtime.leave_batch(job_id)
@@ -456,8 +467,13 @@ class QueueFeed:
         self.next_look = time.monotonic() + REFILL_CHECK_INTERVAL_S
         if not self._open():
             return []
+        try:
+            claimed = self.runner.claim_queued(rows)
+        except RedisError as exc:  # the running rows go on; the next look tries again
+            log.warning("batch of %s: could not look at the queue (%s)", self.batch["leader"], exc)
+            return []
         requests = []
-        for job in self.runner.claim_queued(rows):
+        for job in claimed:
             self.batch["size"] += 1
             log.info("job %s joins the running batch of %s", job.id, self.batch["leader"])
             request = self.runner._request(job, self.batch, self.outcomes)

@@ -11,6 +11,7 @@ joining row counts its frames from its own start, so its job runs as it would al
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from personaplex import audio as audio_io
 from personaplex.engine.fast import FastLoop, JobPlan
 from personaplex.errors import CancelledError
 from personaplex.params import EngineResult, GenerationParams, Timings
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 ShouldCancel = Callable[[], bool]
@@ -265,7 +268,12 @@ class FeedJoiner:
     def _fetch(self, count: int) -> bool:
         if self.feed is None:
             return False
-        for request in self.feed.take(count):
+        try:
+            requests = self.feed.take(count)
+        except Exception:  # the running rows must not pay for it: they go on, and it is asked again
+            log.exception("the batch's feed failed")
+            return False
+        for request in requests:
             row = self.prepare(request)
             if row is not None:
                 self.queue.append(row)
