@@ -33,7 +33,8 @@ frames where every row is in its prompt (all tokens forced, so nothing is sample
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -236,6 +237,36 @@ def _stacked_qkv(attn: torch.nn.Module) -> torch.Tensor:
         fused = torch.cat([p.detach() for p in params], dim=1)
     setattr(attn, QKV_ATTRIBUTE, (key, fused))
     return fused
+
+
+_ROW_BUFFERS = (
+    "rows",
+    "tokens",
+    "provided",
+    "offset",
+    "position",
+    "t",
+    "slot_position",
+    "out",
+    "s_text",
+    "s_agent",
+    "s_user",
+    "s_embeddings",
+    "s_cache",
+    "length",
+    "replay_length",
+    "cache_at",
+    "temp_text",
+    "temp_audio",
+    "greedy_text",
+    "greedy_audio",
+    "noise_text",
+    "noise_audio",
+    "audio_noise_index",
+)
+"""FastLoop's per-row state and settings, whose first dimension is the row."""
+_ROW_BUFFER_LISTS = ("k_cache", "v_cache", "dkv_cache")
+"""FastLoop's per-layer lists of per-row caches."""
 
 
 def _row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -538,10 +569,39 @@ class FastLoop:
                 depth = depth or plan.prompt_frames <= t < len(plan)
             if self.graphs:
                 self.graphs[depth].replay()
+            elif self._linear is _row_linear:
+                with self._first_rows(self._busy_span()):
+                    self._step(depth)
             else:
                 self._step(depth)
             self.t_host = [t + 1 for t in self.t_host]
         return frames
+
+    def _busy_span(self) -> int:
+        """Rows 0 .. the last with a job: the rows an eager step computes (at least one)."""
+        busy = [b for b, plan in enumerate(self.plans) if plan is not None]
+        return busy[-1] + 1 if busy else 1
+
+    @contextmanager
+    def _first_rows(self, span: int) -> Iterator[None]:
+        """Step only rows [0, span): every per-row buffer is seen through a view of its first rows
+        (writes land in the buffers). Without CUDA graphs an idle row costs as much as a busy one,
+        so a loop with free rows for jobs to join would otherwise run at the speed of a full one;
+        rows are computed independently (`_row_linear`), so a row's results do not change."""
+        if span >= self.batch:
+            yield
+            return
+        saved = {name: getattr(self, name) for name in (*_ROW_BUFFERS, *_ROW_BUFFER_LISTS, "batch")}
+        for name in _ROW_BUFFERS:
+            setattr(self, name, saved[name][:span])
+        for name in _ROW_BUFFER_LISTS:
+            setattr(self, name, [buffer[:span] for buffer in saved[name]])
+        self.batch = span
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     @torch.inference_mode()
     def results(self) -> list[torch.Tensor]:
