@@ -266,6 +266,8 @@ _ROW_BUFFERS = (
 )
 """FastLoop's per-row state and settings, whose first dimension is the row."""
 _ROW_BUFFER_LISTS = ("k_cache", "v_cache", "dkv_cache")
+_DEPTH_ROW_BUFFERS = ("noise_audio", "audio_noise_index", "temp_audio", "greedy_audio")
+"""The per-row settings the depth steps read."""
 """FastLoop's per-layer lists of per-row caches."""
 
 
@@ -680,9 +682,9 @@ class FastLoop:
         if depth:
             text_token = self._sample(text_logits, self.temp_text, self.greedy_text, self.noise_text)
             next_text = torch.where(provided[:, 0], forced[:, 0], text_token)
-            sampled = torch.cat(
-                [text_token[:, None], self._depth(next_text, hidden, forced, provided)], dim=1
-            )
+            generating = active & ~prompt
+            audio = self._depth_of(generating, next_text, hidden, forced, provided)
+            sampled = torch.cat([text_token[:, None], audio], dim=1)
         else:
             sampled = forced  # prompt frames: every token is forced, nothing is sampled
 
@@ -767,6 +769,36 @@ class FastLoop:
         B, L, _ = g.shape
         g = g.view(B, L, 2, -1)
         return self._linear(act(g[..., 0, :]) * g[..., 1, :], layer.fc2)
+
+    def _depth_of(
+        self,
+        generating: torch.Tensor,
+        text: torch.Tensor,
+        hidden: torch.Tensor,
+        forced: torch.Tensor,
+        provided: torch.Tensor,
+    ) -> torch.Tensor:
+        """The depth steps' tokens [B, 8]. Rows in their prompt discard them (every token is forced),
+        so a CPU loop runs the depth decoder on the generating rows alone: beside a generating row, a
+        joining job's prompt frames then cost a temporal step, as they do alone. The rows' results
+        do not change (`_row_linear`); on CUDA the graph runs every row."""
+        if self._linear is not _row_linear or bool(generating.all()):
+            return self._depth(text, hidden, forced, provided)
+        index = generating.nonzero()[:, 0]
+        tokens = forced[:, 1:].clone()
+        if len(index) == 0:
+            return tokens
+        saved = {name: getattr(self, name) for name in (*_DEPTH_ROW_BUFFERS, "dkv_cache", "batch")}
+        for name in _DEPTH_ROW_BUFFERS:
+            setattr(self, name, saved[name][index])
+        self.dkv_cache = [cache[: len(index)] for cache in saved["dkv_cache"]]  # scratch within a frame
+        self.batch = len(index)
+        try:
+            tokens[index] = self._depth(text[index], hidden[index], forced[index], provided[index])
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+        return tokens
 
     def _depth(
         self, text: torch.Tensor, hidden: torch.Tensor, forced: torch.Tensor, provided: torch.Tensor
