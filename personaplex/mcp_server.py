@@ -229,7 +229,7 @@ class AudioResult(TypedDict, total=False):
     seed: int
     duration_s: float
     frames: int
-    timings: dict[str, float]
+    timings: dict[str, float | bool]
 
 
 class SubmitResult(TypedDict, total=False):
@@ -655,7 +655,9 @@ def success_result(job: Mapping[str, Any], output: Path) -> dict[str, Any]:
         "seed": int(params.get("seed", DEFAULT_SEED)),
         "duration_s": float(result.get("duration_s") or job.get("input_duration_s") or 0.0),
         "frames": int(result.get("frames") or 0),
-        "timings": {k: float(v) for k, v in (result.get("timings") or {}).items()},
+        "timings": {
+            k: v if isinstance(v, bool) else float(v) for k, v in (result.get("timings") or {}).items()
+        },
     }
 
 

@@ -66,9 +66,11 @@ class Timings:
     decode_s: float = 0.0
     total_s: float = 0.0
     rtf: float = 0.0
+    prompt_cached: bool = False
+    """Whether the job's prompt state (voice and text prompt) came from the worker's cache."""
 
-    def to_dict(self) -> dict[str, float]:
-        return {k: round(v, 6) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, float | bool]:
+        return {k: v if isinstance(v, bool) else round(v, 6) for k, v in asdict(self).items()}
 
 
 @dataclass

@@ -76,6 +76,16 @@ def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = cast(text)
+        if value < 0:
+            raise ValueError(f"must be 0 or more, got {text!r}")
+        return value
+
+    return parse
+
+
 def _blob_store(text: str) -> str:
     value = text.strip().lower()
     if value not in ("fs", "redis"):
@@ -207,6 +217,12 @@ class Settings(EnvSettings):
         30000,
         _positive(int),
         "Memory bound per batch: rows x longest job's frames (12.5/s, prompt included)",
+    )
+    prompt_cache_mb: float = option(
+        "PERSONAPLEX_PROMPT_CACHE_MB",
+        1024.0,
+        _non_negative(float),
+        "Device memory for prompt states (voice + text prompt), least recently used out; 0: off",
     )
     redis_pool_size: int = option(
         "PERSONAPLEX_REDIS_POOL_SIZE",

@@ -21,6 +21,7 @@ from personaplex import audio as audio_io
 from personaplex.catalog import voice_ids
 from personaplex.engine import codec
 from personaplex.engine import core as engine_module
+from personaplex.engine import prompt as prompt_module
 from personaplex.engine.core import Engine
 from personaplex.engine.frames import SILENCE_TOKENS, SINE_TOKENS, FrameLoop
 from personaplex.errors import AudioError, CancelledError, UnknownVoiceError
@@ -73,20 +74,27 @@ def _frames_for(samples: int) -> int:
 
 
 class RecordingLoop(FrameLoop):
-    """Records, per step() call, whether embeddings were replayed and the tokens the model was fed."""
+    """Records, per frame entered, whether embeddings were replayed and the tokens the model is fed
+    (None for the first frame, which runs no model): in steps, and in the prompt's one pass."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.calls: list[dict] = []
-        RecordingLoop.last = self
+    calls: list[dict] = []
 
-    def step(self, user=None, agent=None, text=None, embeddings=None):
-        self.calls.append({"replay": embeddings is not None, "input": None})
-        return super().step(user=user, agent=agent, text=text, embeddings=embeddings)
+    def enter_frame(self, user=None, agent=None, text=None, embeddings=None):
+        model_input = super().enter_frame(user, agent, text, embeddings)
+        fed = None if model_input is None else self.ring.model_input()[0].tolist()
+        RecordingLoop.calls.append({"replay": embeddings is not None, "input": fed})
+        return model_input
 
-    def temporal(self, embeddings):
-        self.calls[-1]["input"] = self.ring.model_input()[0].tolist()
-        return super().temporal(embeddings)
+
+@pytest.fixture(params=[False, True], ids=["stepped", "prefilled"])
+def recorded(request: pytest.FixtureRequest, tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The frames the next job enters, its prompt stepped or prefilled (uncached)."""
+    monkeypatch.setattr(engine_module, "FrameLoop", RecordingLoop)
+    monkeypatch.setattr(prompt_module, "FrameLoop", RecordingLoop)
+    monkeypatch.setattr(tiny_engine, "prefill", request.param)
+    monkeypatch.setattr(RecordingLoop, "calls", [])
+    tiny_engine.prompt_cache.clear()
+    return RecordingLoop.calls
 
 
 def _documented_schedule(text_tokens: list[int], user_codes: torch.Tensor) -> list[tuple]:
@@ -131,11 +139,10 @@ def _user_codes(engine: Engine, path: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("prompt", [SHORT_PROMPT, ""])
 def test_prompt_phases_force_documented_tokens_catalog_voice(
-    tiny_engine: Engine, clip: Path, monkeypatch: pytest.MonkeyPatch, prompt: str
+    tiny_engine: Engine, clip: Path, recorded: list[dict], prompt: str
 ) -> None:
-    monkeypatch.setattr(engine_module, "FrameLoop", RecordingLoop)
     result = tiny_engine.process(clip, _params(text_prompt=prompt, greedy=True))
-    calls = RecordingLoop.last.calls
+    calls = recorded
 
     voice = torch.load(tiny_engine._voices_dir / "NATF2.pt", weights_only=True)
     replayed = voice["embeddings"].shape[0]
@@ -153,11 +160,10 @@ def test_prompt_phases_force_documented_tokens_catalog_voice(
 
 
 def test_prompt_phases_force_documented_tokens_wav_voice(
-    tiny_engine: Engine, clip: Path, voice_wav: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_engine: Engine, clip: Path, voice_wav: Path, recorded: list[dict]
 ) -> None:
-    monkeypatch.setattr(engine_module, "FrameLoop", RecordingLoop)
     result = tiny_engine.process(clip, _params(voice_prompt=str(voice_wav), greedy=True))
-    calls = RecordingLoop.last.calls
+    calls = recorded
 
     voice_frames = _frames_for(len(audio_io.load(voice_wav)))
     assert not any(c["replay"] for c in calls)

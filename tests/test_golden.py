@@ -7,7 +7,11 @@ PersonaPlex, so its tolerances never get loosened. Each case runs through:
 - `eager`: `Engine.process` on FrameLoop (transformers' modules, the reference for a frame);
 - `fast`: `Engine.process` on the fast loop (the GPU path; eager on the CPU);
 - `batched`: `Engine.process_batch`, every case of a checkpoint in one batch beside a job of another
-  length, voice and sampling mode, so rows of different lengths and prompts share the loop.
+  length, voice and sampling mode, so rows of different lengths and prompts share the loop;
+- `cached`: the fast loop again, its prompt state now from the engine's prompt cache.
+
+Each path prefills the prompt phase in one pass (personaplex.engine.prompt), as the service runs
+it; `eager-stepped` and `fast-stepped` step it frame by frame instead (`Engine(prefill=False)`).
 
 Cases are discovered, so a different set (other sizes, seeds, contexts) is checked the same way; a
 case may carry its own `checkpoint/` folder, or name one in case.json's "checkpoint" (relative to the
@@ -37,7 +41,7 @@ GOLDEN = Path(os.environ.get("PERSONAPLEX_GOLDEN_DIR") or GOLDEN_DIR)
 CASES_DIR = GOLDEN / "cases"
 AUDIO_TOLERANCE = 1e-4
 PARAM_KEYS = ("seed", "temp_audio", "temp_text", "topk_audio", "topk_text")
-PATHS = ("eager", "fast", "batched")
+PATHS = ("eager", "eager-stepped", "fast", "fast-stepped", "cached", "batched")
 
 
 @dataclass(frozen=True)
@@ -90,20 +94,29 @@ class Engines:
     """One engine per (checkpoint, loop), and one batched run per checkpoint, shared by the cases."""
 
     def __init__(self) -> None:
-        self._engines: dict[tuple[Path, bool], Engine] = {}
+        self._engines: dict[tuple[Path, bool, bool], Engine] = {}
         self._batched: dict[Path, dict[str, EngineResult]] = {}
 
-    def engine(self, checkpoint: Path, fast: bool) -> Engine:
-        key = (checkpoint, fast)
+    def engine(self, checkpoint: Path, fast: bool, prefill: bool = True) -> Engine:
+        key = (checkpoint, fast, prefill)
         if key not in self._engines:
             # The normal checkpoint path: resolve_model → read_checkpoint → convert → extract voices.tgz.
-            self._engines[key] = Engine(checkpoint, device="cpu", captured=fast)
+            self._engines[key] = Engine(checkpoint, device="cpu", captured=fast, prefill=prefill)
         return self._engines[key]
 
     def result(self, case: GoldenCase, path: str) -> EngineResult:
         if path == "batched":
             return self._batch_for(case.checkpoint)[case.name]
-        return self.engine(case.checkpoint, fast=path == "fast").process(case.input, case.params)
+        if path == "cached":
+            engine = self.engine(case.checkpoint, fast=True)
+            engine.prompt_cache.clear()
+            assert not engine.process(case.input, case.params).timings.prompt_cached
+            result = engine.process(case.input, case.params)
+            assert result.timings.prompt_cached
+            return result
+        loop, _, stepped = path.partition("-")
+        engine = self.engine(case.checkpoint, fast=loop == "fast", prefill=not stepped)
+        return engine.process(case.input, case.params)
 
     def _batch_for(self, checkpoint: Path) -> dict[str, EngineResult]:
         if checkpoint not in self._batched:

@@ -248,7 +248,8 @@ class TextOutput(Schema):
     """Per output frame: the text token, then the 8 audio codes."""
     duration_s: float
     sample_rate: int
-    timings: dict[str, float]
+    timings: dict[str, float | bool]
+    """Seconds per phase, and prompt_cached: whether the prompt state came from the worker's cache."""
 
 
 # -- responses: batches ---------------------------------------------------------------------------

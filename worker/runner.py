@@ -395,7 +395,7 @@ class JobRunner:
         return Outcome(LOST, ran=ran)
 
     def _write_outputs(
-        self, job_id: str, attempt: int, result: EngineResult, timings: dict[str, float]
+        self, job_id: str, attempt: int, result: EngineResult, timings: dict[str, float | bool]
     ) -> None:
         """The attempt's own WAV first, JSON last: a complete pair means the attempt finished (see
         completed_attempt); the record then commits them under the fence."""
@@ -409,7 +409,7 @@ class JobRunner:
         return _result(document["duration_s"], document["text"], frames, document["timings"], attempt)
 
 
-def _timings(job: Job, result: EngineResult, load_s: float, inference_s: float) -> dict[str, float]:
+def _timings(job: Job, result: EngineResult, load_s: float, inference_s: float) -> dict[str, float | bool]:
     """The engine's phase timings plus the service's: queue wait, model load, inference and RTF."""
     duration = result.input_duration_s
     queue_wait = (job.started_at or time.time()) - job.created_at

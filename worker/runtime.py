@@ -95,6 +95,7 @@ class WorkerRuntime:
                     hf_token=s.hf_token,
                     max_batch=s.max_batch,
                     max_batch_frames=s.max_batch_frames,
+                    prompt_cache_mb=s.prompt_cache_mb,
                 )
             return self._engine
 

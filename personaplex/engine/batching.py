@@ -114,9 +114,16 @@ class BatchRow:
     slot: int = 0
     """Its row of the loop."""
     start: int = 0
-    """The loop's frame count when it joined: its own frame t is the loop's start + t."""
+    """Its own frame t is the loop's frame start + t (a prefilled row joins at its first generate frame)."""
     clock: float = 0.0
     """perf_counter() when it joined (its phase timings run from there)."""
+    generate_clock: float = 0.0
+    """perf_counter() when its generate phase began."""
+
+    def join(self, slot: int, loop_frame: int) -> None:
+        """Take row `slot` of a loop at the loop's frame `loop_frame`."""
+        self.slot, self.start = slot, loop_frame - self.plan.first_frame
+        self.clock = self.generate_clock = time.perf_counter()
 
     def phase_at(self, t: int) -> tuple[str, int, int]:
         """(phase, frame within it, frames in it) of the row's frame t."""
@@ -158,7 +165,7 @@ def step_rows(
     live = list(rows)
     done = 0  # frames the loop has stepped
     for slot, row in enumerate(rows):
-        row.slot, row.start, row.clock = slot, 0, time.perf_counter()
+        row.join(slot, 0)
     while True:
         if joiner is not None and loop.free_rows() and (not live or joiner.due()):
             _admit(loop, live, done, joiner)
@@ -182,7 +189,7 @@ def step_rows(
 
 def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner) -> None:
     for row in joiner.join(len(loop.free_rows()), lambda plan: loop.fits([plan])):
-        row.slot, row.start, row.clock = loop.free_rows()[0], done, time.perf_counter()
+        row.join(loop.free_rows()[0], done)
         loop.load_row(row.slot, row.plan)
         live.append(row)
 
@@ -219,11 +226,12 @@ def _mark_phases(live: list[BatchRow], done: int) -> list[BatchRow]:
     now = time.perf_counter()
     for row in live:
         plan, timings, t = row.plan, row.timings, done - row.start
-        if t == plan.prompt_frames:
+        if t == plan.prompt_frames and plan.prompt is None:
             timings.prompt_s = now - row.clock
+            row.generate_clock = now
             row.report("prompt", plan.prompt_frames, plan.prompt_frames)
         if t == len(plan):
-            timings.generate_s = now - row.clock - timings.prompt_s
+            timings.generate_s = now - row.generate_clock
             row.report("generate", plan.generate_frames, plan.generate_frames)
             finished.append(row)
     return finished

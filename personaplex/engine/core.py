@@ -45,6 +45,7 @@ from personaplex.engine.checkpoint import CheckpointInfo, extract_voices, resolv
 from personaplex.engine.fast import FastLoop, JobPlan, plan_job
 from personaplex.engine.frames import TEXT_PAD, FrameLoop, Sampling
 from personaplex.engine.loaders import LoadedModels, load_models
+from personaplex.engine.prompt import PromptCache, PromptState, prefill
 from personaplex.engine.sampling import make_generator
 from personaplex.engine.voices import VoicePrompt, load_voice_prompt, resolve_voice
 from personaplex.errors import CancelledError
@@ -91,6 +92,8 @@ class Engine:
         captured: bool | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_batch_frames: int = DEFAULT_MAX_BATCH_FRAMES,
+        prefill: bool = True,
+        prompt_cache_mb: float = Settings.prompt_cache_mb,
     ) -> None:
         self.model_name = str(model)
         self.device = torch.device(device) if device else default_device()
@@ -102,6 +105,9 @@ class Engine:
         """The fast loop (personaplex.engine.fast, CUDA graphs on a GPU); None: on CUDA without cpu offload."""
         self.max_batch = max_batch
         self.max_batch_frames = max_batch_frames
+        self.prefill = prefill
+        """Run each job's prompt phase in one pass (personaplex.engine.prompt); False: step it."""
+        self.prompt_cache = PromptCache(int(prompt_cache_mb * 2**20))
         self._fast: FastLoop | None = None  # the last one, reused while jobs fit it
         self._lock = threading.RLock()
         self._models: LoadedModels | None = None
@@ -143,6 +149,7 @@ class Engine:
             was_loaded = self._models is not None
             self._models = None
             self._fast = None
+            self.prompt_cache.clear()
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -194,8 +201,7 @@ class Engine:
             report("load", 1, 1)
             models = self._models
             assert models is not None
-            voice = self._voice_prompt(models, params.voice_prompt)
-            result = self._run(models, samples, voice, params, timings, report, cancelled)
+            result = self._run(models, samples, params, timings, report, cancelled)
             self.last_used = time.time()
             return result
 
@@ -344,14 +350,17 @@ class Engine:
         params = request.params or GenerationParams()
         prepared = time.perf_counter()
         samples = audio_io.load(request.audio, SAMPLE_RATE, self.max_audio_seconds)
-        voice = self._voice_prompt(models, params.voice_prompt)
         timings = Timings(load_s=load_s)
+        prompt = self._prompt_for(models, params, timings)
         clock = time.perf_counter()
         user_codes = codec.encode(models.mimi, samples)
         timings.encode_s = time.perf_counter() - clock
-        plan = self._plan(models, user_codes, voice, params)
+        plan = self._plan(models, user_codes, prompt, params)
+        if plan.prompt is not None:
+            report("prompt", plan.prompt_frames, plan.prompt_frames)
         job = BatchRow(index, samples, plan, timings, report, cancelled)
-        job.prepare_s = time.perf_counter() - prepared - timings.encode_s  # audio, voice, plan
+        # audio, voice, plan (a prefilled prompt is timed as prompt_s)
+        job.prepare_s = time.perf_counter() - prepared - timings.encode_s - timings.prompt_s
         return job
 
     def _run_batch(
@@ -384,24 +393,32 @@ class Engine:
         self,
         models: LoadedModels,
         samples: np.ndarray,
-        voice: VoicePrompt,
         params: GenerationParams,
         timings: Timings,
         report: Progress,
         cancelled: ShouldCancel,
     ) -> EngineResult:
         started = time.perf_counter()
+        if cancelled():
+            raise CancelledError("Cancelled during the prompt phase.")
+        prompt = self._prompt_for(models, params, timings)
         clock = time.perf_counter()
         user_codes = codec.encode(models.mimi, samples)  # [1, 8, F]
         timings.encode_s = time.perf_counter() - clock
 
         if self._use_fast_loop():
-            frames = self._run_fast(models, user_codes, voice, params, timings, report, cancelled)
+            frames = self._run_fast(models, user_codes, prompt, params, timings, report, cancelled)
         else:
             loop = self._new_loop(models, params)
-            clock = time.perf_counter()
-            self._prompt(loop, voice, self._text_prompt_tokens(models, params.text_prompt), report, cancelled)
-            timings.prompt_s = time.perf_counter() - clock
+            if isinstance(prompt, PromptState):
+                loop.start_from(prompt)
+                report("prompt", prompt.frames, prompt.frames)
+            else:
+                clock = time.perf_counter()
+                self._prompt(
+                    loop, prompt, self._text_prompt_tokens(models, params.text_prompt), report, cancelled
+                )
+                timings.prompt_s = time.perf_counter() - clock
 
             clock = time.perf_counter()
             frames = self._generate(loop, user_codes, report, cancelled)  # [F, 9]
@@ -464,20 +481,55 @@ class Engine:
         return self.device.type == "cuda" and not self.cpu_offload
 
     def _plan(
-        self, models: LoadedModels, user_codes: torch.Tensor, voice: VoicePrompt, params: GenerationParams
+        self,
+        models: LoadedModels,
+        user_codes: torch.Tensor,
+        prompt: PromptState | VoicePrompt,
+        params: GenerationParams,
     ) -> JobPlan:
+        """The job's frames: from its prefilled prompt state, or its voice and text prompt stepped."""
         sampling, generator = self._sampling(models, params)
+        if isinstance(prompt, PromptState):
+            return plan_job(
+                models, user_codes[0], (), 0, sampling=sampling, generator=generator, prompt=prompt
+            )
         return plan_job(
             models,
             user_codes[0],
             self._text_prompt_tokens(models, params.text_prompt),
             SILENCE_FRAMES,
-            voice_embeddings=voice.embeddings,
-            voice_cache=voice.cache,
-            voice_codes=None if voice.codes is None else voice.codes[0],
+            voice_embeddings=prompt.embeddings,
+            voice_cache=prompt.cache,
+            voice_codes=None if prompt.codes is None else prompt.codes[0],
             sampling=sampling,
             generator=generator,
         )
+
+    def _prompt_for(
+        self, models: LoadedModels, params: GenerationParams, timings: Timings
+    ) -> PromptState | VoicePrompt:
+        """The job's prompt phase: its state prefilled in one pass (from the cache when this voice
+        file and text prompt were seen; timings.prompt_s and prompt_cached say), or with prefill
+        off, the voice its frames are stepped with. Raises UnknownVoiceError, AudioError."""
+        assert self._voices_dir is not None and self._info is not None
+        path = resolve_voice(params.voice_prompt, self._voices_dir, self.voice_prompt_dir)
+        if not self.prefill:
+            return load_voice_prompt(models, path)
+        clock = time.perf_counter()
+        tokens = tuple(self._text_prompt_tokens(models, params.text_prompt))
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, tokens)
+        state = self.prompt_cache.get(key)
+        timings.prompt_cached = state is not None
+        if state is None:
+            voice = load_voice_prompt(models, path)
+            no_audio = torch.empty(1, 0, 0, dtype=torch.long, device=models.device)
+            state = prefill(models, self._plan(models, no_audio, voice, params), self._info.lm.delays)
+            self.prompt_cache.put(key, state)
+        if models.device.type == "cuda":
+            torch.cuda.synchronize(models.device)
+        timings.prompt_s = time.perf_counter() - clock
+        return state
 
     def _fast_loop(self, models: LoadedModels, plans: list[JobPlan]) -> FastLoop:
         """A FastLoop holding `plans`: the last one if they fit it, else a new one (capacities rounded up).
@@ -515,13 +567,13 @@ class Engine:
         self,
         models: LoadedModels,
         user_codes: torch.Tensor,
-        voice: VoicePrompt,
+        prompt: PromptState | VoicePrompt,
         params: GenerationParams,
         timings: Timings,
         report: Progress,
         cancelled: ShouldCancel,
     ) -> torch.Tensor:
-        plan = self._plan(models, user_codes, voice, params)
+        plan = self._plan(models, user_codes, prompt, params)
         loop = self._fast_loop(models, [plan])
         sync = torch.cuda.synchronize if models.device.type == "cuda" else (lambda: None)
 
@@ -535,12 +587,13 @@ class Engine:
 
             return check
 
+        steps = plan.prompt_frames if plan.prompt is None else 0
         clock = time.perf_counter()
-        prompt = plan.prompt_frames
-        loop.run(prompt, before("prompt", prompt, lambda i: "Cancelled during the prompt phase."))
-        report("prompt", prompt, prompt)
-        sync()
-        timings.prompt_s = time.perf_counter() - clock
+        loop.run(steps, before("prompt", steps, lambda i: "Cancelled during the prompt phase."))
+        report("prompt", plan.prompt_frames, plan.prompt_frames)
+        if steps:
+            sync()
+            timings.prompt_s = time.perf_counter() - clock
         clock = time.perf_counter()
         total = plan.generate_frames
         loop.run(total, before("generate", total, lambda i: f"Cancelled at frame {i} of {total}."))

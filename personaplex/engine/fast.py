@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,9 @@ from personaplex.engine.frames import (
 from personaplex.engine.loaders import LoadedModels
 from personaplex.engine.sampling import draw_noise
 
+if TYPE_CHECKING:
+    from personaplex.engine.prompt import PromptState
+
 GEN = 1 + AUDIO_STREAMS
 """Streams generated per frame: text and the 8 agent codebooks."""
 SLOT_ALIGN = 16
@@ -66,6 +70,8 @@ class JobPlan:
     `text[t]` is the forced text id, or -1 on generate frames (whose outputs are the job's result).
     `user` is forced on every frame. When `embeddings` is given, the first N frames feed those
     inputs instead of the embedded tokens, and `voice_cache` replaces the token ring after them.
+    With a `prompt` (its prefilled state, personaplex.engine.prompt), a row starts at its first
+    generate frame from that state: its prompt frames stand in the schedule but are never stepped.
     """
 
     text: torch.Tensor  # [T] long
@@ -75,6 +81,7 @@ class JobPlan:
     voice_cache: torch.Tensor | None = None  # [17, ring slots] long
     sampling: Sampling = Sampling()
     generator: torch.Generator | None = None
+    prompt: PromptState | None = None
 
     def __post_init__(self) -> None:
         prompt = (self.text >= 0).tolist()
@@ -85,6 +92,7 @@ class JobPlan:
         self.replay_frames = 0 if self.embeddings is None else int(self.embeddings.shape[0])
         assert self.replay_frames == 0 or self.voice_cache is not None
         assert self.replay_frames <= self.prompt_frames
+        assert self.prompt is None or (self.prompt.frames == self.prompt_frames and not self.replay_frames)
 
     def __len__(self) -> int:
         return int(self.text.shape[0])
@@ -92,6 +100,11 @@ class JobPlan:
     @property
     def generate_frames(self) -> int:
         return len(self) - self.prompt_frames
+
+    @property
+    def first_frame(self) -> int:
+        """The frame a row starts at: the first generate frame when its prompt is prefilled."""
+        return 0 if self.prompt is None else self.prompt_frames
 
     def samples_at(self, t: int) -> bool:
         """Whether frame t draws race noise: a sampling job on a generate frame that runs the model."""
@@ -111,11 +124,13 @@ def plan_job(
     voice_codes: torch.Tensor | None = None,
     sampling: Sampling | None = None,
     generator: torch.Generator | None = None,
+    prompt: PromptState | None = None,
 ) -> JobPlan:
     """The frames `Engine` runs for one job: voice, silence, text prompt, silence, then user audio.
 
     user_codes [8, F]; voice_embeddings [N, 1, 1, D] or [N, D] with voice_cache [1, 17, S]; or
-    voice_codes [8, Fv] (a .wav voice). Mirrors `FrameLoop`'s prompt-phase methods.
+    voice_codes [8, Fv] (a .wav voice). Mirrors `FrameLoop`'s prompt-phase methods. With a
+    prefilled `prompt` instead of a voice and text, its frames are forced silence in the schedule.
     """
     device = models.device
     audio_initial = models.moshi.config.audio_vocab_size
@@ -135,7 +150,10 @@ def plan_job(
         users.append(user.to(device=device, dtype=torch.long).expand(count, AUDIO_STREAMS))
 
     embeddings = cache = None
-    if voice_embeddings is not None:
+    if prompt is not None:
+        add(prompt.frames, TEXT_PAD, silence, sine)
+        text_tokens, silence_frames = (), 0
+    elif voice_embeddings is not None:
         embeddings = voice_embeddings.reshape(voice_embeddings.shape[0], -1).to(device)
         cache = voice_cache.reshape(voice_cache.shape[-2], voice_cache.shape[-1]).to(device)
         dummy = torch.full((AUDIO_STREAMS,), audio_initial, device=device)
@@ -154,6 +172,7 @@ def plan_job(
         voice_cache=cache,
         sampling=sampling or Sampling(),
         generator=generator,
+        prompt=prompt,
     )
 
 
@@ -290,6 +309,98 @@ def _layer(module: torch.nn.Module, step: int | None = None) -> _Layer:
     )
 
 
+def _linear_for(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """CPU GEMM kernels block rows together, so a row's sums depend on how many rows there are;
+    one product per row keeps every row bit for bit what its job gives alone (and what the
+    reference's one-row loop gives). On CUDA one GEMM for the batch is what makes it fast."""
+    return _row_linear if device.type == "cpu" else F.linear
+
+
+def _gated_mlp(linear: Callable, y: torch.Tensor, layer: _Layer, act: Callable) -> torch.Tensor:
+    g = linear(y, layer.fc1)
+    B, L, _ = g.shape
+    g = g.view(B, L, 2, -1)
+    return linear(act(g[..., 0, :]) * g[..., 1, :], layer.fc2)
+
+
+@dataclass
+class _Temporal:
+    """The temporal transformer in the compact form: its layers' weights and rotary constants."""
+
+    layers: list[_Layer]
+    out_norm: torch.Tensor  # fp32
+    eps: float
+    text_head: torch.Tensor
+    heads: int
+    head_dim: int
+    act: Callable
+    inv_freq: torch.Tensor
+    sin_sign: torch.Tensor  # first half negated: see _swap_halves
+
+    @classmethod
+    def of(cls, models: LoadedModels) -> _Temporal:
+        moshi, device = models.moshi, models.device
+        decoder = moshi.decoder.model
+        attn = decoder.layers[0].self_attn
+        head_dim = attn.head_dim
+        half = head_dim // 2
+        return cls(
+            layers=[_layer(layer) for layer in decoder.layers],
+            out_norm=decoder.norm.weight.float(),
+            eps=decoder.norm.eps,
+            text_head=moshi.decoder.lm_head.weight,
+            heads=attn.num_heads,
+            head_dim=head_dim,
+            act=decoder.layers[0].mlp.activation_fn,
+            inv_freq=rope_inverse_frequencies(head_dim, moshi.config.rope_parameters["rope_theta"]).to(
+                device
+            ),
+            sin_sign=torch.tensor([-1.0] * half + [1.0] * half, device=device),
+        )
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [*positions.shape, head_dim] at those positions (transformers' values)."""
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), (angles.sin() * self.sin_sign).to(dtype)
+
+
+@torch.inference_mode()
+def temporal_prefill(models: LoadedModels, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [layers, H, P, head_dim] the temporal transformer writes for P consecutive
+    input embeddings [P, D] at positions 0 .. P-1, in one causal pass: each position attends to the
+    last `sliding_window` positions up to its own, as `FastLoop._temporal` admits them step by step.
+
+    Only the caches are kept (the prompt phase discards its outputs), so the last layer stops at its
+    keys and values.
+    """
+    model = _Temporal.of(models)
+    linear = _linear_for(models.device)
+    P, H, hd = inputs.shape[0], model.heads, model.head_dim
+    positions = torch.arange(P, device=inputs.device)
+    cos, sin = model.rotary(positions, inputs.dtype)  # [P, hd]
+    window = int(models.moshi.config.sliding_window)
+    query, key = positions[:, None], positions[None, :]
+    visible = (key <= query) & (key > query - window)
+    mask = torch.zeros(P, P, dtype=inputs.dtype, device=inputs.device).masked_fill(~visible, float("-inf"))
+    keys, values = [], []
+    h = inputs[None]  # [1, P, D]
+    for index, layer in enumerate(model.layers):
+        y = _rms(h, layer.norm1, model.eps)
+        qkv = linear(y, layer.qkv).view(1, P, 3, H, hd).permute(0, 2, 3, 1, 4)  # [1, 3, H, P, hd]
+        qk = qkv[:, :2]
+        qk = qk * cos + _swap_halves(qk) * sin
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # [1, H, P, hd]
+        keys.append(k[0])
+        values.append(v[0])
+        if index == len(model.layers) - 1:
+            break
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + linear(a.transpose(1, 2).reshape(1, P, H * hd), layer.o)
+        h = h + _gated_mlp(linear, _rms(h, layer.norm2, model.eps), layer, model.act)
+    return torch.stack(keys), torch.stack(values)
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 class FastLoop:
     """B jobs stepped together, one frame per call; static buffers, optional CUDA graph capture.
@@ -313,10 +424,7 @@ class FastLoop:
         topk: tuple[int, int] | None = None,
     ) -> None:
         self.models = models
-        # CPU GEMM kernels block rows together, so a row's sums depend on how many rows there are;
-        # one product per row keeps every row bit for bit what its job gives alone (and what the
-        # reference's one-row loop gives). On CUDA one GEMM for the batch is what makes it fast.
-        self._linear = _row_linear if models.device.type == "cpu" else F.linear
+        self._linear = _linear_for(models.device)
         moshi = models.moshi
         config = moshi.config
         device, dtype = models.device, models.dtype
@@ -344,17 +452,7 @@ class FastLoop:
         decoder = moshi.decoder.model
         self.audio_tables = [table.weight for table in moshi.embed_tokens]
         self.text_table = decoder.embed_tokens.weight
-        self.layers = [_layer(layer) for layer in decoder.layers]
-        self.out_norm = decoder.norm.weight.float()
-        self.eps = decoder.norm.eps
-        self.text_head = moshi.decoder.lm_head.weight
-        attn = decoder.layers[0].self_attn
-        self.heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.act = decoder.layers[0].mlp.activation_fn
-        rope_theta = config.rope_parameters["rope_theta"]
-        self.inv_freq = rope_inverse_frequencies(self.head_dim, rope_theta).to(device)
-        half = self.head_dim // 2
-        self.sin_sign = torch.tensor([-1.0] * half + [1.0] * half, device=device)  # see _swap_halves
+        self.temporal_model = _Temporal.of(models)
         depth = moshi.depth_decoder
         self.depth_text_table = depth.text_embed_tokens.weight
         self.depth_tables = [table.weight for table in depth.embed_tokens]
@@ -381,9 +479,9 @@ class FastLoop:
         self.position = torch.empty(B, **long)
         self.t = torch.empty(B, **long)
         self.slot_position = torch.empty(B, self.slots, **long)
-        H, hd = self.heads, self.head_dim
-        self.k_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in self.layers]
-        self.v_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in self.layers]
+        H, hd, layers = self.temporal_model.heads, self.temporal_model.head_dim, self.temporal_model.layers
+        self.k_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in layers]
+        self.v_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in layers]
         dh, dhd = self.depth_heads_n, self.depth_head_dim
         # depth keys and values together, [B, 2, H, steps, hd]: one copy writes both per step
         self.dkv_cache = [
@@ -520,7 +618,29 @@ class FastLoop:
         self.audio_noise_index[b] = index.flatten()
         self.length[b] = n
         self.replay_length[b] = plan.replay_frames
+        if plan.prompt is not None:
+            self._start_from(b, plan.prompt)
         self.plans[b] = plan
+
+    def _start_from(self, b: int, state: PromptState) -> None:
+        """Row `b` takes up a prefilled prompt phase: the token ring, position and temporal caches it
+        left (each kept position in its slot, as the steps would have written it), at the first
+        generate frame."""
+        self.tokens[b] = state.tokens
+        self.provided[b] = state.provided
+        self.offset[b] = state.offset
+        self.position[b] = state.positions
+        self.t[b] = state.frames
+        self.t_host[b] = state.frames
+        kept = state.kept_positions
+        positions = torch.arange(kept.start, kept.stop, device=self.device)
+        slots = positions % self.window
+        self.slot_position[b, slots] = positions
+        for k_cache, v_cache, keys, values in zip(
+            self.k_cache, self.v_cache, state.keys, state.values, strict=True
+        ):
+            k_cache[b, :, slots] = keys.to(self.dtype)
+            v_cache[b, :, slots] = values.to(self.dtype)
 
     def _idle_settings(self) -> None:
         """Sampling settings for rows without a job: greedy, and noise that is never drawn."""
@@ -736,12 +856,10 @@ class FastLoop:
 
     def _temporal(self, x: torch.Tensor, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One temporal step per row at its own position: normed hidden [B, 1, D], text logits [B, V]."""
-        B, H, hd = self.batch, self.heads, self.head_dim
+        model = self.temporal_model
+        B, H, hd = self.batch, model.heads, model.head_dim
         position = self.position
-        freqs = position[:, None].float() * self.inv_freq[None]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, None, :]  # [B, 1, 1, 1, hd]
-        cos = angles.cos().to(self.dtype)
-        sin = (angles.sin() * self.sin_sign).to(self.dtype)  # first half negated: see _swap_halves
+        cos, sin = (r[:, None, None, None, :] for r in model.rotary(position, self.dtype))  # [B, 1, 1, 1, hd]
         slot = torch.where(run, position % self.window, self.window)  # rows that do not run: scratch
         self.slot_position.scatter_(1, slot[:, None], torch.where(run, position, -1)[:, None])
         valid = (self.slot_position >= 0) & (self.slot_position > position[:, None] - self.sliding_window)
@@ -749,8 +867,8 @@ class FastLoop:
         mask = torch.where(valid | ~run[:, None], self.mask_open, self.mask_shut)[:, None, None, :]
         write = slot[:, None, None, None].expand(B, H, 1, hd)
         h = x[:, None, :]
-        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            y = _rms(h, layer.norm1, self.eps)
+        for layer, k_cache, v_cache in zip(model.layers, self.k_cache, self.v_cache, strict=True):
+            y = _rms(h, layer.norm1, model.eps)
             qkv = self._linear(y, layer.qkv).view(B, 3, H, 1, hd)
             qk = qkv[:, :2]  # q and k rotated together: transformers' apply_rotary_pos_emb, same ops
             qk = qk * cos + _swap_halves(qk) * sin
@@ -759,16 +877,10 @@ class FastLoop:
             v_cache.scatter_(2, write, v)
             a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
             h = h + self._linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
-            h = h + self._mlp(_rms(h, layer.norm2, self.eps), layer, self.act)
-        h = _rms(h, self.out_norm, self.eps)
+            h = h + _gated_mlp(self._linear, _rms(h, layer.norm2, model.eps), layer, model.act)
+        h = _rms(h, model.out_norm, model.eps)
         self.position += run.long()
-        return h, self._linear(h, self.text_head)[:, 0].float()
-
-    def _mlp(self, y: torch.Tensor, layer: _Layer, act: Callable) -> torch.Tensor:
-        g = self._linear(y, layer.fc1)
-        B, L, _ = g.shape
-        g = g.view(B, L, 2, -1)
-        return self._linear(act(g[..., 0, :]) * g[..., 1, :], layer.fc2)
+        return h, self._linear(h, model.text_head)[:, 0].float()
 
     def _depth_of(
         self,
@@ -822,7 +934,7 @@ class FastLoop:
                     q, kv_cache[:, 0, :, : step + 1], kv_cache[:, 1, :, : step + 1]
                 )
                 h = h + self._linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
-                h = h + self._mlp(_rms(h, layer.norm2, self.depth_eps), layer, self.depth_act)
+                h = h + _gated_mlp(self._linear, _rms(h, layer.norm2, self.depth_eps), layer, self.depth_act)
             logits = self._linear(h, self.depth_heads[step])[:, 0].float()
             token = self._sample(logits, self.temp_audio, self.greedy_audio, noise[:, step])
             sampled.append(token)

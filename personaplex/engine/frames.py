@@ -10,6 +10,7 @@ match if they are kept exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -17,6 +18,9 @@ from transformers import DynamicCache
 from personaplex.engine.loaders import LoadedModels
 from personaplex.engine.sampling import draw_noise, sample
 from personaplex.params import GenerationParams
+
+if TYPE_CHECKING:
+    from personaplex.engine.prompt import PromptState
 
 TEXT_PAD = 3
 """Text id forced during prompts (and printed as PAD); 0 is EPAD."""
@@ -84,6 +88,15 @@ class TokenRing:
 
     def model_input(self) -> torch.Tensor:
         return self.tokens[:, :, self.input_slot]  # [B, K]
+
+    def all_forced(self) -> bool:
+        """Whether every generated stream's token at the target slot was provided (a prompt frame)."""
+        return bool(self.provided[:, : 1 + AUDIO_STREAMS, self.target_slot].all())
+
+    def finish_forced(self) -> torch.Tensor | None:
+        """`finish_step` for a frame whose every token is forced: nothing sampled is stored."""
+        forced = self.tokens[:, : 1 + AUDIO_STREAMS, self.target_slot]
+        return self.finish_step(forced[:, 0], forced[:, 1:])
 
     def finish_step(self, text: torch.Tensor, audio: torch.Tensor) -> torch.Tensor | None:
         """Store sampled tokens where nothing was forced; return the undelayed frame [B, 9] if ready."""
@@ -189,6 +202,22 @@ class FrameLoop:
         embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Advance one frame. Tokens given are forced; `embeddings` replaces the model's input sum."""
+        model_input = self.enter_frame(user, agent, text, embeddings)
+        if model_input is None:
+            return None
+        hidden, text_logits = self.temporal(model_input)
+        return self._sample_and_store(hidden, text_logits)
+
+    def enter_frame(
+        self,
+        user: torch.Tensor | None = None,
+        agent: torch.Tensor | None = None,
+        text: int | torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """A frame's token work before the model: force the tokens given, seed the ring; returns the
+        temporal input [B, 1, D] (`embeddings` if given), or None on the very first frame, which runs
+        no model."""
         ring = self.ring
         while True:
             if user is not None:
@@ -202,9 +231,7 @@ class FrameLoop:
             if embeddings is None:
                 return None
             # Replayed voice embeddings skip the reference's silent first step, as it does.
-        model_input = ring.model_input()
-        hidden, text_logits = self.temporal(self.embed(model_input) if embeddings is None else embeddings)
-        return self._sample_and_store(hidden, text_logits)
+        return self.embed(ring.model_input()) if embeddings is None else embeddings
 
     def _text_column(self, text: int | torch.Tensor) -> torch.Tensor:
         if isinstance(text, int):
@@ -216,9 +243,9 @@ class FrameLoop:
         target = ring.target_slot
         provided = ring.provided[:, : 1 + AUDIO_STREAMS, target]
         forced = ring.tokens[:, : 1 + AUDIO_STREAMS, target]
-        if bool(provided.all()):
+        if ring.all_forced():
             # Prompt frames force every token: sampling would be discarded, so skip it.
-            return ring.finish_step(forced[:, 0], forced[:, 1:])
+            return ring.finish_forced()
         s = self.sampling
         text_noise, audio_noise = self._draw_noise(text_logits.shape[-1])
         text = sample(text_logits, s.temp_text, s.topk_text, s.greedy, self.generator, text_noise)
@@ -241,6 +268,20 @@ class FrameLoop:
         return text, audio
 
     # ---- prompt phases ---------------------------------------------------------------------
+    def start_from(self, state: PromptState) -> None:
+        """Take up the state a prompt phase left (`personaplex.engine.prompt`), instead of stepping it:
+        the token ring, the position, and the temporal cache as transformers' layers hold it."""
+        ring = self.ring
+        ring.tokens.copy_(state.tokens.expand_as(ring.tokens))
+        ring.provided.copy_(state.provided.expand_as(ring.provided))
+        ring.offset = state.offset
+        self.position = state.positions
+        for index, layer in enumerate(self.cache.layers):
+            batch = (self.batch, -1, -1, -1)
+            layer.update(state.keys[index].expand(batch), state.values[index].expand(batch))
+            if hasattr(layer, "cumulative_length"):  # a sliding layer counts every position it saw
+                layer.cumulative_length = state.positions
+
     def replay_voice_embeddings(self, embeddings: torch.Tensor, cache: torch.Tensor) -> None:
         """Voice prompt from a catalog .pt: replay its inputs, then restore its token ring."""
         dummy = self.ring.initial[AGENT].expand(self.batch, -1)
