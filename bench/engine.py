@@ -16,6 +16,11 @@ batched rows (of different lengths and prompts) vs the same jobs alone.
 modules at PersonaPlex's sizes with random weights on the device (no download, no files) and runs
 the same Engine code over them. Each configuration runs --repeat times after one warm-up run;
 the table gives medians. RTF = processing time / audio duration (lower is faster).
+
+`--prompt` chooses how each job's prompt phase (voice, silences, text prompt) runs: `stepped`, one
+frame per step in the loop; `prefill`, one pass per job (personaplex.engine.prompt; every job
+computes its own, as with a new persona each); `cached`, from the prompt cache (one persona, all
+hits). `prompt_ms_per_job` is the prompt time of a batch over its jobs.
 """
 
 from __future__ import annotations
@@ -122,8 +127,16 @@ def build_tiny_engine(device: torch.device, workdir: Path) -> Engine:
     return Engine(write_tiny_checkpoint(workdir / "tiny"), device=device)
 
 
-def run_once(engine: Engine, seconds: float, device: torch.device) -> dict[str, float]:
+PROMPT_MODES = ("stepped", "prefill", "cached")
+
+
+def run_once(
+    engine: Engine, seconds: float, device: torch.device, prompt: str = "prefill"
+) -> dict[str, float]:
     wav = encode_wav(_input(seconds))
+    engine.prefill = prompt != "stepped"
+    if prompt == "prefill":
+        engine.prompt_cache.clear()
     if device.type == "cuda":
         torch.cuda.synchronize()
     result = engine.process(wav, GenerationParams(seed=1))
@@ -149,12 +162,15 @@ def _input(seconds: float) -> np.ndarray:
 class CapturedBench:
     """The fast loop over B copies of a job: one loop (and its graphs) reused across runs."""
 
-    def __init__(self, engine: Engine, device: torch.device, graphs: bool = True) -> None:
-        self.engine, self.device, self.graphs = engine, device, graphs
+    def __init__(
+        self, engine: Engine, device: torch.device, graphs: bool = True, prompt: str = "stepped"
+    ) -> None:
+        self.engine, self.device, self.graphs, self.prompt = engine, device, graphs, prompt
         self.models = engine._models
         self.voice = engine._voice_prompt(self.models, "NATF2.pt")
         self.loops: dict[tuple, object] = {}
         self.capture_s: float | None = None
+        self.prefill_s = 0.0  # the last plans' prompt preparation (prefill or cache), seconds
 
     def plans(
         self, samples: list[np.ndarray], params: list[GenerationParams], codes=None
@@ -165,8 +181,24 @@ class CapturedBench:
         codes = codes or [codec.encode(self.models.mimi, s) for s in samples]
         self._sync()
         encode_s = time.perf_counter() - clock
-        plans = [self.engine._plan(self.models, c, self.voice, p) for c, p in zip(codes, params, strict=True)]
+        clock = time.perf_counter()
+        prompts = [self._prompt(p) for p in params]
+        self._sync()
+        self.prefill_s = time.perf_counter() - clock
+        plans = [
+            self.engine._plan(self.models, c, v, p) for c, v, p in zip(codes, prompts, params, strict=True)
+        ]
         return plans, encode_s
+
+    def _prompt(self, params: GenerationParams):
+        """The job's prompt as `self.prompt` says: the voice to step it with, or its prefilled state."""
+        if self.prompt == "stepped":
+            return self.voice
+        if self.prompt == "prefill":
+            self.engine.prompt_cache.clear()
+        from personaplex.params import Timings
+
+        return self.engine._prompt_for(self.models, params, Timings())
 
     def loop(self, plans: list):
         from personaplex.engine.fast import FastLoop
@@ -192,15 +224,16 @@ class CapturedBench:
         loop = self.loop(plans)
         self._sync()
         clock = time.perf_counter()
-        prompt = max(p.prompt_frames for p in plans)
+        prompt = max(p.prompt_frames - p.first_frame for p in plans)  # frames to step (0: prefilled)
         loop.run(prompt)
         self._sync()
-        prompt_s = time.perf_counter() - clock
+        prompt_s = time.perf_counter() - clock + self.prefill_s
         clock = time.perf_counter()
-        loop.run(loop.frames - prompt)
+        loop.run(max(len(p) - p.first_frame for p in plans) - prompt)
         results = loop.results()
         generate_s = time.perf_counter() - clock
-        return results, {"prompt": prompt_s, "generate": generate_s, "prompt_frames": prompt}
+        prompt_frames = max(p.prompt_frames for p in plans)
+        return results, {"prompt": prompt_s, "generate": generate_s, "prompt_frames": prompt_frames}
 
     def timed(self, seconds: float, batch: int) -> dict[str, float]:
         from personaplex.engine import codec
@@ -355,6 +388,7 @@ def summarize(runs: list[dict[str, float]], prompt_frames: int, batch: int = 1) 
         "frames": frames,
         "ms_per_frame_generate": 1000 * med["generate"] / frames,
         "ms_per_frame_prompt": 1000 * med["prompt"] / prompt_frames,
+        "prompt_ms_per_job": 1000 * med["prompt"] / batch,
         "ms_per_frame_encode": 1000 * med["encode"] / frames,
         "ms_per_frame_decode": 1000 * med["decode"] / frames,
         "rtf_generate": med["generate"] / (frames / FRAME_RATE),
@@ -375,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="jobs per batch (captured path)")
     parser.add_argument("--check", action="store_true", help="token agreement: eager/captured, batch/alone")
     parser.add_argument("--no-graph", action="store_true", help="captured path without CUDA graphs")
+    parser.add_argument("--prompt", choices=PROMPT_MODES, default="prefill", help="how prompt phases run")
     parser.add_argument("--baseline", help="an eager run's JSON: report the speed-up over it")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -389,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "repeat": args.repeat,
         "batch": args.batch,
+        "prompt": args.prompt,
     }
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -401,10 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         report["build_s"] = time.perf_counter() - started
         if args.path == "eager":
             prompt_frames = _prompt_frames(engine)
-            run_once(engine, min(args.seconds, 2.0), device)  # warm-up
-            runs = [run_once(engine, args.seconds, device) for _ in range(args.repeat)]
+            run_once(engine, min(args.seconds, 2.0), device, args.prompt)  # warm-up
+            runs = [run_once(engine, args.seconds, device, args.prompt) for _ in range(args.repeat)]
         else:
-            bench = CapturedBench(engine, device, graphs=not args.no_graph)
+            bench = CapturedBench(engine, device, graphs=not args.no_graph, prompt=args.prompt)
             report["graphs"] = not args.no_graph and device.type == "cuda"
             bench.timed(args.seconds, args.batch)  # warm-up, and the capture
             report["capture_s"] = bench.capture_s
@@ -470,7 +506,7 @@ def _table(r: dict) -> str:
         + ")\n"
         f"  throughput {r['throughput_generate']:.1f}x real time (generate), "
         f"{r['throughput_lm']:.1f}x (prompt + generate), {r['throughput_total']:.1f}x (with codec)\n"
-        f"  prompt   {r['ms_per_frame_prompt']:.2f} ms/frame\n"
+        f"  prompt   {r['prompt_ms_per_job']:.2f} ms per job ({r['prompt']}), {r['ms_per_frame_prompt']:.2f} ms/frame\n"
         f"  encode   {r['ms_per_frame_encode']:.2f} ms/frame, decode {r['ms_per_frame_decode']:.2f} ms/frame\n"
         f"  total RTF {r['rtf_total']:.3f}"
     )

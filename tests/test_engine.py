@@ -79,15 +79,16 @@ class RecordingLoop(FrameLoop):
 
     calls: list[dict] = []
 
-    def enter_frame(self, user=None, agent=None, text=None, embeddings=None):
-        model_input = super().enter_frame(user, agent, text, embeddings)
-        fed = None if model_input is None else self.ring.model_input()[0].tolist()
-        RecordingLoop.calls.append({"replay": embeddings is not None, "input": fed})
-        return model_input
+    def enter_frame(self, user=None, agent=None, text=None, replaying=False):
+        fed = super().enter_frame(user, agent, text, replaying)
+        RecordingLoop.calls.append({"replay": replaying, "input": None if fed is None else fed[0].tolist()})
+        return fed
 
 
 @pytest.fixture(params=[False, True], ids=["stepped", "prefilled"])
-def recorded(request: pytest.FixtureRequest, tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+def recorded(
+    request: pytest.FixtureRequest, tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> list[dict]:
     """The frames the next job enters, its prompt stepped or prefilled (uncached)."""
     monkeypatch.setattr(engine_module, "FrameLoop", RecordingLoop)
     monkeypatch.setattr(prompt_module, "FrameLoop", RecordingLoop)

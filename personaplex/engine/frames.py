@@ -126,12 +126,15 @@ class FrameLoop:
         sampling: Sampling,
         generator: torch.Generator | None,
         batch: int = 1,
+        device: torch.device | None = None,
     ) -> None:
+        """`device`: where the token ring lives (default: the models'); a ring on the CPU walks
+        forced frames without a kernel launch per token (personaplex.engine.prompt)."""
         self.models = models
         self.moshi = models.moshi
         self.sampling = sampling
         self.generator = generator
-        device = models.device
+        device = device or models.device
         config = self.moshi.config
         initial = torch.tensor(
             [config.vocab_size] + [config.audio_vocab_size] * (len(delays) - 1), device=device
@@ -145,7 +148,10 @@ class FrameLoop:
 
     # ---- the model -------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Sum of the 16 audio embeddings then the text one, in the reference's order: [B, 1, D]."""
+        """Sum of the 16 audio embeddings then the text one, in the reference's order: [B, 1, D].
+
+        Row by row the same sums whatever B is, so the prompt's frames are embedded in one call."""
+        tokens = tokens.to(self.models.device)
         total = None
         for i, table in enumerate(self.moshi.embed_tokens):
             emb = table(tokens[:, 1 + i])
@@ -202,10 +208,10 @@ class FrameLoop:
         embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Advance one frame. Tokens given are forced; `embeddings` replaces the model's input sum."""
-        model_input = self.enter_frame(user, agent, text, embeddings)
-        if model_input is None:
+        tokens = self.enter_frame(user, agent, text, replaying=embeddings is not None)
+        if tokens is None:
             return None
-        hidden, text_logits = self.temporal(model_input)
+        hidden, text_logits = self.temporal(self.embed(tokens) if embeddings is None else embeddings)
         return self._sample_and_store(hidden, text_logits)
 
     def enter_frame(
@@ -213,11 +219,11 @@ class FrameLoop:
         user: torch.Tensor | None = None,
         agent: torch.Tensor | None = None,
         text: int | torch.Tensor | None = None,
-        embeddings: torch.Tensor | None = None,
+        replaying: bool = False,
     ) -> torch.Tensor | None:
         """A frame's token work before the model: force the tokens given, seed the ring; returns the
-        temporal input [B, 1, D] (`embeddings` if given), or None on the very first frame, which runs
-        no model."""
+        tokens the model is fed [B, K] (replayed embeddings replace their sum), or None on the very
+        first frame, which runs no model."""
         ring = self.ring
         while True:
             if user is not None:
@@ -227,11 +233,10 @@ class FrameLoop:
             if text is not None:
                 ring.force(slice(0, 1), self._text_column(text))
             if ring.begin_step():
-                break
-            if embeddings is None:
+                return ring.model_input()
+            if not replaying:
                 return None
             # Replayed voice embeddings skip the reference's silent first step, as it does.
-        return self.embed(ring.model_input()) if embeddings is None else embeddings
 
     def _text_column(self, text: int | torch.Tensor) -> torch.Tensor:
         if isinstance(text, int):

@@ -63,42 +63,42 @@ class PromptState:
 @torch.inference_mode()
 def prefill(models: LoadedModels, plan: JobPlan, delays: tuple[int, ...]) -> PromptState:
     """The state after `plan`'s prompt frames (its first `prompt_frames`), computed in one pass."""
-    loop = FrameLoop(models, delays, Sampling(), None)
-    inputs = torch.cat(list(_prompt_inputs(loop, plan)))  # [P, D]
+    loop = FrameLoop(models, delays, Sampling(), None, device=torch.device("cpu"))
+    tokens = torch.cat(list(_prompt_tokens(loop, plan)))  # [P, K], on the CPU
+    inputs = loop.embed(tokens.clamp(min=0))[:, 0]  # [P, D]; replayed frames may hold unset slots
+    if plan.replay_frames:  # every replayed frame runs the model: they are the first inputs
+        inputs[: plan.replay_frames] = plan.embeddings.to(inputs.dtype)
     keys, values = temporal_prefill(models, inputs)
-    keep = min(inputs.shape[0], int(models.moshi.config.sliding_window) - 1)
-    ring = loop.ring
+    positions = inputs.shape[0]
+    keep = min(positions, int(models.moshi.config.sliding_window) - 1)
+    ring, device = loop.ring, models.device
     return PromptState(
-        keys=keys[:, :, inputs.shape[0] - keep :].contiguous(),
-        values=values[:, :, inputs.shape[0] - keep :].contiguous(),
-        positions=int(inputs.shape[0]),
-        tokens=ring.tokens[0].clone(),
-        provided=ring.provided[0].clone(),
+        keys=keys[:, :, positions - keep :].contiguous(),
+        values=values[:, :, positions - keep :].contiguous(),
+        positions=positions,
+        tokens=ring.tokens[0].to(device),
+        provided=ring.provided[0].to(device),
         offset=ring.offset,
         frames=plan.prompt_frames,
     )
 
 
-def _prompt_inputs(loop: FrameLoop, plan: JobPlan) -> Iterator[torch.Tensor]:
-    """The temporal input [1, D] of each prompt frame that runs the model, with `loop`'s token ring
-    walked through the frames as `FrameLoop`'s prompt methods (and `FastLoop`'s schedule) walk it."""
-    dtype = loop.models.dtype
+def _prompt_tokens(loop: FrameLoop, plan: JobPlan) -> Iterator[torch.Tensor]:
+    """The tokens [1, K] each prompt frame that runs the model is fed, with `loop`'s token ring walked
+    through the frames as `FrameLoop`'s prompt methods (and `FastLoop`'s schedule) walk it."""
+    texts, agents, users = plan.text.tolist(), plan.agent.cpu(), plan.user.cpu()
     for t in range(plan.prompt_frames):
-        replayed = None
-        if t < plan.replay_frames:
-            assert plan.embeddings is not None
-            replayed = plan.embeddings[t].to(dtype).view(1, 1, -1)
-        text = int(plan.text[t])
-        model_input = loop.enter_frame(plan.user[t][None], plan.agent[t][None], text, replayed)
-        if model_input is not None:
+        replaying = t < plan.replay_frames
+        fed = loop.enter_frame(users[t][None], agents[t][None], texts[t], replaying)
+        if fed is not None:
             if not loop.ring.all_forced():
                 raise PromptError(f"prompt frame {t} leaves a token to sample: it cannot be prefilled")
             loop.ring.finish_forced()
-            yield model_input[:, 0]
+            yield fed.clone()
         if t == plan.replay_frames - 1:
             assert plan.voice_cache is not None
             # FrameLoop.replay_voice_embeddings: only the tokens are restored
-            loop.ring.tokens.copy_(plan.voice_cache.expand_as(loop.ring.tokens))
+            loop.ring.tokens.copy_(plan.voice_cache.cpu().expand_as(loop.ring.tokens))
 
 
 class PromptError(PersonaPlexError):
