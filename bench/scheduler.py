@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import statistics
@@ -40,7 +41,7 @@ from personaplex.audio import encode_wav
 from personaplex.engine.batching import BatchRequest
 from personaplex.engine.core import Engine
 from personaplex.engine.fast import FastLoop
-from personaplex.params import SAMPLE_RATE, GenerationParams
+from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams
 from worker.runner import REFILL_CHECK_INTERVAL_S
 
 SHORT_MAX_S = 10.0
@@ -141,9 +142,12 @@ class StreamFeed:
     def due(self) -> bool:
         return time.perf_counter() >= self.next_look
 
-    def take(self, rows: int) -> list[BatchRequest]:
+    def take(self, rows: int, max_frames: int | None = None) -> list[BatchRequest]:
         self.next_look = time.perf_counter() + REFILL_CHECK_INTERVAL_S
-        chosen = arrived(self.jobs, self.start, self.taken)[:rows]
+        waiting = arrived(self.jobs, self.start, self.taken)
+        if max_frames is not None:
+            waiting = [job for job in waiting if math.ceil(job.seconds * FRAME_RATE) <= max_frames]
+        chosen = waiting[:rows]
         self.taken.update(job.index for job in chosen)
         return [request(job) for job in chosen]
 

@@ -25,6 +25,7 @@ from fixtures import (
 )
 
 from personaplex import audio as audio_io
+from personaplex.engine.batching import BatchRequest
 from personaplex.engine.core import Engine
 from personaplex.jobs import Job, JobStatus
 from personaplex.params import GenerationParams
@@ -62,9 +63,11 @@ def running_on(queue: Queue, job: Job, worker: WorkerProcess) -> Callable[[], bo
 def assert_equals_alone(
     queue: Queue, engine: Engine, job: Job, audio: bytes, params: GenerationParams
 ) -> None:
+    """The job's tokens and WAV bytes are what the same engine gives it alone (a batch of one)."""
     record = queue.jobs.get(job.id)
     assert record is not None and record.status is JobStatus.SUCCEEDED, record and record.error
-    alone = engine.process(audio, params)
+    [alone] = engine.process_batch([BatchRequest(audio, params)])
+    assert not isinstance(alone, Exception), alone
     assert queue.tokens(job.id) == alone.tokens
     assert read_output(queue.blobs, record, OUTPUT_WAV) == audio_io.encode_wav(alone.audio, alone.sample_rate)
 
@@ -84,6 +87,29 @@ def test_a_short_job_submitted_while_a_long_one_runs_finishes_first(
     assert_equals_alone(queue, tiny_engine, short, audio, params)
     final = wait_for_job(queue.jobs, long.id, timeout=120)
     assert final.status is JobStatus.SUCCEEDED and final.attempts == 1, final.error
+
+
+def test_a_short_job_passes_one_that_waits_for_a_bigger_loop(
+    start_worker: StartWorker, queue: Queue, tiny_engine: Engine
+) -> None:
+    """The 90 s job does not fit the loop sized for the 60 s one, so it waits for the next loop; the
+    1 s job queued after it ends long before that loop drains, so it joins at once (backfilling)."""
+    worker = start_worker("gpu0")
+    running = queue.submit(speech_clip(60.0), GenerationParams(seed=3))
+    wait_until(generating_on(queue, running, worker), 60, what="the 60 s job's generate phase")
+    held = queue.submit(speech_clip(90.0), GenerationParams(seed=4))
+    wait_until(running_on(queue, held, worker), 10, what="the 90 s job claimed by the running batch")
+    audio, params = speech_clip(1.0), GenerationParams(seed=5)
+    short = queue.submit(audio, params)
+    done = wait_for_job(queue.jobs, short.id, timeout=60)
+    assert queue.jobs.get(running.id).status is JobStatus.RUNNING, (
+        "the short job waited for the loop to drain"
+    )
+    assert done.result["engine_batch"]["leader"] == running.id
+    assert_equals_alone(queue, tiny_engine, short, audio, params)
+    first, second = (wait_for_job(queue.jobs, job.id, timeout=120) for job in (running, held))
+    assert first.status is second.status is JobStatus.SUCCEEDED, (first.error, second.error)
+    assert second.finished_at > first.finished_at
 
 
 def test_jobs_arriving_over_time_each_run_once_and_equal_their_solo_result(

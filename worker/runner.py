@@ -464,12 +464,13 @@ class QueueFeed:
     def due(self) -> bool:
         return time.monotonic() >= self.next_look and self._open()
 
-    def take(self, rows: int) -> list[BatchRequest]:
+    def take(self, rows: int, max_frames: int | None = None) -> list[BatchRequest]:
         self.next_look = time.monotonic() + REFILL_CHECK_INTERVAL_S
         if not self._open():
             return []
+        short_enough = None if max_frames is None else (lambda job, _: _frames_estimate(job) <= max_frames)
         try:
-            claimed = self.runner.claim_queued(rows)
+            claimed = self.runner.claim_queued(rows, short_enough)
         except RedisError as exc:  # the running rows go on; the next look tries again
             log.warning("batch of %s: could not look at the queue (%s)", self.batch["leader"], exc)
             return []

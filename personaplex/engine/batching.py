@@ -67,8 +67,12 @@ class JobFeed(Protocol):
         """Whether a look for more jobs is due (cheap: no I/O)."""
         ...
 
-    def take(self, rows: int) -> list[BatchRequest]:
-        """Up to `rows` more jobs, oldest first, now the batch's own; [] when none is waiting."""
+    def take(self, rows: int, max_frames: int | None = None) -> list[BatchRequest]:
+        """Up to `rows` more jobs, oldest first, now the batch's own; [] when none is waiting.
+
+        With `max_frames`, only jobs of at most that many input frames (12.5 per second; estimated
+        from their recorded duration is fine): the others stay queued for another loop or worker.
+        """
         ...
 
 
@@ -146,8 +150,9 @@ class Joiner(Protocol):
         """Whether asking for more is worth it now; cheap, called before frames while a row is free."""
         ...
 
-    def join(self, free: int, fits: Callable[[JobPlan], bool]) -> list[BatchRow]:
-        """Up to `free` prepared rows, oldest first, each of which `fits` the loop; [] if none."""
+    def join(self, free: int, fits: Callable[[JobPlan], bool], horizon: int) -> list[BatchRow]:
+        """Up to `free` prepared rows, oldest first, each of which `fits` the loop; [] if none.
+        `horizon`: frames until the loop's busy rows have all ended (see `FeedJoiner`)."""
         ...
 
 
@@ -188,7 +193,7 @@ def step_rows(
 
 
 def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner) -> None:
-    for row in joiner.join(len(loop.free_rows()), lambda plan: loop.fits([plan])):
+    for row in joiner.join(len(loop.free_rows()), lambda plan: loop.fits([plan]), loop.horizon()):
         row.join(loop.free_rows()[0], done)
         loop.load_row(row.slot, row.plan)
         live.append(row)
@@ -241,9 +246,12 @@ class FeedJoiner:
     """The `Joiner` of a continuous batch: rows prepared and waiting (`queue`, oldest first), then
     jobs taken from a `JobFeed` and prepared (`prepare` settles one that cannot start, returning None).
 
-    First come, first served: when the oldest waiting row does not fit the running loop (longer than
-    its frame capacity), no row joins (`held`) until the loop drains and one sized for it starts, so
-    no job waits behind a stream of newer ones.
+    First come, first served, with backfilling: when the oldest waiting row does not fit the running
+    loop (longer than its frame capacity), it is `held` for the next loop, which starts when this one
+    drains and is sized for it. Until then a newer row may pass it only if it ends within the
+    loop's horizon (the frames its busy rows still run): it fills a free row without delaying the
+    held one, so no job waits behind a stream of newer ones, and a short question does not wait for
+    a long recording that was only waiting itself.
     """
 
     def __init__(
@@ -258,26 +266,39 @@ class FeedJoiner:
         self.held = False
 
     def due(self) -> bool:
-        if self.held:
-            return False
-        return bool(self.queue) or (self.feed is not None and self.feed.due())
+        if self.feed is not None and self.feed.due():
+            return True
+        return bool(self.queue) and not self.held  # rows left waiting behind a held one wait for a look
 
-    def join(self, free: int, fits: Callable[[JobPlan], bool]) -> list[BatchRow]:
+    def join(self, free: int, fits: Callable[[JobPlan], bool], horizon: int) -> list[BatchRow]:
         rows: list[BatchRow] = []
-        while len(rows) < free and not self.held:
-            if not self.queue and not self._fetch(free - len(rows)):
+        fetched = False
+        while len(rows) < free:
+            row = self._next(fits, horizon)
+            if row is not None:
+                rows.append(row)
+                continue
+            if fetched or not self._fetch(free - len(rows), horizon if self.held else None):
                 break
-            if fits(self.queue[0].plan):
-                rows.append(self.queue.pop(0))
-            else:
-                self.held = True
+            fetched = True
         return rows
 
-    def _fetch(self, count: int) -> bool:
+    def _next(self, fits: Callable[[JobPlan], bool], horizon: int) -> BatchRow | None:
+        """The oldest waiting row that may join now, out of the queue; holds the oldest if it cannot."""
+        for index, row in enumerate(self.queue):
+            if index == 0 and not self.held:
+                if fits(row.plan):
+                    return self.queue.pop(0)
+                self.held = True
+            elif index > 0 and fits(row.plan) and row.plan.frames_to_run <= horizon:
+                return self.queue.pop(index)
+        return None
+
+    def _fetch(self, count: int, max_frames: int | None) -> bool:
         if self.feed is None:
             return False
         try:
-            requests = self.feed.take(count)
+            requests = self.feed.take(count, max_frames)
         except Exception:  # the running rows must not pay for it: they go on, and it is asked again
             log.exception("the batch's feed failed")
             return False
@@ -285,4 +306,4 @@ class FeedJoiner:
             row = self.prepare(request)
             if row is not None:
                 self.queue.append(row)
-        return bool(self.queue)
+        return bool(requests)

@@ -102,6 +102,11 @@ class JobPlan:
         return len(self) - self.prompt_frames
 
     @property
+    def frames_to_run(self) -> int:
+        """Frames a row steps for this job in a loop (its prompt's too unless prefilled)."""
+        return len(self) - self.first_frame
+
+    @property
     def first_frame(self) -> int:
         """The frame a row starts at: the first generate frame when its prompt is prefilled."""
         return 0 if self.prompt is None else self.prompt_frames
@@ -588,6 +593,12 @@ class FastLoop:
         self.greedy_text[b] = True
         self.greedy_audio[b] = True
         self.audio_noise_index[b] = AUDIO_STREAMS * self.topk_audio
+
+    def horizon(self) -> int:
+        """Frames until every busy row has ended (0 with none)."""
+        return max(
+            (len(p) - t for p, t in zip(self.plans, self.t_host, strict=True) if p is not None), default=0
+        )
 
     def free_rows(self) -> list[int]:
         """The rows without a job, lowest first."""
