@@ -6,6 +6,7 @@
     ├── ModelNotAvailableError  weights missing, gated, or not downloadable (says what to do)
     ├── CheckpointError         a checkpoint whose keys or shapes do not match the config
     ├── CancelledError          a job was cancelled between frames
+    ├── ConversationError       a live conversation that cannot run here, or was cut off
     ├── QueueFullError          (personaplex.jobs) the queue had no room: nothing was written
     └── ClientError             (personaplex.client) the service answered an error, or was unreachable
         └── WaitTimeoutError    a wait ran out before the job was final; the job goes on
@@ -26,6 +27,7 @@ __all__ = [
     "AudioError",
     "CancelledError",
     "CheckpointError",
+    "ConversationError",
     "ModelNotAvailableError",
     "PersonaPlexError",
     "UnknownVoiceError",
@@ -61,3 +63,7 @@ class CheckpointError(PersonaPlexError, RuntimeError):
 
 class CancelledError(PersonaPlexError):
     """The job was cancelled; raised between frames by the engine."""
+
+
+class ConversationError(PersonaPlexError):
+    """A live conversation cannot run (no batched loop on this engine) or was cut off."""

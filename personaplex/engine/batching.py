@@ -53,11 +53,38 @@ class BatchRequest:
     batch does: a short job's outputs need not wait for the longest one.
     """
 
-    audio: audio_io.AudioSource
+    audio: audio_io.AudioSource | None
     params: GenerationParams = field(default_factory=GenerationParams)
     progress: Progress | None = None
     should_cancel: ShouldCancel | None = None
     on_done: OnDone | None = None
+    live: LiveLink | None = None
+    """A live conversation instead of a recording: `audio` is unused, the row runs while the link is
+    open (up to `live_frames`) and steps only when its next input frame has arrived."""
+    live_frames: int = 0
+
+
+class LiveLink(Protocol):
+    """A live conversation's end of its row: its input frames as they arrive, its output frames out.
+
+    Called from the loop's thread between frames; none of these may block for long.
+    """
+
+    def next_input(self) -> torch.Tensor | None:
+        """The user codes [8] of its next frame, or None while that frame has not arrived."""
+        ...
+
+    def deliver(self, frame: torch.Tensor) -> None:
+        """Its next generated frame [9] (text, then the agent's 8 codes), as soon as it is stepped."""
+        ...
+
+    def closed(self) -> bool:
+        """Whether the conversation is over: its row leaves the loop."""
+        ...
+
+    def wait(self, timeout: float) -> None:
+        """Block until input may have arrived, or `timeout` seconds (the loop has nothing else to do)."""
+        ...
 
 
 class JobFeed(Protocol):
@@ -123,6 +150,8 @@ class BatchRow:
     """perf_counter() when it joined (its phase timings run from there)."""
     generate_clock: float = 0.0
     """perf_counter() when its generate phase began."""
+    live: LiveLink | None = None
+    """A live conversation's row (BatchRequest.live): it advances at its own pace, frame by frame."""
 
     def join(self, slot: int, loop_frame: int) -> None:
         """Take row `slot` of a loop at the loop's frame `loop_frame`."""
@@ -165,7 +194,12 @@ def step_rows(
 ) -> None:
     """Step `rows` (loaded into `loop`, in order) until each has ended (`ended(row, frames [F, 9])`)
     or been cancelled (`cancelled(row, error)`); with a `joiner`, free rows take its jobs as they
-    come, and the loop runs until no row is busy and the joiner has nothing more."""
+    come, and the loop runs until no row is busy and the joiner has nothing more.
+
+    While a live row is in the loop, the loop steps one frame at a time: before each frame a live
+    row whose next input has arrived is fed it (the others are paused), after it that row's output
+    frame goes out. A live row ends (`ended` with its frames) when its link closes or its row is full.
+    """
     sync = torch.cuda.synchronize if loop.device.type == "cuda" else (lambda: None)
     live = list(rows)
     done = 0  # frames the loop has stepped
@@ -174,22 +208,67 @@ def step_rows(
     while True:
         if joiner is not None and loop.free_rows() and (not live or joiner.due()):
             _admit(loop, live, done, joiner)
+        for row in _closed_live_rows(loop, live):
+            live.remove(row)
+            frames = loop.row_result(row.slot)[: loop.t_host[row.slot] - row.plan.prompt_frames]
+            loop.free_row(row.slot)
+            ended(row, frames)
         if not live:
             return
-        stop = min(
-            row.start + e
-            for row in live
-            for e in (row.plan.prompt_frames, len(row.plan))
-            if row.start + e > done
-        )
+        talking = _feed_live_rows(loop, live)
+        jobs = [row for row in live if row.live is None]
+        if not jobs and not talking:
+            live[0].live.wait(LIVE_IDLE_WAIT_S)  # type: ignore[union-attr]
+            continue
+        stop = done + 1 if len(jobs) < len(live) else _next_boundary(jobs, done)
         before = functools.partial(_before_frame, loop, live, done, cancelled, joiner)
-        done += loop.run(stop - done, before)
+        stepped = loop.run(stop - done, before)
+        done += stepped
         sync()
-        for row in _mark_phases(live, done):
+        if stepped:
+            for row, t in talking:
+                if row in live:
+                    row.live.deliver(loop.frame_at(row.slot, t))  # type: ignore[union-attr]
+        for row in _mark_phases(jobs, done):
             live.remove(row)
             frames = loop.row_result(row.slot)
             loop.free_row(row.slot)
             ended(row, frames)
+
+
+LIVE_IDLE_WAIT_S = 0.005
+"""How long a loop with only live rows, none of whose input has arrived, waits before looking again."""
+
+
+def _next_boundary(rows: list[BatchRow], done: int) -> int:
+    """The loop frame where the next row's prompt or plan ends."""
+    return min(
+        row.start + e for row in rows for e in (row.plan.prompt_frames, len(row.plan)) if row.start + e > done
+    )
+
+
+def _closed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> list[BatchRow]:
+    return [
+        row
+        for row in rows
+        if row.live is not None and (row.live.closed() or loop.t_host[row.slot] >= len(row.plan))
+    ]
+
+
+def _feed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> list[tuple[BatchRow, int]]:
+    """Feed each live row its next input frame, if it has arrived, and pause the others; returns the
+    rows that step this frame, with the frame each is at."""
+    talking = []
+    for row in rows:
+        if row.live is None:
+            continue
+        t = loop.t_host[row.slot]
+        user = row.live.next_input()
+        loop.pause(row.slot, user is None)
+        if user is not None:
+            loop.feed(row.slot, t, user)
+            talking.append((row, t))
+    return talking
 
 
 def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner) -> None:

@@ -43,12 +43,13 @@ from personaplex.engine.batching import (
 )
 from personaplex.engine.checkpoint import CheckpointInfo, extract_voices, resolve_model
 from personaplex.engine.fast import FastLoop, JobPlan, plan_job
-from personaplex.engine.frames import TEXT_PAD, FrameLoop, Sampling
+from personaplex.engine.frames import AUDIO_STREAMS, TEXT_PAD, FrameLoop, Sampling
+from personaplex.engine.live import LiveSession
 from personaplex.engine.loaders import LoadedModels, load_models
 from personaplex.engine.prompt import PromptCache, PromptState, prefill
 from personaplex.engine.sampling import make_generator
 from personaplex.engine.voices import VoicePrompt, load_voice_prompt, resolve_voice
-from personaplex.errors import CancelledError
+from personaplex.errors import CancelledError, ConversationError
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, EngineResult, GenerationParams, Timings
 from personaplex.settings import Settings
 
@@ -180,6 +181,14 @@ class Engine:
         if self.device.type == "cuda" and torch.cuda.is_available():
             return torch.cuda.memory_allocated(self.device) / 2**20
         return 0.0
+
+    def live_session(self) -> LiveSession:
+        """A new conversation's link: pass it as `BatchRequest(None, params, live=..., live_frames=N)`
+        to `process_batch`, push its audio, read its frames (personaplex.engine.live)."""
+        self.load()
+        models = self._models
+        assert models is not None
+        return LiveSession(models.mimi, lambda token: self._frame_text(models, token))
 
     # ---- one job -----------------------------------------------------------------------------
     def process(
@@ -335,6 +344,10 @@ class Engine:
         return self.captured is not False and not self.cpu_offload
 
     def _process_safely(self, request: BatchRequest) -> Outcome:
+        if request.live is not None:
+            return ConversationError(
+                "A live conversation needs the batched loop: not captured=False or cpu_offload."
+            )
         try:
             return self.process(request.audio, request.params, request.progress, request.should_cancel)
         except Exception as exc:
@@ -342,6 +355,8 @@ class Engine:
 
     def _prepare(self, index: int, request: BatchRequest, models: LoadedModels, load_s: float) -> BatchRow:
         """Everything a job needs before the batch starts; raises what would fail it."""
+        if request.live is not None:
+            return self._prepare_live(index, request, models, load_s)
         report = request.progress or no_progress
         cancelled = request.should_cancel or never_cancelled
         report("load", 1, 1)
@@ -383,11 +398,41 @@ class Engine:
         step_rows(loop, rows, ended, lambda row, error: settle(row.index, error), joiner)
 
     def _finish_batched(self, models: LoadedModels, job: BatchRow, frames: torch.Tensor) -> EngineResult:
+        if job.live is not None:
+            return self._finish_live(models, job, frames)
         result = self._finish(models, job.samples, frames, job.timings, job.report, job.cancelled)
         t = job.timings
         t.total_s = t.load_s + job.prepare_s + t.encode_s + t.prompt_s + t.generate_s + t.decode_s
         t.rtf = (t.total_s - t.load_s) / result.input_duration_s if len(job.samples) else 0.0
         return result
+
+    def _finish_live(self, models: LoadedModels, row: BatchRow, frames: torch.Tensor) -> EngineResult:
+        """A conversation's record when it ends: its tokens and text (its audio went out frame by frame)."""
+        row.timings.generate_s = time.perf_counter() - row.clock
+        row.timings.total_s = row.timings.load_s + row.timings.prompt_s + row.timings.generate_s
+        tokens = frames.tolist()
+        return EngineResult(
+            audio=np.zeros(0, dtype=np.float32),
+            text_frames=[self._frame_text(models, frame[0]) for frame in tokens],
+            tokens=tokens,
+            input_duration_s=len(tokens) / FRAME_RATE,
+            timings=row.timings,
+        )
+
+    def _prepare_live(
+        self, index: int, request: BatchRequest, models: LoadedModels, load_s: float
+    ) -> BatchRow:
+        """A live conversation's row: its prompt prefilled (a live row is never paused in a prompt),
+        then up to `live_frames` frames of user input, fed as they arrive."""
+        params = request.params or GenerationParams()
+        timings = Timings(load_s=load_s)
+        state = self._prompt_state(models, params, timings)
+        sampling, generator = self._sampling(models, params)
+        no_input = torch.zeros(AUDIO_STREAMS, request.live_frames, dtype=torch.long, device=models.device)
+        plan = plan_job(models, no_input, (), 0, sampling=sampling, generator=generator, prompt=state)
+        row = BatchRow(index, np.zeros(0, dtype=np.float32), plan, timings)
+        row.live = request.live
+        return row
 
     def _run(
         self,
@@ -511,10 +556,17 @@ class Engine:
         """The job's prompt phase: its state prefilled in one pass (from the cache when this voice
         file and text prompt were seen; timings.prompt_s and prompt_cached say), or with prefill
         off, the voice its frames are stepped with. Raises UnknownVoiceError, AudioError."""
+        if not self.prefill:
+            assert self._voices_dir is not None
+            return load_voice_prompt(
+                models, resolve_voice(params.voice_prompt, self._voices_dir, self.voice_prompt_dir)
+            )
+        return self._prompt_state(models, params, timings)
+
+    def _prompt_state(self, models: LoadedModels, params: GenerationParams, timings: Timings) -> PromptState:
+        """The job's prompt state, prefilled in one pass or from the cache (see `_prompt_for`)."""
         assert self._voices_dir is not None and self._info is not None
         path = resolve_voice(params.voice_prompt, self._voices_dir, self.voice_prompt_dir)
-        if not self.prefill:
-            return load_voice_prompt(models, path)
         clock = time.perf_counter()
         tokens = tuple(self._text_prompt_tokens(models, params.text_prompt))
         stat = path.stat()

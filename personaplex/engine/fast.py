@@ -265,6 +265,7 @@ def _stacked_qkv(attn: torch.nn.Module) -> torch.Tensor:
 
 _ROW_BUFFERS = (
     "rows",
+    "paused",
     "tokens",
     "provided",
     "offset",
@@ -483,6 +484,8 @@ class FastLoop:
         self.offset = torch.empty(B, **long)
         self.position = torch.empty(B, **long)
         self.t = torch.empty(B, **long)
+        self.paused = torch.zeros(B, dtype=torch.bool, device=device)
+        """Rows that do not step this frame (a live conversation whose next input has not arrived)."""
         self.slot_position = torch.empty(B, self.slots, **long)
         H, hd, layers = self.temporal_model.heads, self.temporal_model.head_dim, self.temporal_model.layers
         self.k_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in layers]
@@ -522,6 +525,8 @@ class FastLoop:
         """Each row's job (None: the row idles); rows join and leave as `load_row` and `free_row` say."""
         self.t_host: list[int] = [0] * B
         """Each row's frame count on the host: its own, from the frame its job joined."""
+        self.paused_rows: set[int] = set()
+        """`paused` on the host."""
         self.load(plans)
         if capture:
             self._capture()
@@ -568,6 +573,7 @@ class FastLoop:
         self.offset[b] = 0
         self.position[b] = 0
         self.t[b] = 0
+        self.pause(b, False)
         self.slot_position[b] = -1
         for cache in (*self.k_cache, *self.v_cache, *self.dkv_cache):
             cache[b] = 0
@@ -586,6 +592,7 @@ class FastLoop:
     def free_row(self, b: int) -> None:
         """Take row `b`'s job out: the row idles (length 0) until a job is loaded into it."""
         self.plans[b] = None
+        self.pause(b, False)
         self.length[b] = 0
         self.replay_length[b] = 0
         self.temp_text[b] = 1.0
@@ -593,6 +600,25 @@ class FastLoop:
         self.greedy_text[b] = True
         self.greedy_audio[b] = True
         self.audio_noise_index[b] = AUDIO_STREAMS * self.topk_audio
+
+    def pause(self, b: int, paused: bool = True) -> None:
+        """Hold row `b` where it is (`paused`), or let it step again: the others go on either way."""
+        if paused == (b in self.paused_rows):
+            return
+        self.paused[b] = paused
+        if paused:
+            self.paused_rows.add(b)
+        else:
+            self.paused_rows.discard(b)
+
+    def feed(self, b: int, t: int, user: torch.Tensor) -> None:
+        """The user codes [8] row `b` is fed at its frame `t` (a live row's input, as it arrives)."""
+        self.s_user[b, t] = user.to(self.device)
+
+    @torch.inference_mode()
+    def frame_at(self, b: int, t: int) -> torch.Tensor:
+        """Row `b`'s output at its frame `t` [9] (text, then 8 agent codes), on the CPU."""
+        return self.out[b, t].cpu()
 
     def horizon(self) -> int:
         """Frames until every busy row has ended (0 with none)."""
@@ -666,6 +692,8 @@ class FastLoop:
         return min(s.topk_text, self.topk_text), min(s.topk_audio, self.topk_audio)
 
     def _reset(self) -> None:
+        self.paused.zero_()
+        self.paused_rows.clear()
         self.tokens.fill_(UNGENERATED)
         self.provided.zero_()
         self.offset.zero_()
@@ -692,7 +720,7 @@ class FastLoop:
             depth = False
             for b, plan in enumerate(self.plans):
                 t = self.t_host[b]
-                if plan is None:
+                if plan is None or b in self.paused_rows:
                     continue
                 if plan.samples_at(t):
                     kt, ka = self._row_topk(plan)
@@ -707,7 +735,7 @@ class FastLoop:
                     self._step(depth)
             else:
                 self._step(depth)
-            self.t_host = [t + 1 for t in self.t_host]
+            self.t_host = [t + (b not in self.paused_rows) for b, t in enumerate(self.t_host)]
         return frames
 
     def _busy_span(self) -> int:
@@ -772,7 +800,7 @@ class FastLoop:
     def _step(self, depth: bool) -> None:
         B, T, N = self.batch, self.frames, self.replay
         t = self.t
-        active = t < self.length
+        active = (t < self.length) & ~self.paused
         ti = t.clamp(max=T)
         text = self.s_text[self.rows, ti]
         prompt = text >= 0
@@ -833,7 +861,7 @@ class FastLoop:
         # replay_voice_embeddings: the voice's token ring replaces ours after its last frame
         load = active & (t == self.cache_at)
         self.tokens.copy_(torch.where(load[:, None, None], self.s_cache, self.tokens))
-        self.t += 1
+        self.t += active.long()
 
     @staticmethod
     def _at_slot(ring: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

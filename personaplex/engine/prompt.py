@@ -27,7 +27,6 @@ import torch
 from personaplex.engine.fast import JobPlan, temporal_prefill
 from personaplex.engine.frames import FrameLoop, Sampling
 from personaplex.engine.loaders import LoadedModels
-from personaplex.errors import PersonaPlexError
 
 
 @dataclass(frozen=True)
@@ -91,18 +90,15 @@ def _prompt_tokens(loop: FrameLoop, plan: JobPlan) -> Iterator[torch.Tensor]:
         replaying = t < plan.replay_frames
         fed = loop.enter_frame(users[t][None], agents[t][None], texts[t], replaying)
         if fed is not None:
-            if not loop.ring.all_forced():
-                raise PromptError(f"prompt frame {t} leaves a token to sample: it cannot be prefilled")
+            assert loop.ring.all_forced(), (
+                f"prompt frame {t} leaves a token to sample: it cannot be prefilled"
+            )
             loop.ring.finish_forced()
             yield fed.clone()
         if t == plan.replay_frames - 1:
             assert plan.voice_cache is not None
             # FrameLoop.replay_voice_embeddings: only the tokens are restored
             loop.ring.tokens.copy_(plan.voice_cache.cpu().expand_as(loop.ring.tokens))
-
-
-class PromptError(PersonaPlexError):
-    """A plan whose prompt frames are not all forced (a bug, not a user error)."""
 
 
 class PromptCache:
