@@ -5,7 +5,8 @@
 #   guarded by its own timeout, so one failure does not stop the rest; if captured B=1 fails, the
 #   fast loop runs once without graphs to tell a capture problem from a loop problem. Results:
 #   $OUT/<step>.json, .log, steps.txt, summary.txt. About 3-4 minutes on an H200 (targets: B=1
-#   <= 12 ms/frame, B=32 >= 200x real time).
+#   <= 12 ms/frame, B=32 >= 200x real time). WITH_PROMPT=1 adds issue 14's prompt rows (about 3
+#   minutes more), WITH_SERVICE=1 the scheduler and live-loop benchmarks at the real size (up to 8).
 # Usage (device tool): bash bench/gpu_fast.sh, carrying .whl: wheels the GPU image lacks or has in
 # other versions (transformers 5.24, soundfile + cffi + pycparser, soxr, pyloudnorm), downloaded with
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION`.
@@ -38,22 +39,42 @@ step() {  # step NAME LIMIT_S ARGS...
   return $rc
 }
 
-step eager_b1 100 --path eager --repeat 2
-step captured_b1 90 --path captured --batch 1 --repeat 3 --check --baseline "$OUT/eager_b1.json" \
+step eager_b1 100 --path eager --repeat 2 --prompt stepped
+step captured_b1 90 --path captured --batch 1 --repeat 3 --prompt stepped --check --baseline "$OUT/eager_b1.json" \
   || step captured_b1_nograph 60 --path captured --batch 1 --repeat 1 --no-graph --baseline "$OUT/eager_b1.json"
 if [ -n "${WITH_B8:-}" ]; then  # WITH_B8=1 adds batch 8 (about a minute more)
-  step captured_b8 75 --path captured --batch 8 --repeat 2 --check --baseline "$OUT/eager_b1.json"
+  step captured_b8 75 --path captured --batch 8 --repeat 2 --prompt stepped --check --baseline "$OUT/eager_b1.json"
 fi
-step captured_b32 90 --path captured --batch 32 --repeat 2 --check --baseline "$OUT/eager_b1.json"
+step captured_b32 90 --path captured --batch 32 --repeat 2 --prompt stepped --check --baseline "$OUT/eager_b1.json"
+if [ -n "${WITH_PROMPT:-}" ]; then  # WITH_PROMPT=1: issue 14's rows (the prompt stepped, prefilled, cached)
+  for mode in stepped prefill cached; do
+    step "prompt_${mode}_b1" 60 --path captured --batch 1 --repeat 3 --prompt "$mode" --seconds 10
+    step "prompt_${mode}_b32" 90 --path captured --batch 32 --repeat 2 --prompt "$mode" --seconds 10
+  done
+fi
+if [ -n "${WITH_SERVICE:-}" ]; then  # WITH_SERVICE=1: issue 12's scheduler and issue 13's live loop
+  for script in scheduler live; do
+    start=$SECONDS
+    echo "== $script"
+    args=(--size "$SIZE" --device cuda)
+    [ "$script" = live ] && args+=(--sessions "${LIVE_SESSIONS:-64}" --json "$OUT/live.json")
+    timeout -k 10 240 python3 "bench/$script.py" "${args[@]}" >"$OUT/$script.log" 2>&1
+    echo "$script rc=$? $((SECONDS - start))s" | tee -a "$OUT/steps.txt"
+    tail -n 8 "$OUT/$script.log"
+  done
+  cp bench/results/*_scheduler_cuda.json "$OUT/" 2>/dev/null
+fi
 
 python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-keys = ("ms_per_frame_generate", "ms_per_frame_prompt", "rtf_generate", "throughput_generate",
+keys = ("ms_per_frame_generate", "ms_per_frame_prompt", "prompt_ms_per_job", "rtf_total", "rtf_generate", "throughput_generate",
         "throughput_lm", "throughput_total", "peak_memory_mb", "capture_s", "speedup_ms_per_frame_generate",
         "speedup_throughput_generate")
-for name in ("eager_b1", "captured_b1", "captured_b1_nograph", "captured_b8", "captured_b32"):
+names = ["eager_b1", "captured_b1", "captured_b1_nograph", "captured_b8", "captured_b32"]
+names += [f"prompt_{mode}_b{b}" for mode in ("stepped", "prefill", "cached") for b in (1, 32)]
+for name in names:
     path = out / f"{name}.json"
     if not path.is_file():
         continue
