@@ -50,6 +50,17 @@ class GpuMemory(TypedDict):
     memory_reserved: float
 
 
+class PromptCacheStats(TypedDict):
+    """The worker's prompt-state cache (personaplex.engine.prompt): what it holds and how it serves."""
+
+    entries: int
+    megabytes: float
+    budget_megabytes: float
+    """PERSONAPLEX_PROMPT_CACHE_MB."""
+    hits: int
+    misses: int
+
+
 class WorkerRecord(TypedDict):
     """One worker as it describes itself: the `gpu_status` reply, and (with `timestamp`) its heartbeat.
 
@@ -77,6 +88,7 @@ class WorkerRecord(TypedDict):
     idle_timeout: float
     idle_deadline: float | None
     last_used: float | None
+    prompt_cache: PromptCacheStats
     timestamp: NotRequired[float]
     """When the heartbeat was written (unix time); not in control replies."""
 

@@ -72,6 +72,7 @@ def test_the_worker_builds_every_field_of_its_record(runtime: WorkerRuntime) -> 
     record = runtime.status("gpu0@host")
     assert set(record) == WorkerRecord.__required_keys__
     assert set(record["gpu"]) == {"name", "memory_total", "memory_allocated", "memory_reserved"}
+    assert set(record["prompt_cache"]) == {"entries", "megabytes", "budget_megabytes", "hits", "misses"}
     assert record_from_json(record_to_json(record)) == record
     reply = runtime.request_offload()
     assert set(reply) == OffloadReply.__required_keys__ and reply["status"] is OffloadStatus.NOT_LOADED

@@ -127,6 +127,9 @@ def test_a_batch_with_one_persona_prepares_it_once(tiny_engine: Engine, speech: 
     assert (cache.misses - misses, cache.hits - hits) == (1, 5)
     assert [o.timings.prompt_cached for o in outcomes] == [False] + [True] * 5
     assert len(cache) == 1
+    stats = cache.stats()  # what the worker's status record reports
+    assert (stats["entries"], stats["hits"] - hits, stats["misses"] - misses) == (1, 5, 1)
+    assert 0 < stats["megabytes"] < stats["budget_megabytes"] == 1024
 
 
 def test_the_cache_key_is_the_voice_file_and_the_prompt(

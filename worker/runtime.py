@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from personaplex.fleet import GpuMemory, OffloadReply, OffloadStatus, WorkerRecord
+from personaplex.fleet import GpuMemory, OffloadReply, OffloadStatus, PromptCacheStats, WorkerRecord
 from personaplex.jobs import Fence, JobStore, WorkerRegistry
 from personaplex.settings import Settings
 from personaplex.storage import BlobStore, open_blob_store
@@ -282,7 +282,15 @@ class WorkerRuntime:
             "idle_timeout": self.settings.gpu_idle_timeout,
             "idle_deadline": self.idle_deadline(),
             "last_used": last_used,
+            "prompt_cache": self._prompt_cache(),
         }
+
+    def _prompt_cache(self) -> PromptCacheStats:
+        engine = self._engine
+        if engine is None:
+            budget = round(self.settings.prompt_cache_mb, 3)
+            return {"entries": 0, "megabytes": 0.0, "budget_megabytes": budget, "hits": 0, "misses": 0}
+        return engine.prompt_cache.stats()
 
     def _gpu(self) -> GpuMemory:
         engine = self._engine

@@ -27,6 +27,7 @@ import torch
 from personaplex.engine.fast import JobPlan, temporal_prefill
 from personaplex.engine.frames import FrameLoop, Sampling
 from personaplex.engine.loaders import LoadedModels
+from personaplex.fleet import PromptCacheStats
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,17 @@ class PromptCache:
             self._states[key] = state
             while self.nbytes > self.max_bytes:
                 self._states.popitem(last=False)
+
+    def stats(self) -> PromptCacheStats:
+        with self._lock:
+            entries, nbytes = len(self._states), sum(state.nbytes for state in self._states.values())
+        return {
+            "entries": entries,
+            "megabytes": round(nbytes / 2**20, 3),
+            "budget_megabytes": round(self.max_bytes / 2**20, 3),
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
     def clear(self) -> None:
         with self._lock:
