@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,8 @@ class Engine:
         """Run each job's prompt phase in one pass (personaplex.engine.prompt); False: step it."""
         self.prompt_cache = PromptCache(int(prompt_cache_mb * 2**20))
         self._fast: FastLoop | None = None  # the last one, reused while jobs fit it
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personaplex-finish")
+        """Decodes and settles the rows that end while the loop runs on (`_run_batch`)."""
         self._lock = threading.RLock()
         self._models: LoadedModels | None = None
         self._info: CheckpointInfo | None = None
@@ -386,16 +389,29 @@ class Engine:
         settle: Callable[[int, Outcome], None],
         joiner: FeedJoiner | None = None,
     ) -> None:
-        """Step `rows` (loaded into `loop`) until each has ended (decoded and settled at once) or been
-        cancelled; with a `joiner`, until it has no more rows either."""
+        """Step `rows` (loaded into `loop`) until each has ended or been cancelled; with a `joiner`,
+        until it has no more rows either.
 
-        def ended(row: BatchRow, frames: torch.Tensor) -> None:
+        A row that ends is decoded and settled at once, on the engine's finishing thread: the loop
+        goes on meanwhile (a conversation's next frame does not wait for a recording's decode). The
+        call returns when every row it ended is settled, so the next loop (a new CUDA graph capture)
+        never starts while a decode runs, and a loop that breaks settles only the rows not settled."""
+        finishing: list[Future[None]] = []
+
+        def finish(row: BatchRow, frames: torch.Tensor) -> None:
             try:
                 settle(row.index, self._finish_batched(models, row, frames))
             except Exception as exc:
                 settle(row.index, exc)
 
-        step_rows(loop, rows, ended, lambda row, error: settle(row.index, error), joiner)
+        def ended(row: BatchRow, frames: torch.Tensor) -> None:
+            finishing.append(self._finisher.submit(finish, row, frames))
+
+        try:
+            step_rows(loop, rows, ended, lambda row, error: settle(row.index, error), joiner)
+        finally:
+            for future in finishing:
+                future.result()
 
     def _finish_batched(self, models: LoadedModels, job: BatchRow, frames: torch.Tensor) -> EngineResult:
         if job.live is not None:
