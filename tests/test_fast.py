@@ -235,9 +235,11 @@ def test_a_job_that_joins_a_running_loop_equals_the_job_alone(
     loop.run(7)
     loop.load_row(1, plans[1])  # joins at frame 7 of row 0
     loop.run(len(plans[1]))
-    assert loop.row_result(1).tolist() == alone[1]
+    left = loop.row_result(1)
+    assert left.tolist() == alone[1]
     loop.free_row(1)
     loop.load_row(1, plans[2])  # into the row job 1 left, its ring and window used
+    assert left.tolist() == alone[1], "a row's result is a copy: the next job in the row leaves it alone"
     loop.run(len(plans[0]) - 7 - len(plans[1]))
     assert loop.row_result(0).tolist() == alone[0]
     loop.free_row(0)

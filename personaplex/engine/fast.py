@@ -771,10 +771,11 @@ class FastLoop:
 
     @torch.inference_mode()
     def row_result(self, b: int) -> torch.Tensor:
-        """Row `b`'s generate-phase frames [F, 9], on the CPU."""
+        """Row `b`'s generate-phase frames [F, 9], on the CPU: a copy, which the next job loaded into
+        the row (it zeroes the row's outputs) leaves alone."""
         plan = self.plans[b]
         assert plan is not None, f"row {b} has no job"
-        return self.out[b, plan.prompt_frames : len(plan)].cpu()
+        return self.out[b, plan.prompt_frames : len(plan)].to("cpu", copy=True)
 
     def _capture(self) -> None:
         """Warm up on a side stream, record the two step variants, then reset the state."""
