@@ -104,6 +104,23 @@ class Keys:
     def worker(cls, name: str) -> str:
         return f"{cls.PREFIX}worker:{name}"
 
+    LIVE_WAITING = PREFIX + "live:waiting"  # zset: conversation id -> time it asked for a row
+
+    @classmethod
+    def live(cls, session_id: str) -> str:
+        """A live conversation's record (hash: params, status, worker); ids are job ids' form."""
+        return f"{cls.PREFIX}live:{check_job_id(session_id)}"
+
+    @classmethod
+    def live_in(cls, session_id: str) -> str:
+        """Its input stream: the user's PCM frames, then an end marker."""
+        return f"{cls.PREFIX}live:{check_job_id(session_id)}:in"
+
+    @classmethod
+    def live_out(cls, session_id: str) -> str:
+        """Its output stream: its frames (text piece, PCM, tokens), then an end or an error."""
+        return f"{cls.PREFIX}live:{check_job_id(session_id)}:out"
+
 
 @dataclass
 class Job:

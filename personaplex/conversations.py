@@ -1,0 +1,185 @@
+"""Live conversations through Redis: admission, and their frames both ways (no Celery involved).
+
+A conversation is admitted through Redis, not through the batch queue, so it never waits behind
+jobs: the web tier `open`s it (a record and a place in `Keys.LIVE_WAITING`, oldest first, whose
+rank is the client's queue position), and a worker with a free live slot `take`s it into its loop.
+Frames then travel over two Redis streams per conversation (DESIGN.md measured 0.55 ms a round
+trip): the input stream carries the user's 16-bit PCM frames and an end marker, the output stream
+carries each generated frame (text piece, 16-bit PCM, tokens) as it is stepped, then `end` or an
+`error`. `RedisLink` is the worker's side: the `LiveLink` (personaplex.engine.batching) of a
+conversation's row, fed from its input stream and answering on its output stream. Every key
+expires (`LIVE_TTL_S` after its last write), so a conversation whose ends both died leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import redis
+
+from personaplex.jobs import Keys, new_job_id
+from personaplex.params import GenerationParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from personaplex.engine.live import LiveSession
+
+LIVE_TTL_S = 300
+"""Seconds a conversation's keys live after their last write."""
+PCM_SCALE = 32768.0
+"""16-bit PCM <-> float samples."""
+
+
+def to_pcm16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as 16-bit little-endian PCM (clipped)."""
+    return (np.clip(samples, -1.0, 32767 / PCM_SCALE) * PCM_SCALE).round().astype("<i2").tobytes()
+
+
+def from_pcm16(data: bytes) -> np.ndarray:
+    """16-bit little-endian PCM as float32 samples."""
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / PCM_SCALE
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A conversation a worker took: its id and parameters."""
+
+    session_id: str
+    params: GenerationParams
+
+
+class Conversations:
+    """The Redis side of live conversations, for the web tier and the workers alike."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    # ---- admission ------------------------------------------------------------------------------
+    def open(self, params: GenerationParams) -> str:
+        """Ask for a row: a new conversation, last in the waiting line. Returns its id."""
+        session_id = new_job_id()
+        record = Keys.live(session_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(record, mapping={"params": json.dumps(params.to_dict()), "status": "waiting"})
+            pipe.expire(record, LIVE_TTL_S)
+            pipe.zadd(Keys.LIVE_WAITING, {session_id: time.time()})
+            pipe.execute()
+        return session_id
+
+    def position(self, session_id: str) -> int | None:
+        """Conversations ahead of it in the waiting line (0: next), or None once a worker took it."""
+        rank = self.redis.zrank(Keys.LIVE_WAITING, session_id)
+        return None if rank is None else int(rank)
+
+    def take(self, worker: str, count: int) -> list[Admitted]:
+        """Up to `count` waiting conversations, oldest first, now `worker`'s (status running)."""
+        if count <= 0:
+            return []
+        admitted = []
+        for raw_id, _ in self.redis.zpopmin(Keys.LIVE_WAITING, count):
+            session_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            params = self.redis.hget(Keys.live(session_id), "params")
+            if params is None:  # it expired while waiting: its caller is gone
+                continue
+            self.redis.hset(Keys.live(session_id), mapping={"status": "running", "worker": worker})
+            admitted.append(Admitted(session_id, GenerationParams.from_dict(json.loads(params))))
+        return admitted
+
+    def status(self, session_id: str) -> dict[str, str]:
+        raw = self.redis.hgetall(Keys.live(session_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def cancel(self, session_id: str) -> None:
+        """The caller hung up: out of the waiting line, and an end marker for its row."""
+        self.redis.zrem(Keys.LIVE_WAITING, session_id)
+        self.end_input(session_id)
+
+    # ---- frames -----------------------------------------------------------------------------------
+    def send_audio(self, session_id: str, samples: np.ndarray) -> None:
+        """The user's next samples (any length), as 16-bit PCM on the input stream."""
+        self._append(Keys.live_in(session_id), {"pcm": to_pcm16(samples)})
+
+    def end_input(self, session_id: str) -> None:
+        self._append(Keys.live_in(session_id), {"end": b"1"})
+
+    def send_frame(self, session_id: str, text: str, samples: np.ndarray, tokens: list[int]) -> None:
+        fields = {
+            "kind": b"frame",
+            "text": text.encode(),
+            "pcm": to_pcm16(samples),
+            "tokens": json.dumps(tokens),
+        }
+        self._append(Keys.live_out(session_id), fields)
+
+    def send_end(self, session_id: str, error: str | None = None) -> None:
+        fields = {"kind": b"end"} if error is None else {"kind": b"error", "error": error.encode()}
+        self._append(Keys.live_out(session_id), fields)
+
+    def read(self, stream: str, after: str, block_ms: int | None, count: int = 64) -> list[tuple[str, dict]]:
+        """Entries of `stream` after id `after` ("0": from the start), waiting up to `block_ms`
+        (None: not at all); each is (entry id, fields with bytes values)."""
+        found = self.redis.xread({stream: after}, count=count, block=block_ms)
+        entries = []
+        for _, items in found or ():
+            for entry_id, fields in items:
+                entries.append((_text(entry_id), {_text(k): v for k, v in fields.items()}))
+        return entries
+
+    def _append(self, stream: str, fields: dict[str, Any]) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(stream, fields)
+            pipe.expire(stream, LIVE_TTL_S)
+            pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisLink:
+    """A conversation's row on the worker: a `LiveLink` fed from its input stream, answering on its
+    output stream, with the Mimi encode and decode of a `LiveSession` in between."""
+
+    def __init__(self, conversations: Conversations, session_id: str, session: LiveSession) -> None:
+        self.conversations = conversations
+        self.session_id = session_id
+        self.session = session
+        self._inbox = Keys.live_in(session_id)
+        self._read_after = "0"
+
+    def next_input(self) -> torch.Tensor | None:
+        user = self.session.next_input()
+        if user is None and self._pull(block_ms=None):
+            user = self.session.next_input()
+        return user
+
+    def deliver(self, frame: torch.Tensor) -> None:
+        self.session.deliver(frame)
+        out = self.session.frames.get_nowait()
+        self.conversations.send_frame(self.session_id, out.text, out.audio, out.tokens)
+
+    def closed(self) -> bool:
+        return self.session.closed()
+
+    def wait(self, timeout: float) -> None:
+        self._pull(block_ms=max(1, int(timeout * 1000)))
+
+    def finish(self, error: str | None = None) -> None:
+        """Tell the caller the conversation is over (or why it failed)."""
+        self.conversations.send_end(self.session_id, error)
+
+    def _pull(self, block_ms: int | None) -> bool:
+        """Move what arrived on the input stream into the session; True if anything did."""
+        entries = self.conversations.read(self._inbox, self._read_after, block_ms)
+        for entry_id, fields in entries:
+            self._read_after = entry_id
+            if "pcm" in fields:
+                self.session.push(from_pcm16(fields["pcm"]))
+            if "end" in fields:
+                self.session.close()
+        return bool(entries)
