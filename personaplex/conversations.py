@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 LIVE_TTL_S = 300
 """Seconds a conversation's keys live after their last write."""
+STREAM_MAX_ENTRIES = 1000
+"""Entries a stream keeps (about 80 s of frames): a reader that far behind has lost the conversation."""
+LIVE_IDLE_S = 30.0
+"""A running conversation whose caller sent nothing for this long has lost its caller: its row leaves."""
 PCM_SCALE = 32768.0
 """16-bit PCM <-> float samples."""
 
@@ -86,7 +90,10 @@ class Conversations:
             params = self.redis.hget(Keys.live(session_id), "params")
             if params is None:  # it expired while waiting: its caller is gone
                 continue
-            self.redis.hset(Keys.live(session_id), mapping={"status": "running", "worker": worker})
+            with self.redis.pipeline() as pipe:
+                pipe.hset(Keys.live(session_id), mapping={"status": "running", "worker": worker})
+                pipe.expire(Keys.live(session_id), LIVE_TTL_S)
+                pipe.execute()
             admitted.append(Admitted(session_id, GenerationParams.from_dict(json.loads(params))))
         return admitted
 
@@ -132,7 +139,7 @@ class Conversations:
 
     def _append(self, stream: str, fields: dict[str, Any]) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(stream, fields)
+            pipe.xadd(stream, fields, maxlen=STREAM_MAX_ENTRIES, approximate=True)
             pipe.expire(stream, LIVE_TTL_S)
             pipe.execute()
 
@@ -145,12 +152,20 @@ class RedisLink:
     """A conversation's row on the worker: a `LiveLink` fed from its input stream, answering on its
     output stream, with the Mimi encode and decode of a `LiveSession` in between."""
 
-    def __init__(self, conversations: Conversations, session_id: str, session: LiveSession) -> None:
+    def __init__(
+        self,
+        conversations: Conversations,
+        session_id: str,
+        session: LiveSession,
+        idle_s: float = LIVE_IDLE_S,
+    ) -> None:
         self.conversations = conversations
         self.session_id = session_id
         self.session = session
+        self.idle_s = idle_s
         self._inbox = Keys.live_in(session_id)
         self._read_after = "0"
+        self._heard = time.monotonic()
 
     def next_input(self) -> torch.Tensor | None:
         user = self.session.next_input()
@@ -164,7 +179,8 @@ class RedisLink:
         self.conversations.send_frame(self.session_id, out.text, out.audio, out.tokens)
 
     def closed(self) -> bool:
-        return self.session.closed()
+        """Over when the caller ended it (and its frames are stepped), or sent nothing for `idle_s`."""
+        return self.session.closed() or time.monotonic() - self._heard > self.idle_s
 
     def wait(self, timeout: float) -> None:
         self._pull(block_ms=max(1, int(timeout * 1000)))
@@ -176,6 +192,8 @@ class RedisLink:
     def _pull(self, block_ms: int | None) -> bool:
         """Move what arrived on the input stream into the session; True if anything did."""
         entries = self.conversations.read(self._inbox, self._read_after, block_ms)
+        if entries:
+            self._heard = time.monotonic()
         for entry_id, fields in entries:
             self._read_after = entry_id
             if "pcm" in fields:

@@ -98,3 +98,23 @@ def test_a_golden_case_over_the_streams_gives_the_reference_output(
     assert [f["text"].decode() for f in frames] == expected_text
     audio = np.concatenate([from_pcm16(f["pcm"]) for f in frames])[: len(expected_audio)]
     assert float(np.abs(audio - expected_audio).max()) <= 1e-4
+
+
+def test_taking_a_conversation_renews_its_record(
+    conversations: Conversations, redis_client: redis.Redis
+) -> None:
+    session = conversations.open(GenerationParams())
+    redis_client.expire(Keys.live(session), 5)
+    conversations.take("gpu0@host", 1)
+    assert redis_client.ttl(Keys.live(session)) > 5
+
+
+def test_a_conversation_whose_caller_went_silent_ends(
+    conversations: Conversations, tiny_engine: Engine
+) -> None:
+    session_id = conversations.open(GenerationParams())
+    conversations.send_audio(session_id, np.zeros(3 * 1920, dtype=np.float32))
+    [admitted] = conversations.take("gpu0@host", 1)
+    link = RedisLink(conversations, session_id, tiny_engine.live_session(), idle_s=0.5)
+    [outcome] = tiny_engine.process_batch([BatchRequest(None, admitted.params, live=link, live_frames=100)])
+    assert isinstance(outcome, EngineResult) and len(outcome.tokens) == 3  # no end marker: it timed out

@@ -21,7 +21,7 @@ from personaplex import audio as audio_io
 from personaplex.engine.batching import BatchRequest
 from personaplex.engine.core import Engine
 from personaplex.engine.live import LiveFrame, LiveSession
-from personaplex.errors import ConversationError
+from personaplex.errors import CancelledError, ConversationError
 from personaplex.params import FRAME_SIZE, SAMPLE_RATE, EngineResult, GenerationParams
 
 ROOM = 400
@@ -124,3 +124,65 @@ def test_a_conversation_needs_the_batched_loop(tiny_checkpoint) -> None:
     session.close()
     [outcome] = engine.process_batch([BatchRequest(None, GenerationParams(), live=session, live_frames=10)])
     assert isinstance(outcome, ConversationError)
+
+
+class BreakingSession(LiveSession):
+    """A conversation whose link fails at its sixth input frame (a codec or Redis error)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken = 0
+
+    def next_input(self):
+        self.taken += 1
+        if self.taken == 6:
+            raise RuntimeError("the link broke")
+        return super().next_input()
+
+
+def test_a_conversation_whose_link_fails_ends_alone(tiny_engine: Engine, speech: np.ndarray) -> None:
+    models = tiny_engine._models
+    session = BreakingSession(models.mimi, lambda token: tiny_engine._frame_text(models, token))
+    session.push(speech[: 2 * SAMPLE_RATE])
+    session.close()
+    job_audio, job_params = (
+        audio_io.encode_wav(speech[SAMPLE_RATE : 3 * SAMPLE_RATE]),
+        GenerationParams(seed=5),
+    )
+    requests = [
+        BatchRequest(None, GenerationParams(), live=session, live_frames=ROOM),
+        BatchRequest(job_audio, job_params),
+    ]
+    talked, job = tiny_engine.process_batch(requests)
+    assert isinstance(talked, ConversationError) and "the link broke" in str(talked)
+    [alone] = tiny_engine.process_batch([BatchRequest(job_audio, job_params)])
+    assert isinstance(job, EngineResult) and job.tokens == alone.tokens
+
+
+def test_a_frame_that_does_not_run_keeps_the_conversations_input(
+    tiny_engine: Engine, speech: np.ndarray
+) -> None:
+    """A job cancelled right before a frame ends that frame's run before it steps: the conversation's
+    input taken for it is fed again, not lost (no 80 ms skipped)."""
+    talk = speech[5 * SAMPLE_RATE : 6 * SAMPLE_RATE]
+    params = GenerationParams(seed=8)
+    sessions = [tiny_engine.live_session() for _ in range(2)]
+    for session in sessions:
+        session.push(talk)
+        session.close()
+    checks = {"n": 0}
+
+    def cancel_soon() -> bool:
+        checks["n"] += 1
+        return checks["n"] > 4
+
+    job = BatchRequest(
+        audio_io.encode_wav(speech[: 2 * SAMPLE_RATE]), GenerationParams(seed=9), should_cancel=cancel_soon
+    )
+    beside, cancelled = tiny_engine.process_batch(
+        [BatchRequest(None, params, live=sessions[0], live_frames=ROOM), job]
+    )
+    [alone] = tiny_engine.process_batch([BatchRequest(None, params, live=sessions[1], live_frames=ROOM)])
+    assert isinstance(cancelled, CancelledError)
+    assert isinstance(beside, EngineResult) and beside.tokens == alone.tokens
+    assert len(beside.tokens) == len(talk) // FRAME_SIZE + 1

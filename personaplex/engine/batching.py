@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,7 +22,7 @@ import torch
 
 from personaplex import audio as audio_io
 from personaplex.engine.fast import FastLoop, JobPlan
-from personaplex.errors import CancelledError
+from personaplex.errors import CancelledError, ConversationError
 from personaplex.params import EngineResult, GenerationParams, Timings
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,8 @@ class BatchRow:
     """perf_counter() when its generate phase began."""
     live: LiveLink | None = None
     """A live conversation's row (BatchRequest.live): it advances at its own pace, frame by frame."""
+    next_user: torch.Tensor | None = None
+    """A live row's input taken from its link and not yet stepped (a frame that did not run keeps it)."""
 
     def join(self, slot: int, loop_frame: int) -> None:
         """Take row `slot` of a loop at the loop's frame `loop_frame`."""
@@ -189,7 +191,7 @@ def step_rows(
     loop: FastLoop,
     rows: list[BatchRow],
     ended: Callable[[BatchRow, torch.Tensor], None],
-    cancelled: Callable[[BatchRow, CancelledError], None],
+    cancelled: Callable[[BatchRow, Exception], None],
     joiner: Joiner | None = None,
 ) -> None:
     """Step `rows` (loaded into `loop`, in order) until each has ended (`ended(row, frames [F, 9])`)
@@ -198,8 +200,8 @@ def step_rows(
 
     While a live row is in the loop, the loop steps one frame at a time: before each frame a live
     row whose next input has arrived is fed it (the others are paused), after it that row's output
-    frame goes out. A live row ends (`ended` with its frames) when its link closes or its row is full.
-    """
+    frame goes out. A live row ends (`ended` with its frames) when its link closes or its row is full;
+    a link that fails ends its row alone (`cancelled` with a ConversationError)."""
     sync = torch.cuda.synchronize if loop.device.type == "cuda" else (lambda: None)
     live = list(rows)
     done = 0  # frames the loop has stepped
@@ -215,7 +217,11 @@ def step_rows(
             ended(row, frames)
         if not live:
             return
-        talking = _feed_live_rows(loop, live)
+        for row, error in _failed(_feed_live_rows(loop, live)):
+            live.remove(row)
+            loop.free_row(row.slot)
+            cancelled(row, error)
+        talking = [(row, loop.t_host[row.slot]) for row in live if row.next_user is not None]
         jobs = [row for row in live if row.live is None]
         if not jobs and not talking:
             live[0].live.wait(LIVE_IDLE_WAIT_S)  # type: ignore[union-attr]
@@ -226,9 +232,10 @@ def step_rows(
         done += stepped
         sync()
         if stepped:
-            for row, t in talking:
-                if row in live:
-                    row.live.deliver(loop.frame_at(row.slot, t))  # type: ignore[union-attr]
+            for row, error in _failed(_deliver(loop, live, talking)):
+                live.remove(row)
+                loop.free_row(row.slot)
+                cancelled(row, error)
         for row in _mark_phases(jobs, done):
             live.remove(row)
             frames = loop.row_result(row.slot)
@@ -255,20 +262,48 @@ def _closed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> list[BatchRow]:
     ]
 
 
-def _feed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> list[tuple[BatchRow, int]]:
-    """Feed each live row its next input frame, if it has arrived, and pause the others; returns the
-    rows that step this frame, with the frame each is at."""
-    talking = []
+def _feed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> Iterator[tuple[BatchRow, Exception | None]]:
+    """Feed each live row its next input frame, if it has arrived (or the one a frame that did not
+    run left it), and pause the others; yields each live row with the error its link raised."""
     for row in rows:
         if row.live is None:
             continue
-        t = loop.t_host[row.slot]
-        user = row.live.next_input()
-        loop.pause(row.slot, user is None)
-        if user is not None:
-            loop.feed(row.slot, t, user)
-            talking.append((row, t))
-    return talking
+        try:
+            if row.next_user is None:
+                row.next_user = row.live.next_input()
+        except Exception as exc:
+            yield row, exc
+            continue
+        loop.pause(row.slot, row.next_user is None)
+        if row.next_user is not None:
+            loop.feed(row.slot, loop.t_host[row.slot], row.next_user)
+        yield row, None
+
+
+def _deliver(
+    loop: FastLoop, rows: list[BatchRow], talking: list[tuple[BatchRow, int]]
+) -> Iterator[tuple[BatchRow, Exception | None]]:
+    """Hand each live row that stepped its output frame; yields each with the error its link raised."""
+    for row, t in talking:
+        if row not in rows:
+            continue  # cancelled before the frame
+        row.next_user = None
+        try:
+            row.live.deliver(loop.frame_at(row.slot, t))  # type: ignore[union-attr]
+        except Exception as exc:
+            yield row, exc
+            continue
+        yield row, None
+
+
+def _failed(results: Iterator[tuple[BatchRow, Exception | None]]) -> list[tuple[BatchRow, Exception]]:
+    """The rows whose link failed, each with a ConversationError that says why (logged)."""
+    failed = []
+    for row, exc in list(results):
+        if exc is not None:
+            log.error("a live conversation's link failed: %s", exc, exc_info=exc)
+            failed.append((row, ConversationError(f"The conversation broke off: {exc}")))
+    return failed
 
 
 def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner) -> None:
@@ -282,7 +317,7 @@ def _before_frame(
     loop: FastLoop,
     live: list[BatchRow],
     start: int,
-    cancelled: Callable[[BatchRow, CancelledError], None],
+    cancelled: Callable[[BatchRow, Exception], None],
     joiner: Joiner | None,
     offset: int,
 ) -> bool:

@@ -617,8 +617,8 @@ class FastLoop:
 
     @torch.inference_mode()
     def frame_at(self, b: int, t: int) -> torch.Tensor:
-        """Row `b`'s output at its frame `t` [9] (text, then 8 agent codes), on the CPU."""
-        return self.out[b, t].cpu()
+        """Row `b`'s output at its frame `t` [9] (text, then 8 agent codes), on the CPU (a copy)."""
+        return self.out[b, t].to("cpu", copy=True)
 
     def horizon(self) -> int:
         """Frames until every busy row has ended (0 with none)."""
