@@ -607,11 +607,14 @@ def test_a_failed_job_reports_the_workers_reason(
     service queued it), the worker fails it, and its reason reaches the MCP client.
 
     The job waits behind a long running one, so its input can be deleted before the worker gets to
-    it; then the long one is cancelled to free the worker.
+    it; then the long one is cancelled to free the worker. An offload asked for meanwhile (deferred
+    until the loop drains) keeps the running loop from taking the job into a free row: without it,
+    continuous batching would claim the job within 0.1 s, before its input could be deleted.
     """
     api = rest(live_service)
     busy = api.submit_job(clips["long"])["job_id"]
     wait_until(lambda: api.get_job(busy)["status"] == "running", 60, what="the long job to start")
+    assert api.offload()["status"] == "deferred"
 
     def delete_the_queued_input() -> str:
         job_id = wait_until(
