@@ -42,7 +42,7 @@ import torch
 from personaplex.audio import encode_wav
 from personaplex.engine.checkpoint import CheckpointInfo, LMConfig, MimiSpec
 from personaplex.engine.core import Engine
-from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams
+from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams, Timings
 
 PHASES = ("encode", "prompt", "generate", "decode")
 
@@ -196,8 +196,6 @@ class CapturedBench:
             return self.voice
         if self.prompt == "prefill":
             self.engine.prompt_cache.clear()
-        from personaplex.params import Timings
-
         return self.engine._prompt_for(self.models, params, Timings())
 
     def loop(self, plans: list):

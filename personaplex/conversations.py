@@ -101,11 +101,6 @@ class Conversations:
         raw = self.redis.hgetall(Keys.live(session_id))
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    def cancel(self, session_id: str) -> None:
-        """The caller hung up: out of the waiting line, and an end marker for its row."""
-        self.redis.zrem(Keys.LIVE_WAITING, session_id)
-        self.end_input(session_id)
-
     # ---- frames -----------------------------------------------------------------------------------
     def send_audio(self, session_id: str, samples: np.ndarray) -> None:
         """The user's next samples (any length), as 16-bit PCM on the input stream."""

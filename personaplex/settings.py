@@ -66,24 +66,22 @@ def parse_named_keys(text: str) -> NamedKeys | None:
     return tuple(pairs) or None
 
 
-def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+def _checked(cast: Callable[[str], Any], ok: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = cast(text)
-        if value <= 0:
-            raise ValueError(f"must be positive, got {text!r}")
+        if not ok(value):
+            raise ValueError(f"must be {requirement}, got {text!r}")
         return value
 
     return parse
+
+
+def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    return _checked(cast, lambda value: value > 0, "positive")
 
 
 def _non_negative(cast: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = cast(text)
-        if value < 0:
-            raise ValueError(f"must be 0 or more, got {text!r}")
-        return value
-
-    return parse
+    return _checked(cast, lambda value: value >= 0, "0 or more")
 
 
 def _blob_store(text: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -211,15 +211,13 @@ def step_rows(
         if joiner is not None and loop.free_rows() and (not live or joiner.due()):
             _admit(loop, live, done, joiner)
         for row in _closed_live_rows(loop, live):
-            live.remove(row)
             frames = loop.row_result(row.slot)[: loop.t_host[row.slot] - row.plan.prompt_frames]
-            loop.free_row(row.slot)
+            _leave(loop, live, row)
             ended(row, frames)
         if not live:
             return
-        for row, error in _failed(_feed_live_rows(loop, live)):
-            live.remove(row)
-            loop.free_row(row.slot)
+        for row, error in _feed_live_rows(loop, live):
+            _leave(loop, live, row)
             cancelled(row, error)
         talking = [(row, loop.t_host[row.slot]) for row in live if row.next_user is not None]
         jobs = [row for row in live if row.live is None]
@@ -231,16 +229,19 @@ def step_rows(
         stepped = loop.run(stop - done, before)
         done += stepped
         sync()
-        if stepped:
-            for row, error in _failed(_deliver(loop, live, talking)):
-                live.remove(row)
-                loop.free_row(row.slot)
-                cancelled(row, error)
+        for row, error in _deliver(loop, live, talking) if stepped else ():
+            _leave(loop, live, row)
+            cancelled(row, error)
         for row in _mark_phases(jobs, done):
-            live.remove(row)
             frames = loop.row_result(row.slot)
-            loop.free_row(row.slot)
+            _leave(loop, live, row)
             ended(row, frames)
+
+
+def _leave(loop: FastLoop, live: list[BatchRow], row: BatchRow) -> None:
+    """Take `row` out of the running rows and free its row of the loop."""
+    live.remove(row)
+    loop.free_row(row.slot)
 
 
 LIVE_IDLE_WAIT_S = 0.005
@@ -262,9 +263,10 @@ def _closed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> list[BatchRow]:
     ]
 
 
-def _feed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> Iterator[tuple[BatchRow, Exception | None]]:
+def _feed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> list[tuple[BatchRow, ConversationError]]:
     """Feed each live row its next input frame, if it has arrived (or the one a frame that did not
-    run left it), and pause the others; yields each live row with the error its link raised."""
+    run left it), and pause the others; returns the rows whose link failed, with why."""
+    failed = []
     for row in rows:
         if row.live is None:
             continue
@@ -272,18 +274,19 @@ def _feed_live_rows(loop: FastLoop, rows: list[BatchRow]) -> Iterator[tuple[Batc
             if row.next_user is None:
                 row.next_user = row.live.next_input()
         except Exception as exc:
-            yield row, exc
+            failed.append((row, _broken(exc)))
             continue
         loop.pause(row.slot, row.next_user is None)
         if row.next_user is not None:
             loop.feed(row.slot, loop.t_host[row.slot], row.next_user)
-        yield row, None
+    return failed
 
 
 def _deliver(
     loop: FastLoop, rows: list[BatchRow], talking: list[tuple[BatchRow, int]]
-) -> Iterator[tuple[BatchRow, Exception | None]]:
-    """Hand each live row that stepped its output frame; yields each with the error its link raised."""
+) -> list[tuple[BatchRow, ConversationError]]:
+    """Hand each live row that stepped its output frame; returns the rows whose link failed, with why."""
+    failed = []
     for row, t in talking:
         if row not in rows:
             continue  # cancelled before the frame
@@ -291,19 +294,14 @@ def _deliver(
         try:
             row.live.deliver(loop.frame_at(row.slot, t))  # type: ignore[union-attr]
         except Exception as exc:
-            yield row, exc
-            continue
-        yield row, None
-
-
-def _failed(results: Iterator[tuple[BatchRow, Exception | None]]) -> list[tuple[BatchRow, Exception]]:
-    """The rows whose link failed, each with a ConversationError that says why (logged)."""
-    failed = []
-    for row, exc in list(results):
-        if exc is not None:
-            log.error("a live conversation's link failed: %s", exc, exc_info=exc)
-            failed.append((row, ConversationError(f"The conversation broke off: {exc}")))
+            failed.append((row, _broken(exc)))
     return failed
+
+
+def _broken(exc: Exception) -> ConversationError:
+    """What a conversation whose link raised `exc` ends with (logged: its row leaves alone)."""
+    log.error("a live conversation's link failed: %s", exc, exc_info=exc)
+    return ConversationError(f"The conversation broke off: {exc}")
 
 
 def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner) -> None:
@@ -331,8 +329,7 @@ def _before_frame(
             if index % PROGRESS_EVERY == 0:
                 row.report(phase, index, total)
     for row in dropped:
-        live.remove(row)
-        loop.free_row(row.slot)
+        _leave(loop, live, row)
         cancelled(row, CancelledError(row.cancel_message(t - row.start)))
     refill = joiner is not None and offset > 0 and bool(loop.free_rows()) and joiner.due()
     return bool(dropped) or refill

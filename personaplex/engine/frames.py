@@ -281,8 +281,8 @@ class FrameLoop:
         ring.provided.copy_(state.provided.expand_as(ring.provided))
         ring.offset = state.offset
         self.position = state.positions
+        batch = (self.batch, -1, -1, -1)
         for index, layer in enumerate(self.cache.layers):
-            batch = (self.batch, -1, -1, -1)
             layer.update(state.keys[index].expand(batch), state.values[index].expand(batch))
             if hasattr(layer, "cumulative_length"):  # a sliding layer counts every position it saw
                 layer.cumulative_length = state.positions

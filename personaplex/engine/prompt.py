@@ -105,8 +105,8 @@ def _prompt_tokens(loop: FrameLoop, plan: JobPlan) -> Iterator[torch.Tensor]:
 class PromptCache:
     """Prompt states on the worker's device, bounded in bytes, least recently used out first.
 
-    Keyed by what the state depends on (the voice file, the text prompt's tokens, the silence
-    frames); one cache belongs to one loaded model and is cleared when the model goes.
+    Keyed by what the state depends on (the voice file and the text prompt's tokens; the engine
+    builds the key); one cache belongs to one loaded model and is cleared when the model goes.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -145,7 +145,7 @@ class PromptCache:
 
     def stats(self) -> PromptCacheStats:
         with self._lock:
-            entries, nbytes = len(self._states), sum(state.nbytes for state in self._states.values())
+            entries, nbytes = len(self._states), self.nbytes
         return {
             "entries": entries,
             "megabytes": round(nbytes / 2**20, 3),
