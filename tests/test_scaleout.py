@@ -117,7 +117,9 @@ def test_two_workers_share_the_queue_answer_control_and_lose_nothing_on_a_warm_s
     assert all(job["attempts"] == 1 for job in jobs.values()), jobs  # none redelivered, none lost
     after_stop = [job["worker"] for job in jobs.values() if job["started_at"] > stopped_at]
     assert after_stop and set(after_stop) == {gpu1}, jobs
-    assert redis_client.llen(CELERY_QUEUE) == 0
+    # gpu1's running batch claimed some jobs straight from the job store; their messages come to it
+    # afterwards and are acked without a run (the job is final), so the queue drains.
+    wait_until(lambda: redis_client.llen(CELERY_QUEUE) == 0, 30, what="the leftover messages to drain")
 
     # The stopped worker removed its heartbeat: the fleet is gpu1 alone.
     wait_until(lambda: list(live_workers(client)) == [gpu1], 5, what="gpu0 to leave the fleet")

@@ -252,6 +252,8 @@ def test_cancel_mid_job(shared: Harness, events: list[dict]) -> None:
     done = wait_for_job(shared.jobs, job.id, timeout=10)
     assert done.status is JobStatus.CANCELLED and done.finished_at is not None
     assert not shared.blobs.exists(job.id, OUTPUT_WAV, attempt=1)
+    # The event is published after the record changes, so it may still be on its way.
+    wait_until(lambda: any(e["type"] == "cancelled" for e in events), 5, what="the cancelled event")
     assert [e["type"] for e in events if e["job_id"] == job.id][-1] == "cancelled"
 
 
