@@ -11,7 +11,7 @@ time (`Engine.process_batch([job])`). Then the stream is replayed twice through 
   that has arrived (up to PERSONAPLEX_MAX_BATCH) and runs that batch to its end; a job arriving
   meanwhile waits for the whole batch, its longest row included.
 - continuous: `Engine.process_batch(jobs, feed)` with a feed that hands over the jobs that have
-  arrived, looked at every `worker.runner.REFILL_CHECK_INTERVAL_S`, as the worker's `QueueFeed` does.
+  arrived, looked at every `worker.runner.REFILL_CHECK_INTERVAL_S`, as the worker's `LoopFeed` does.
 
 Per job: latency = end - arrival, relative latency = latency / solo time; p50 and p95 of the
 relative latency for short jobs and long ones. Throughput = audio seconds / (last end - first
@@ -42,7 +42,7 @@ from personaplex.engine.batching import BatchRequest
 from personaplex.engine.core import Engine
 from personaplex.engine.fast import FastLoop
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams
-from worker.runner import REFILL_CHECK_INTERVAL_S
+from worker.loop import REFILL_CHECK_INTERVAL_S
 
 SHORT_MAX_S = 10.0
 

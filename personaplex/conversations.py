@@ -33,8 +33,19 @@ LIVE_TTL_S = 300
 """Seconds a conversation's keys live after their last write."""
 STREAM_MAX_ENTRIES = 1000
 """Entries a stream keeps (about 80 s of frames): a reader that far behind has lost the conversation."""
-LIVE_IDLE_S = 30.0
-"""A running conversation whose caller sent nothing for this long has lost its caller: its row leaves."""
+LIVE_IDLE_S = 10.0
+"""A running conversation whose caller sent nothing for this long has lost its caller (a client streams
+its microphone all along, silence included): its row leaves."""
+LIVE_ALIVE_TTL_S = 1.5
+"""TTL of a conversation's alive key, renewed by its worker every 0.5 s: its caller sees a dead
+worker within this (plus one look)."""
+LOOK_EVERY_S = 0.04
+"""A row's link reads its input stream at least this often, with input queued or not, so a hang-up
+behind queued frames ends the row within a frame."""
+
+CLOSE_NORMAL = 1000
+CLOSE_SERVER_ERROR = 1011
+CLOSE_SERVICE_RESTART = 1012
 PCM_SCALE = 32768.0
 """16-bit PCM <-> float samples."""
 
@@ -75,6 +86,32 @@ class Conversations:
             pipe.execute()
         return session_id
 
+    def waiting(self) -> int:
+        """Conversations waiting for a row (one ZCARD)."""
+        return int(self.redis.zcard(Keys.LIVE_WAITING))
+
+    def withdraw(self, session_id: str) -> bool:
+        """Leave the waiting line; False if a worker took it first (it is running: end it instead)."""
+        return bool(self.redis.zrem(Keys.LIVE_WAITING, session_id))
+
+    def forget(self, session_id: str) -> None:
+        """Delete every key of an ended conversation (and its place in line, if it still has one)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(Keys.LIVE_WAITING, session_id)
+            pipe.delete(*Keys.live_keys(session_id))
+            pipe.execute()
+
+    def keep_alive(self, session_ids: list[str]) -> None:
+        """The worker still runs these (their alive keys renewed, one round trip)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.set(Keys.live_alive(session_id), b"1", px=int(LIVE_ALIVE_TTL_S * 1000))
+            pipe.execute()
+
+    def alive(self, session_id: str) -> bool:
+        """Whether its worker renewed its alive key lately (false before a worker took it)."""
+        return bool(self.redis.exists(Keys.live_alive(session_id)))
+
     def position(self, session_id: str) -> int | None:
         """Conversations ahead of it in the waiting line (0: next), or None once a worker took it."""
         rank = self.redis.zrank(Keys.LIVE_WAITING, session_id)
@@ -107,7 +144,16 @@ class Conversations:
         self._append(Keys.live_in(session_id), {"pcm": to_pcm16(samples)})
 
     def end_input(self, session_id: str) -> None:
+        """The user is done: the frames sent so far are still stepped."""
         self._append(Keys.live_in(session_id), {"end": b"1"})
+
+    def hang_up(self, session_id: str) -> None:
+        """The caller is gone: the row leaves at once, whatever input it had not stepped."""
+        self._append(Keys.live_in(session_id), {"hangup": b"1"})
+
+    def send_ready(self, session_id: str) -> None:
+        """The prompt phase is done and the row is in the loop (the reference's handshake)."""
+        self._append(Keys.live_out(session_id), {"kind": b"ready"})
 
     def send_frame(self, session_id: str, text: str, samples: np.ndarray, tokens: list[int]) -> None:
         fields = {
@@ -118,8 +164,12 @@ class Conversations:
         }
         self._append(Keys.live_out(session_id), fields)
 
-    def send_end(self, session_id: str, error: str | None = None) -> None:
-        fields = {"kind": b"end"} if error is None else {"kind": b"error", "error": error.encode()}
+    def send_end(self, session_id: str, error: str | None = None, code: int = CLOSE_NORMAL) -> None:
+        """The conversation is over: cleanly (no `error`), or why not, with the WebSocket close code
+        its caller should use."""
+        fields: dict[str, Any] = {"kind": b"end", "code": str(code)}
+        if error is not None:
+            fields["error"] = error.encode()
         self._append(Keys.live_out(session_id), fields)
 
     def read(self, stream: str, after: str, block_ms: int | None, count: int = 64) -> list[tuple[str, dict]]:
@@ -160,8 +210,11 @@ class RedisLink:
         self.idle_s = idle_s
         self._inbox = Keys.live_in(session_id)
         self._read_after = "0"
-        self._heard = time.monotonic()
+        self._heard = self._looked = time.monotonic()
+        self._hung_up = False
+        self._stopped: str | None = None
 
+    # ---- LiveLink ---------------------------------------------------------------------------------
     def next_input(self) -> torch.Tensor | None:
         user = self.session.next_input()
         if user is None and self._pull(block_ms=None):
@@ -174,18 +227,50 @@ class RedisLink:
         self.conversations.send_frame(self.session_id, out.text, out.audio, out.tokens)
 
     def closed(self) -> bool:
-        """Over when the caller ended it (and its frames are stepped), or sent nothing for `idle_s`."""
-        return self.session.closed() or time.monotonic() - self._heard > self.idle_s
+        """Over when the caller ended it (and its frames are stepped) or hung up, when it sent
+        nothing for `idle_s`, or when the worker stops it."""
+        if time.monotonic() - self._looked > LOOK_EVERY_S:
+            self._pull(block_ms=None)
+        return (
+            self._hung_up
+            or self._stopped is not None
+            or self.session.closed()
+            or time.monotonic() - self._heard > self.idle_s
+        )
 
     def wait(self, timeout: float) -> None:
         self._pull(block_ms=max(1, int(timeout * 1000)))
 
-    def finish(self, error: str | None = None) -> None:
+    def ready(self) -> None:
+        self.session.ready()
+        self.conversations.send_ready(self.session_id)
+
+    # ---- the worker's side --------------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        """End the conversation from the worker's side (it is shutting down); any thread."""
+        self._stopped = reason
+
+    def ending(self, limit_s: float) -> tuple[str | None, int]:
+        """Why its row left the loop without an error: (None, 1000) when its caller ended it, else
+        what to tell the caller and the close code."""
+        if self._stopped is not None:
+            return self._stopped, CLOSE_SERVICE_RESTART
+        if self._hung_up or self.session.closed():
+            return None, CLOSE_NORMAL
+        if time.monotonic() - self._heard > self.idle_s:
+            return f"No audio from the caller for {self.idle_s:g} s: the conversation ended.", CLOSE_NORMAL
+        return (
+            f"The conversation reached its limit of {limit_s:g} s (PERSONAPLEX_MAX_LIVE_SECONDS).",
+            CLOSE_NORMAL,
+        )
+
+    def finish(self, error: str | None = None, code: int = CLOSE_NORMAL) -> None:
         """Tell the caller the conversation is over (or why it failed)."""
-        self.conversations.send_end(self.session_id, error)
+        self.conversations.send_end(self.session_id, error, code)
 
     def _pull(self, block_ms: int | None) -> bool:
         """Move what arrived on the input stream into the session; True if anything did."""
+        self._looked = time.monotonic()
         entries = self.conversations.read(self._inbox, self._read_after, block_ms)
         if entries:
             self._heard = time.monotonic()
@@ -195,4 +280,6 @@ class RedisLink:
                 self.session.push(from_pcm16(fields["pcm"]))
             if "end" in fields:
                 self.session.close()
+            if "hangup" in fields:
+                self._hung_up = True
         return bool(entries)

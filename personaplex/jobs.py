@@ -121,6 +121,21 @@ class Keys:
         """Its output stream: its frames (text piece, PCM, tokens), then an end or an error."""
         return f"{cls.PREFIX}live:{check_job_id(session_id)}:out"
 
+    @classmethod
+    def live_alive(cls, session_id: str) -> str:
+        """Set, with a short TTL, while a worker runs it: gone means that worker died."""
+        return f"{cls.PREFIX}live:{check_job_id(session_id)}:alive"
+
+    @classmethod
+    def live_keys(cls, session_id: str) -> list[str]:
+        """Every key of one conversation."""
+        return [
+            cls.live(session_id),
+            cls.live_in(session_id),
+            cls.live_out(session_id),
+            cls.live_alive(session_id),
+        ]
+
 
 @dataclass
 class Job:

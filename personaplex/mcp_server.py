@@ -155,6 +155,10 @@ class HealthResult(TypedDict, total=False):
     redis: str
     workers: int
     queue_length: int | None
+    live_slots_free: int
+    """Live conversations the fleet can take now."""
+    live_waiting: int | None
+    """Conversations waiting for a free live slot."""
     gpu_available: bool
     model_loaded: bool
     timestamp: str
@@ -166,6 +170,9 @@ class GpuStatusResult(TypedDict, total=False):
     error: str
     model_loaded: bool
     active_connections: int
+    """Running jobs plus live conversations, over the fleet."""
+    live_sessions: int
+    """Live conversations (WS /api/chat), over the fleet; each worker adds live_slots_free."""
     idle_timeout: float
     gpu: dict[str, Any]
     worker_count: int
@@ -728,7 +735,8 @@ class Tools:
         return guarded(self.config, "health_check", body)  # type: ignore[return-value]
 
     def get_gpu_status(self) -> GpuStatusResult:
-        """GPU workers and their memory: whether the model is loaded, running jobs, idle timeout.
+        """GPU workers and their memory: whether the model is loaded, running jobs and live
+        conversations (with each worker's free live slots), idle timeout.
 
         One entry per live worker in `workers`; the top-level fields summarise the fleet.
         """

@@ -222,6 +222,24 @@ class Settings(EnvSettings):
         _non_negative(float),
         "Device memory for prompt states (voice + text prompt), least recently used out; 0: off",
     )
+    max_live: int = option(
+        "PERSONAPLEX_MAX_LIVE",
+        4,
+        _non_negative(int),
+        "Live conversations a GPU worker runs at once, rows of its batch beside the jobs; 0: none",
+    )
+    max_live_seconds: float = option(
+        "PERSONAPLEX_MAX_LIVE_SECONDS",
+        300.0,
+        _positive(float),
+        "Longest live conversation (s); its loop keeps room for it, so longer ones cost rows",
+    )
+    live_wait_s: float = option(
+        "PERSONAPLEX_LIVE_WAIT_S",
+        30.0,
+        _positive(float),
+        "Seconds a conversation waits for a free live slot before it is refused (close 1013)",
+    )
     redis_pool_size: int = option(
         "PERSONAPLEX_REDIS_POOL_SIZE",
         50,

@@ -167,9 +167,8 @@ def deliveries(worker: WorkerProcess, job_id: str, ran: bool) -> int:
 
 
 def runs(worker: WorkerProcess, job_id: str) -> int:
-    """How often the worker ran the job: as its delivery's own job, or claimed into another's batch."""
-    claimed = sum(1 for line in worker.log().splitlines() if f"job {job_id} (claimed by the batch" in line)
-    return deliveries(worker, job_id, ran=True) + claimed
+    """How often the worker's loop ran the job to its end (handed in by its delivery, or claimed)."""
+    return sum(1 for line in worker.log().splitlines() if f"job {job_id} (in the loop of" in line)
 
 
 def silent_flac(rate: int, channels: int, seconds: int) -> bytes:

@@ -32,7 +32,7 @@ from personaplex.params import GenerationParams
 from personaplex.storage import OUTPUT_WAV, read_output
 from worker.control import query_gpu_status, request_offload
 from worker.housekeeping import RECOVER_EVERY_S
-from worker.runner import REFILL_CHECK_INTERVAL_S
+from worker.loop import REFILL_CHECK_INTERVAL_S
 
 StartWorker = Callable[..., WorkerProcess]
 

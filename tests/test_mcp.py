@@ -148,9 +148,11 @@ def test_service_and_catalog_tools(live_service: str) -> None:
     health = results["health_check"]
     assert health["status"] == "healthy" and health["workers"] == 1 and health["redis"] == "ok"
     assert health["api_url"] == live_service
+    assert health["live_slots_free"] == 4 and health["live_waiting"] == 0  # PERSONAPLEX_MAX_LIVE
     gpu = results["get_gpu_status"]
     assert gpu["status"] == "ok" and gpu["worker_count"] == 1
     assert gpu["workers"][0]["worker"] == "live@test"
+    assert gpu["live_sessions"] == 0 and gpu["workers"][0]["live_slots_free"] == 4
     voices = results["list_voices"]
     assert voices["status"] == "ok" and voices["count"] == 18 == len(voices["voices"])
     assert voices["default"] == "NATF2.pt"

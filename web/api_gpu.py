@@ -75,6 +75,7 @@ def summarize(workers: list[dict[str, Any]], idle_timeout: float) -> dict[str, A
     return {
         "model_loaded": any(bool(w.get("model_loaded")) for w in workers),
         "active_connections": sum(int(w.get("active_connections") or 0) for w in workers),
+        "live_sessions": sum(int(w.get("live_sessions") or 0) for w in workers),
         "idle_timeout": idle_timeout,
         "gpu": {
             "name": ", ".join(names) or None,

@@ -11,6 +11,7 @@ from personaplex.settings import Settings
 from web import auth, errors, services
 from web.api_batches import bp as batches_bp
 from web.api_catalog import bp as catalog_bp
+from web.api_chat import bp as chat_bp
 from web.api_docs import bp as docs_bp
 from web.api_events import bp as events_bp
 from web.api_gpu import bp as gpu_bp
@@ -30,12 +31,15 @@ BLUEPRINTS = (
     jobs_bp,
     batches_bp,
     events_bp,
+    chat_bp,
     offline_bp,
     page_bp,
 )
 
 DEFAULTS: dict[str, Any] = {
-    "SOCK_SERVER_OPTIONS": {"ping_interval": 25},
+    # A live conversation's client sends 80 ms of audio at a time (about 300 B of Opus, 3.8 kB of
+    # PCM): a message over 256 kB is refused with close 1009.
+    "SOCK_SERVER_OPTIONS": {"ping_interval": 25, "max_message_size": 256 * 1024},
 }
 
 

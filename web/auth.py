@@ -31,6 +31,7 @@ from personaplex.settings import Settings
 from web.errors import ApiError
 
 API_PREFIX = "/api/"
+CHAT_PATH = "/api/chat"
 
 LEGACY_KEY_NAME = "admin"
 """The owner name of jobs made with the single PERSONAPLEX_API_KEY."""
@@ -147,8 +148,8 @@ def _presented_key() -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    if request.path.endswith("/events"):
-        return request.args.get("access_token")
+    if request.path.endswith("/events") or request.path == CHAT_PATH:
+        return request.args.get("access_token")  # browsers cannot set headers on a WebSocket
     return None
 
 

@@ -15,6 +15,7 @@ production server never comes up open by accident.
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any
 
 from personaplex.settings import Settings
@@ -38,6 +39,22 @@ def post_worker_init(worker: Any) -> None:
     lines look; gunicorn configures only its loggers, and its lines do not propagate to the root."""
     line = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=line, datefmt="%Y-%m-%d %H:%M:%S %z")
+    end_conversations_on_sigterm(worker)
+
+
+def end_conversations_on_sigterm(worker: Any) -> None:
+    """A SIGTERM (restart, deploy) first ends the open live conversations, each telling its client
+    why (0x05, close 1012) and hanging up its row, then stops the worker as gunicorn does: the
+    conversations would otherwise hold it for the whole graceful timeout, then be cut."""
+    from web.api_chat import OpenCalls
+
+    stop = worker.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        OpenCalls.of(worker.wsgi).end_all()
+        stop(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
 
 
 def on_starting(server: Any) -> None:

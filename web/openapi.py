@@ -33,6 +33,42 @@ ENV: dict[str, str] = {f.name: f.metadata["env"] for f in fields(Settings)}
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
+CHAT_DESCRIPTION = (
+    "Upgrade to a WebSocket. Every message is binary, its first byte its kind: 0x00 handshake "
+    "(server to client, once the voice and text prompts are done: then send audio), 0x01 audio "
+    "(both ways: Ogg Opus pages at 24 kHz, or with codec=pcm 16-bit little-endian mono PCM at "
+    "24 kHz of any length), 0x02 text (UTF-8 piece of each generated text token that is not "
+    "padding), 0x04 metadata (JSON: session_id, queue_position while it waits for a free live "
+    f"slot, then worker), 0x05 error (UTF-8, followed by a close). A conversation waits at most "
+    f"{ENV['live_wait_s']} for a slot ({ENV['max_live']} per worker), then gets 0x05 and close 1013; "
+    f"it lasts at most {ENV['max_live_seconds']} (0x05, close 1000). Close codes: 1000 ended, 1007 "
+    "audio that does not decode, 1008 bad parameters, 1009 a message over 256 kB, 1011 the "
+    "worker failed or died, 1012 the server or worker restarts. Text messages and unknown kinds "
+    "are ignored. The API key goes in the Authorization header or ?access_token=."
+)
+CHAT_IGNORED = ("pad_mult", "text_seed", "audio_seed", "repetition_penalty_context", "repetition_penalty")
+"""What the reference's client sends and PersonaPlex's sampling does not use: accepted, ignored."""
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+CHAT_PARAMETERS = [
+    _query("voice_prompt", {"type": "string"}, "Voice id as GET /api/voices lists it (default NATF2.pt)."),
+    _query("text_prompt", {"type": "string"}, "The persona; empty: none."),
+    _query("seed", {"type": "integer"}, "-1: random."),
+    _query("greedy", {"type": "boolean"}, "Our extension: take the likeliest tokens."),
+    _query("text_temperature", {"type": "number"}, "As a job's temp_text."),
+    _query("text_topk", {"type": "integer"}, "As a job's topk_text."),
+    _query("audio_temperature", {"type": "number"}, "As a job's temp_audio."),
+    _query("audio_topk", {"type": "integer"}, "As a job's topk_audio."),
+    _query("codec", {"type": "string", "enum": ["opus", "pcm"], "default": "opus"}, "Our extension."),
+    _query("access_token", {"type": "string"}, "The API key, where a client cannot set headers."),
+    *(_query(name, {"type": "string"}, "Sent by the reference's client; ignored.") for name in CHAT_IGNORED),
+]
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": REF_TEMPLATE.format(model=name)}
 
@@ -262,6 +298,18 @@ def _paths() -> dict[str, Any]:
                     "400": _error("Not a WebSocket upgrade (a plain HTTP request)"),
                 },
             },
+        },
+        "/api/chat": {
+            "get": {
+                "summary": "WebSocket: a live full-duplex conversation (the reference's protocol)",
+                "description": CHAT_DESCRIPTION,
+                "tags": ["live"],
+                "parameters": CHAT_PARAMETERS,
+                "responses": {
+                    "101": {"description": "Switching protocols; binary messages as described."},
+                    "400": _error("Not a WebSocket upgrade (a plain HTTP request)"),
+                },
+            }
         },
         "/api/batches": {
             "post": {

@@ -355,7 +355,9 @@ class GpuStatus(Schema):
 
     model_loaded: bool
     active_connections: int
-    """Running jobs, summed over workers."""
+    """Running jobs and live conversations, summed over workers."""
+    live_sessions: int
+    """Live conversations, summed over workers."""
     idle_timeout: float
     gpu: Gpu
     worker_count: int
@@ -422,6 +424,10 @@ class Health(Schema):
     redis: str
     workers: int
     queue_length: int | None
+    live_slots_free: int
+    """Live conversations the fleet can take now (PERSONAPLEX_MAX_LIVE per worker less those running)."""
+    live_waiting: int | None
+    """Conversations waiting for a free live slot."""
     detail: str | None = None
     error: str | None = None
 

@@ -39,6 +39,10 @@ class ServerThread:
         return self
 
     def stop(self) -> None:
+        """Stop serving; open live conversations are ended first (their clients told why)."""
+        from web.api_chat import OpenCalls
+
+        OpenCalls.of(self.app).end_all()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

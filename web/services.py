@@ -81,6 +81,9 @@ class Services:
     settings: Settings
     redis: redis.Redis
     health_redis: redis.Redis
+    live_redis: redis.Redis
+    """Live conversations' own client: each open one blocks a connection on its output stream, so
+    their pool grows with them (Redis takes 10,000 clients) and never starves the API's."""
     jobs: JobStore
     blobs: BlobStore
     workers: WorkerRegistry
@@ -120,8 +123,9 @@ def celery_producer(settings: Settings) -> Celery:
 
 
 def build_services(settings: Settings) -> Services:
-    # Three clients, so none can starve another: the API's bounded pool, /health's own, and the one
-    # connection the events hub subscribes on for every socket and /api/offline waiter.
+    # Four clients, so none can starve another: the API's bounded pool, /health's own, the one
+    # connection the events hub subscribes on for every socket and /api/offline waiter, and the
+    # live conversations' pool.
     client = redis_client(settings.redis_url, max_connections=settings.redis_pool_size)
     # The hub pings on its own schedule; redis-py's health check would only swallow the pongs.
     events_client = redis_client(settings.redis_url, EVENTS_SOCKET_TIMEOUT_S, health_check_interval=0)
@@ -129,6 +133,7 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         redis=client,
         health_redis=redis_client(settings.redis_url, HEALTH_TIMEOUT_S, HEALTH_TIMEOUT_S, retries=0),
+        live_redis=redis_client(settings.redis_url, EVENTS_SOCKET_TIMEOUT_S),
         jobs=JobStore(client, retention_s=settings.retention_s, dispatch_grace_s=settings.dispatch_grace_s),
         blobs=open_blob_store(settings, client),
         workers=WorkerRegistry(client),

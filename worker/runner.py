@@ -15,13 +15,14 @@ every step is safe to repeat:
   again by housekeeping, or taken over by another delivery) finds its lease lost: the row stops at
   its next frame, the attempt's outputs are discarded, and nothing it wrote is served.
 
-Batching (README.md, "Batched jobs on a GPU worker"): a delivery that starts its job also claims up to `max_batch - 1` other
-queued jobs through their records (run lease first, then an atomic queued -> running transition that
-counts their attempt) and runs them all in one `Engine.process_batch`, writing each job's outputs and
-final record when its row ends. While the loop runs, rows that free up claim more queued jobs the
-same way (`QueueFeed`, continuous batching). The claimed jobs' own messages, delivered later here or elsewhere,
-find them final (or leased by the batch, and come back later) and are acked without running; if this
-worker dies, those messages are still queued or scheduled, the leases expire, and each job runs again.
+Batching (README.md, "Batched jobs on a GPU worker"): a delivery that starts its job also claims up
+to `max_batch - 1` other queued jobs through their records (run lease first, then an atomic queued ->
+running transition that counts their attempt) unless the worker's loop already runs, and hands them
+all to that loop (worker.loop), which writes each job's outputs and final record when its row ends
+(`JobRecords`). While the loop runs, rows that free up claim more queued jobs the same way. The
+claimed jobs' own messages, delivered later here or elsewhere, find them final (or leased by the
+loop, and come back later) and are acked without running; if this worker dies, those messages are
+still queued or scheduled, the leases expire, and each job runs again.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, completed_attemp
 from worker.runtime import WorkerRuntime
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from personaplex.engine.batching import BatchRequest
 
 log = logging.getLogger(__name__)
@@ -55,10 +58,6 @@ PROGRESS_MIN_INTERVAL_S = 0.25
 CANCEL_CHECK_INTERVAL_S = 0.2
 """The Redis cancel flag is read at most 5 times a second, however fast frames go."""
 
-
-REFILL_CHECK_INTERVAL_S = 0.1
-"""A running loop with a free row looks for queued jobs at most ten times a second: a short job
-waits at most this long to join, and an empty queue costs one ZRANGE per look."""
 
 CLAIM_LOOKAHEAD = 4
 """Queued ids read per free batch row when claiming (some may be leased or cancelled meanwhile)."""
@@ -128,14 +127,14 @@ class Outcome:
 
 
 class JobRunner:
-    """Runs one delivery of one job on this worker."""
+    """Runs one delivery of one job on this worker: its job goes into the worker's loop."""
 
     def __init__(self, runtime: WorkerRuntime, job_id: str, worker: str) -> None:
         self.runtime = runtime
         self.jobs = runtime.jobs
-        self.blobs = runtime.blobs
         self.job_id = job_id
         self.worker = worker
+        self.records = JobRecords(runtime, worker)
 
     def run(self) -> Outcome:
         job = self.jobs.get(self.job_id)
@@ -186,59 +185,94 @@ class JobRunner:
             if started.attempts > max_attempts:
                 self.jobs.mark_failed(job.id, _gave_up(started.attempts - 1, max_attempts), fence)
                 return Outcome(JobStatus.FAILED.value)
-            earlier = completed_attempt(self.blobs, job.id, started.attempts)
+            earlier = completed_attempt(self.runtime.blobs, job.id, started.attempts)
             if earlier is not None:
                 log.info("job %s: attempt %d's outputs are complete, finishing from them", job.id, earlier)
-                self.jobs.mark_succeeded(job.id, self._result_from_outputs(job.id, earlier), fence)
+                result = self.records.result_from_outputs(job.id, earlier)
+                self.jobs.mark_succeeded(job.id, result, fence)
                 return Outcome(JobStatus.SUCCEEDED.value)
         except LeaseLost:
-            return self._lost(started, ran=False)
+            return self.records.lost(started, ran=False)
         return self._run_engine(started)
 
     def _run_engine(self, job: Job) -> Outcome:
-        """Run the job, together with the queued jobs this delivery claims into its batch."""
+        """Hand the job, and the queued jobs this delivery claims beside it, to the worker's loop;
+        the delivery ends (its message is acked) when its own job does."""
         claimed = self._claim_waiting(job)
-        try:
-            outcomes = self._run_batch([job, *claimed])
-        finally:
-            for other in claimed:
-                self._release(other.id)
-        return outcomes[job.id]
+        outcomes = self.runtime.loop(self.worker).run_jobs([job, *claimed])
+        return outcomes[job.id].result()
 
     def _claim_waiting(self, leader: Job) -> list[Job]:
-        """Take up to max_batch - 1 queued jobs (oldest first) into this delivery's batch as it starts.
+        """Take up to max_batch - 1 queued jobs (oldest first) to run beside this delivery's job.
 
         Jobs whose estimated frames would push the batch past max_batch_frames are left for other
-        workers (a running loop takes them later, when it has room: see `QueueFeed`).
+        workers (a running loop takes them later, when it has room: see `LoopFeed`). A loop that
+        already runs takes the queued jobs itself as its rows free up.
         """
         settings = self.runtime.settings
-        longest = _frames_estimate(leader)
+        if self.runtime.loop(self.worker).running:
+            return []
+        longest = frames_estimate(leader)
 
         def fits(candidate: Job, claimed: int) -> bool:
             nonlocal longest
-            frames = max(longest, _frames_estimate(candidate))
+            frames = max(longest, frames_estimate(candidate))
             if candidate.id == leader.id or (claimed + 2) * frames > settings.max_batch_frames:
                 return False
             longest = frames
             return True
 
-        claimed = self.claim_queued(settings.max_batch - 1, fits)
+        claimed = self.records.claim_queued(settings.max_batch - 1, fits)
         if claimed:
             log.info("job %s: batched with queued jobs %s", leader.id, ", ".join(j.id for j in claimed))
         return claimed
 
-    def claim_queued(self, room: int, fits: Callable[[Job, int], bool] | None = None) -> list[Job]:
-        """Claim up to `room` queued jobs, oldest first, into this delivery's batch.
+
+@dataclass
+class BatchRun:
+    """One run of the worker's loop (from its first row until it drains): the jobs it took; the first
+    names it in their results (`engine_batch`)."""
+
+    leader: str | None = None
+    size: int = 0
+
+    def add(self, job: Job) -> None:
+        self.leader = self.leader or job.id
+        self.size += 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"leader": self.leader, "size": self.size}
+
+
+class JobRecords:
+    """The jobs of this worker's loop through their records: claiming queued jobs, building each
+    one's engine request, and writing its outputs and final record the moment its row ends."""
+
+    def __init__(self, runtime: WorkerRuntime, worker: str) -> None:
+        self.runtime = runtime
+        self.jobs = runtime.jobs
+        self.blobs = runtime.blobs
+        self.worker = worker
+
+    def claim_queued(
+        self,
+        room: int,
+        fits: Callable[[Job, int], bool] | None = None,
+        candidates: list[str] | None = None,
+    ) -> list[Job]:
+        """Claim up to `room` queued jobs, oldest first, into this worker's loop.
 
         Each claim takes the job's run lease first (so no other delivery runs it meanwhile), then
         moves it queued -> running atomically (counting its attempt); a job cancelled, started or
         leased elsewhere in between is skipped, and so is one `fits(job, claimed so far)` refuses.
-        With nothing queued this is one Redis round trip.
+        With nothing queued this is one Redis round trip. `candidates`: the queued ids, read already.
         """
         if room <= 0:
             return []
         claimed: list[Job] = []
-        for candidate in self.jobs.get_many(self.jobs.queued_ids(room * CLAIM_LOOKAHEAD)):
+        if candidates is None:
+            candidates = self.jobs.queued_ids(room * CLAIM_LOOKAHEAD)
+        for candidate in self.jobs.get_many(candidates):
             if len(claimed) >= room:
                 break
             if fits is not None and not fits(candidate, len(claimed)):
@@ -263,7 +297,7 @@ class JobRunner:
         self.runtime.add_to_batch(candidate.id)
         started = self.jobs.claim(candidate.id, self.worker)
         if started is None:
-            self._release(candidate.id)
+            self.release(candidate.id)
             return None
         fence = self.runtime.started(started.id, started.attempts)
         if started.attempts > settings.max_attempts:
@@ -271,83 +305,51 @@ class JobRunner:
                 self.jobs.mark_failed(
                     started.id, _gave_up(started.attempts - 1, settings.max_attempts), fence
                 )
-            self._release(started.id)
+            self.release(started.id)
             return None
         return started
 
-    def _release(self, job_id: str) -> None:
+    def release(self, job_id: str) -> None:
         self.runtime.leave_batch(job_id)
         self.jobs.release_lease(job_id, self.runtime.lease_owner)
 
-    def _run_batch(self, jobs: list[Job]) -> dict[str, Outcome]:
-        """Run `jobs` in one continuous engine batch: rows that free up take queued jobs as it runs
-        (`QueueFeed`); each job's outputs and record are written when it ends."""
-        outcomes: dict[str, Outcome] = {}
-        batch = {"leader": jobs[0].id, "size": len(jobs)}
-        members, requests = [], []
-        for job in jobs:
-            request = self._request(job, batch, outcomes)
-            if request is not None:
-                members.append(job)
-                requests.append(request)
-        if not requests:
-            return outcomes
-        load_s = 0.0
-        try:
-            load_s = self.runtime.ensure_loaded()
-            for job, request in zip(members, requests, strict=True):
-                request.on_done = self._recorder(job, batch, outcomes, load_s)
-            feed = QueueFeed(self, batch, outcomes)
-            results: list[EngineResult | Exception] = self.runtime.engine().process_batch(requests, feed)
-        except Exception as exc:  # the model did not load, or the batch broke: fail every job left
-            log.exception("batch of %s failed", batch["leader"])
-            results = [exc] * len(members)
-        for job, result in zip(members, results, strict=True):
-            if job.id not in outcomes:
-                outcomes[job.id] = self._settle(job, batch, load_s, result)
-        return outcomes
-
-    def _request(self, job: Job, batch: dict[str, Any], outcomes: dict[str, Outcome]) -> BatchRequest | None:
-        """The engine's request for one job (its audio, parameters, progress and cancel check); None
-        when its input does not read back, and the job has failed."""
+    def request(
+        self, job: Job, run: BatchRun, done: Future[Outcome], load_s: float = 0.0
+    ) -> BatchRequest | None:
+        """The engine's request for one job of `run` (its audio, parameters, progress and cancel
+        check, and the on_done that records it and resolves `done`); None when its input does not
+        read back, and the job has failed (`done` says so). `load_s`: the model load it waited for."""
         from personaplex.engine.core import BatchRequest
 
+        run.add(job)
         try:
             audio = self.blobs.get(job.id, INPUT)
             params = GenerationParams.from_dict(job.params)
         except Exception as exc:
-            outcomes[job.id] = self._settle(job, batch, 0.0, exc)
+            done.set_result(self.settle(job, run, exc, load_s))
             return None
         reporter = ProgressReporter(self.runtime, job.id, self._fence(job))
         reporter("load", 0, 1)
-        return BatchRequest(audio, params, reporter, CancelCheck(self.runtime, job.id))
 
-    def _recorder(
-        self, job: Job, batch: dict[str, Any], outcomes: dict[str, Outcome], load_s: float
-    ) -> Callable[[EngineResult | Exception], None]:
-        """The request's on_done: record the job's outcome the moment its row ends."""
+        def on_done(outcome: EngineResult | Exception) -> None:
+            done.set_result(self.settle(job, run, outcome, load_s))
 
-        def done(outcome: EngineResult | Exception) -> None:
-            outcomes[job.id] = self._settle(job, batch, load_s, outcome)
+        return BatchRequest(audio, params, reporter, CancelCheck(self.runtime, job.id), on_done)
 
-        return done
-
-    def _settle(
-        self, job: Job, batch: dict[str, Any], load_s: float, outcome: EngineResult | Exception
+    def settle(
+        self, job: Job, run: BatchRun, outcome: EngineResult | Exception, load_s: float = 0.0
     ) -> Outcome:
-        """Record one job's end: outputs and success, or the reason it failed or was cancelled."""
+        """Record one job's end (outputs and success, or the reason it failed or was cancelled) and
+        let its lease go: a later delivery of it finds it final."""
         try:
-            status = self._record(job, batch, load_s, outcome)
+            status = self._record(job, run, outcome, load_s)
         except LeaseLost:
-            status = self._lost(job).status
-        if job.id != batch["leader"]:
-            self._release(job.id)  # a later delivery of it finds it final
-            log.info("job %s (claimed by the batch of %s) ended %s", job.id, batch["leader"], status)
+            status = self.lost(job).status
+        self.release(job.id)
+        log.info("job %s (in the loop of %s) ended %s", job.id, run.leader, status)
         return Outcome(status, ran=True)
 
-    def _record(
-        self, job: Job, batch: dict[str, Any], load_s: float, outcome: EngineResult | Exception
-    ) -> str:
+    def _record(self, job: Job, run: BatchRun, outcome: EngineResult | Exception, load_s: float) -> str:
         """Write the attempt's outcome under its fence; raises LeaseLost if the job moved on."""
         fence = self._fence(job)
         if self.runtime.lease_lost(job.id):
@@ -368,8 +370,8 @@ class JobRunner:
             timings = _timings(job, outcome, load_s, inference_s)
             self._write_outputs(job.id, fence.attempt, outcome, timings)
             result = _result(outcome.input_duration_s, outcome.text, outcome.frames, timings, fence.attempt)
-            if batch["size"] > 1:
-                result["engine_batch"] = dict(batch)
+            if run.size > 1:
+                result["engine_batch"] = run.describe()
         except Exception as exc:
             log.error("job %s failed unexpectedly", job.id, exc_info=exc)
             self.jobs.mark_failed(job.id, f"Internal error: {type(exc).__name__}: {exc}", fence)
@@ -380,7 +382,7 @@ class JobRunner:
     def _fence(self, job: Job) -> Fence:
         return Fence(self.runtime.lease_owner, job.attempts)
 
-    def _lost(self, job: Job, ran: bool = True) -> Outcome:
+    def lost(self, job: Job, ran: bool = True) -> Outcome:
         """This attempt lost the job to another: leave its record alone and drop its outputs."""
         log.warning(
             "job %s: attempt %d lost its lease (the job was queued again or taken over); "
@@ -403,7 +405,7 @@ class JobRunner:
         document = {"job_id": job_id, **result.text_document(), "timings": timings}
         self.blobs.put(job_id, OUTPUT_JSON, json.dumps(document).encode(), attempt)
 
-    def _result_from_outputs(self, job_id: str, attempt: int) -> dict[str, Any]:
+    def result_from_outputs(self, job_id: str, attempt: int) -> dict[str, Any]:
         document = json.loads(self.blobs.get(job_id, OUTPUT_JSON, attempt))
         frames = len(document["frames"])
         return _result(document["duration_s"], document["text"], frames, document["timings"], attempt)
@@ -422,7 +424,7 @@ def _timings(job: Job, result: EngineResult, load_s: float, inference_s: float) 
     }
 
 
-def _frames_estimate(job: Job) -> int:
+def frames_estimate(job: Job) -> int:
     """The job's generate frames from its recorded input duration (its prompt frames come on top)."""
     return math.ceil((job.input_duration_s or 0.0) * FRAME_RATE)
 
@@ -439,47 +441,3 @@ def _gave_up(attempts: int, max_attempts: int) -> str:
         f"Gave up after {attempts} attempts (PERSONAPLEX_MAX_ATTEMPTS={max_attempts}): the job was "
         "delivered again each time its worker stopped before finishing it."
     )
-
-
-class QueueFeed:
-    """The queue, as the `JobFeed` of a delivery's continuous batch: free rows claim queued jobs.
-
-    A look is due at most every REFILL_CHECK_INTERVAL_S (0.1 s), and only while the runtime admits jobs (no
-    offload is waiting for the loop, the worker is not shutting down) and within half the visibility
-    timeout from the delivery's start: the leader's message stays unacked until the loop drains.
-    A look that finds the queue empty costs one Redis round trip.
-    """
-
-    def __init__(self, runner: JobRunner, batch: dict[str, Any], outcomes: dict[str, Outcome]) -> None:
-        self.runner = runner
-        self.batch = batch
-        self.outcomes = outcomes
-        now = time.monotonic()
-        self.next_look = now + REFILL_CHECK_INTERVAL_S
-        self.deadline = now + runner.runtime.settings.visibility_timeout / 2
-
-    def _open(self) -> bool:
-        return time.monotonic() < self.deadline and self.runner.runtime.admits_jobs
-
-    def due(self) -> bool:
-        return time.monotonic() >= self.next_look and self._open()
-
-    def take(self, rows: int, max_frames: int | None = None) -> list[BatchRequest]:
-        self.next_look = time.monotonic() + REFILL_CHECK_INTERVAL_S
-        if not self._open():
-            return []
-        short_enough = None if max_frames is None else (lambda job, _: _frames_estimate(job) <= max_frames)
-        try:
-            claimed = self.runner.claim_queued(rows, short_enough)
-        except RedisError as exc:  # the running rows go on; the next look tries again
-            log.warning("batch of %s: could not look at the queue (%s)", self.batch["leader"], exc)
-            return []
-        requests = []
-        for job in claimed:
-            self.batch["size"] += 1
-            log.info("job %s joins the running batch of %s", job.id, self.batch["leader"])
-            request = self.runner._request(job, self.batch, self.outcomes)
-            if request is not None:
-                request.on_done = self.runner._recorder(job, self.batch, self.outcomes, 0.0)
-                requests.append(request)
-        return requests

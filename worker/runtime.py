@@ -18,6 +18,7 @@ The engine module imports torch, so it is imported here lazily, never when the w
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -31,11 +32,13 @@ import redis
 
 from personaplex.fleet import GpuMemory, OffloadReply, OffloadStatus, PromptCacheStats, WorkerRecord
 from personaplex.jobs import Fence, JobStore, WorkerRegistry
+from personaplex.params import FRAME_RATE
 from personaplex.settings import Settings
 from personaplex.storage import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
     from personaplex.engine.core import Engine
+    from worker.loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,9 @@ class WorkerRuntime:
         self._last_used: float | None = None
         self._offload_pending = False
         self._draining = False
+        self._loop_active = False
+        """The engine loop is running (some row is busy): the model is in use."""
+        self._loop: EngineLoop | None = None
 
     # -- engine ----------------------------------------------------------------------------------
 
@@ -96,8 +102,19 @@ class WorkerRuntime:
                     max_batch=s.max_batch,
                     max_batch_frames=s.max_batch_frames,
                     prompt_cache_mb=s.prompt_cache_mb,
+                    live_frames=math.ceil(s.max_live_seconds * FRAME_RATE) if s.max_live else 0,
                 )
             return self._engine
+
+    def loop(self, worker: str) -> EngineLoop:
+        """The worker's engine loop (worker.loop), created and started on first use."""
+        with self._create_lock:
+            if self._loop is None:
+                from worker.loop import EngineLoop
+
+                self._loop = EngineLoop(self, worker)
+        self._loop.start()
+        return self._loop
 
     def ensure_loaded(self) -> float:
         """Load the model if it is not resident; returns the seconds spent (0 when it was)."""
@@ -116,21 +133,50 @@ class WorkerRuntime:
 
     @contextmanager
     def job_running(self, job_id: str) -> Iterator[None]:
-        """Mark `job_id` as this worker's running job; afterwards run an offload deferred meanwhile."""
+        """Mark `job_id` as the job whose delivery holds the task slot (its lease is refreshed)."""
         with self._state:
             self._running_job = job_id
-            self._batch = {job_id: None}
+            self._batch.setdefault(job_id, None)
         try:
             yield
         finally:
             with self._state:
                 self._running_job = None
+            self._after_use()
+
+    @contextmanager
+    def loop_running(self) -> Iterator[None]:
+        """The engine loop runs (the model is in use); afterwards run an offload deferred meanwhile."""
+        with self._state:
+            self._loop_active = True
+        try:
+            yield
+        finally:
+            with self._state:
+                self._loop_active = False
                 self._batch, self._fences, self._lost = {}, {}, set()
-                pending, self._offload_pending = self._offload_pending, False
-            self._touch()
+            self._after_use()
+
+    def _after_use(self) -> None:
+        """The model was used until now: its idle time starts, and an offload deferred meanwhile
+        runs once nothing uses it."""
+        with self._state:
+            pending = self._offload_pending and not self._busy()
             if pending:
-                log.info("running the offload deferred during job %s", job_id)
-                self._offload_now(wait_s=None)
+                self._offload_pending = False
+        self._touch()
+        if pending:
+            log.info("running the offload deferred while the model was in use")
+            self._offload_now(wait_s=None)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the model is in use: a delivery holds the task slot or the loop runs."""
+        with self._state:
+            return self._busy()
+
+    def _busy(self) -> bool:
+        return self._running_job is not None or self._loop_active
 
     @property
     def admits_jobs(self) -> bool:
@@ -143,6 +189,12 @@ class WorkerRuntime:
         """The worker is shutting down: the running loop finishes its jobs and takes no more."""
         with self._state:
             self._draining = True
+
+    def stop_loop(self) -> None:
+        """End the loop's conversations and wait for its jobs to finish (a warm shutdown's last step)."""
+        self.drain()
+        if self._loop is not None:
+            self._loop.stop()
 
     def add_to_batch(self, job_id: str) -> None:
         """A job claimed into the running delivery's batch: its lease is refreshed from now on."""
@@ -204,7 +256,7 @@ class WorkerRuntime:
     def request_offload(self) -> OffloadReply:
         """Free the model now, or defer it to the end of the running job (waits at most 0.3 s)."""
         with self._state:
-            if self._running_job is not None:
+            if self._busy():
                 self._offload_pending = True
                 return self._offload_reply(OffloadStatus.DEFERRED)
         status = self._offload_now(wait_s=CONTROL_LOCK_WAIT_S)
@@ -219,7 +271,7 @@ class WorkerRuntime:
         Housekeeping calls this every tick; True if it offloaded.
         """
         with self._state:
-            pending = self._offload_pending and self._running_job is None
+            pending = self._offload_pending and not self._busy()
         if pending:
             status = self._offload_now(wait_s=0)
             if status is not OffloadStatus.DEFERRED:
@@ -236,7 +288,7 @@ class WorkerRuntime:
         """When the idle model will be offloaded (unix time), or None if it is busy, unloaded or kept."""
         timeout = self.settings.gpu_idle_timeout
         with self._state:
-            busy, last_used = self._running_job is not None, self._last_used
+            busy, last_used = self._busy(), self._last_used
         if timeout <= 0 or busy or not self.model_loaded:
             return None
         return (last_used or time.time()) + timeout
@@ -248,7 +300,7 @@ class WorkerRuntime:
             return OffloadStatus.DEFERRED  # a load or another offload is in progress
         try:
             with self._state:
-                if self._running_job is not None:
+                if self._busy():
                     return OffloadStatus.DEFERRED
             if not self.model_loaded:
                 return OffloadStatus.NOT_LOADED
@@ -269,6 +321,8 @@ class WorkerRuntime:
         running = next(iter(batch), None)  # the first job still running (the delivery's, or the next)
         progress = batch.get(running) if running else None
         engine = self._engine
+        live = self._loop.live_count() if self._loop is not None else 0
+        free = self._loop.live_slots_free() if self._loop is not None else self.settings.max_live
         return {
             "worker": worker,
             "model": self.settings.model,
@@ -278,7 +332,9 @@ class WorkerRuntime:
             "running_job": running,
             "progress": dict(progress) if progress else None,
             "running_jobs": list(batch),
-            "active_connections": len(batch),  # the legacy server's name for running jobs
+            "active_connections": len(batch) + live,  # the legacy server's name: jobs and conversations
+            "live_sessions": live,
+            "live_slots_free": free,
             "idle_timeout": self.settings.gpu_idle_timeout,
             "idle_deadline": self.idle_deadline(),
             "last_used": last_used,

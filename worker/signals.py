@@ -1,5 +1,6 @@
-"""Worker lifecycle hooks: start housekeeping when the worker is ready, drain the running loop when
-shutting down begins, stop housekeeping at shutdown.
+"""Worker lifecycle hooks: start housekeeping and the engine loop when the worker is ready (the loop
+takes live conversations before any job arrives), drain the loop when shutting down begins, and at
+shutdown wait for its jobs to finish, then stop housekeeping (which renews their leases meanwhile).
 
 `worker_process_init` does not fire under the threads pool (docs/architecture.md §1), so `worker_ready` it is.
 The engine is not loaded here: the first job loads it (lazily, under a lock) and it then stays.
@@ -24,6 +25,7 @@ def start_housekeeping(sender: Any, **kwargs: Any) -> None:
     housekeeper = Housekeeper(get_runtime(), sender.hostname, lambda job_id: send_job(app, job_id))
     housekeeper.start()
     _housekeepers.append(housekeeper)
+    get_runtime().loop(sender.hostname)
 
 
 @worker_shutting_down.connect
@@ -34,5 +36,6 @@ def stop_admitting(**kwargs: Any) -> None:
 
 @worker_shutdown.connect
 def stop_housekeeping(sender: Any = None, **kwargs: Any) -> None:
+    get_runtime().stop_loop()
     while _housekeepers:
         _housekeepers.pop().stop()

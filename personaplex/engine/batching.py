@@ -86,6 +86,10 @@ class LiveLink(Protocol):
         """Block until input may have arrived, or `timeout` seconds (the loop has nothing else to do)."""
         ...
 
+    def ready(self) -> None:
+        """Its row has joined the loop, its prompt phase done: input is taken from now on."""
+        ...
+
 
 class JobFeed(Protocol):
     """More jobs for a running batch (the worker's queue): what makes `Engine.process_batch` continuous."""
@@ -206,7 +210,7 @@ def step_rows(
     live = list(rows)
     done = 0  # frames the loop has stepped
     for slot, row in enumerate(rows):
-        row.join(slot, 0)
+        _join(row, slot, 0)
     while True:
         if joiner is not None and loop.free_rows() and (not live or joiner.due()):
             _admit(loop, live, done, joiner)
@@ -306,9 +310,18 @@ def _broken(exc: Exception) -> ConversationError:
 
 def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner) -> None:
     for row in joiner.join(len(loop.free_rows()), lambda plan: loop.fits([plan]), loop.horizon()):
-        row.join(loop.free_rows()[0], done)
-        loop.load_row(row.slot, row.plan)
+        slot = loop.free_rows()[0]
+        loop.load_row(slot, row.plan)
+        _join(row, slot, done)
         live.append(row)
+
+
+def _join(row: BatchRow, slot: int, loop_frame: int) -> None:
+    """`row` takes row `slot` of the loop (its schedules already loaded) at the loop's frame
+    `loop_frame`; a conversation is told its row is ready."""
+    row.join(slot, loop_frame)
+    if row.live is not None:
+        row.live.ready()
 
 
 def _before_frame(

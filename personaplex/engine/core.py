@@ -96,6 +96,7 @@ class Engine:
         max_batch_frames: int = DEFAULT_MAX_BATCH_FRAMES,
         prefill: bool = True,
         prompt_cache_mb: float = Settings.prompt_cache_mb,
+        live_frames: int = 0,
     ) -> None:
         self.model_name = str(model)
         self.device = torch.device(device) if device else default_device()
@@ -110,6 +111,9 @@ class Engine:
         self.prefill = prefill
         """Run each job's prompt phase in one pass (personaplex.engine.prompt); False: step it."""
         self.prompt_cache = PromptCache(int(prompt_cache_mb * 2**20))
+        self.live_frames = live_frames
+        """Frames a conversation's row takes: every continuous loop keeps room for one, so a
+        conversation joins a running loop instead of waiting for it to drain (0: no conversations)."""
         self._fast: FastLoop | None = None  # the last one, reused while jobs fit it
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personaplex-finish")
         """Decodes and settles the rows that end while the loop runs on (`_run_batch`)."""
@@ -326,13 +330,14 @@ class Engine:
                 return
 
     def _continuous_loop(self, models: LoadedModels, plans: list[JobPlan]) -> FastLoop:
-        """A loop for a continuous batch: frames for the longest of `plans` (rounded up), as many
+        """A loop for a continuous batch: frames for the longest of `plans` or a conversation
+        (`live_frames`), rounded up, as many
         rows as `max_batch` and `max_batch_frames` allow at that length (one row at least), top-k
         room for the default sampling, so a later job of up to that length can join.
 
         The last loop is reused when it has those rows and at least those frames (no new capture).
         """
-        frames = _round_up(max(len(p) for p in plans), FAST_FRAMES_BUCKET)
+        frames = _round_up(max(self.live_frames, *(len(p) for p in plans)), FAST_FRAMES_BUCKET)
         rows = max(1, min(self.max_batch, self.max_batch_frames // frames))
         loop = self._fast
         if loop is not None and loop.batch == rows and loop.fits(plans[:rows]):

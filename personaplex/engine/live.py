@@ -48,6 +48,8 @@ class LiveSession:
         self._closing = threading.Event()
         self.frames: queue.SimpleQueue[LiveFrame] = queue.SimpleQueue()
         """Generated frames, in order, as the loop steps them."""
+        self.started = threading.Event()
+        """Set once its row is in the loop, its prompt phase done (the reference's handshake)."""
 
     # ---- the caller's side --------------------------------------------------------------------
     def push(self, samples: np.ndarray) -> None:
@@ -91,3 +93,6 @@ class LiveSession:
     def wait(self, timeout: float) -> None:
         self._arrived.wait(timeout)
         self._arrived.clear()
+
+    def ready(self) -> None:
+        self.started.set()
