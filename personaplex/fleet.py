@@ -85,9 +85,9 @@ class WorkerRecord(TypedDict):
     running_jobs: list[str]
     active_connections: int
     """How many jobs and live conversations its loop runs (the legacy server's name for it)."""
-    live_sessions: NotRequired[int]
-    """Live conversations in its loop (absent from workers that predate them)."""
-    live_slots_free: NotRequired[int]
+    live_sessions: int
+    """Live conversations in its loop."""
+    live_slots_free: int
     """Conversations it can take now (PERSONAPLEX_MAX_LIVE less those running; 0 while draining)."""
     idle_timeout: float
     idle_deadline: float | None

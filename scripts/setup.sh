@@ -14,11 +14,16 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[all]"
   touch "$stamp"
 fi
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-  else
-    echo "redis-server is missing: install it (apt-get install redis-server)" >&2
-    exit 1
+# The tests start their own redis-server, and drive the conversation page in Debian's Chromium
+# (playwright drives it; it cannot download its own browsers here).
+for package in redis-server chromium; do
+  if ! command -v "$package" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      [ -n "${APT_UPDATED:-}" ] || { apt-get update -qq; APT_UPDATED=1; }
+      apt-get install -y -qq "$package" >/dev/null
+    else
+      echo "$package is missing: install it (apt-get install $package)" >&2
+      exit 1
+    fi
   fi
-fi
+done

@@ -264,3 +264,29 @@ def test_many_conversations_opening_and_closing_at_once_leave_nothing_behind(
     wait_until(lambda: live_sessions(worker) == 0, 5, what="every row to leave")
     wait_until(lambda: not live_keys(redis_client), 5, what="every conversation's keys to go")
     wait_until(lambda: threading.active_count() <= threads_before, 5, what="the web's threads to end")
+
+
+def test_the_reference_codec_ogg_opus_both_ways(
+    start_worker: StartWorker, start_web: Callable[..., Any], speech: np.ndarray
+) -> None:
+    """What the reference's web client does: Ogg Opus pages in (sphn's writer), pages out that
+    sphn's reader decodes into the agent's 24 kHz audio."""
+    import sphn
+
+    start_worker("gpu0")
+    server = start_web()
+    client = ChatClient(server.url, voice_prompt="NATM1.pt", text_prompt="You are a tutor.", seed=3).connect()
+    assert client.ws is not None
+    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+    samples = speech_frames(speech, 2.0)
+    for start in range(0, len(samples) - FRAME_SIZE + 1, FRAME_SIZE):
+        page = writer.append_pcm(samples[start : start + FRAME_SIZE])
+        if page:
+            client.ws.send(bytes([AUDIO]) + page)
+    wait_until(lambda: len(client.received.audio) >= 10, 30, what="Opus pages back")
+    client.hang_up()
+    client.wait_closed()
+    reader = sphn.OpusStreamReader(SAMPLE_RATE)
+    decoded = sum(len(reader.append_bytes(page)) for page in client.received.audio)
+    assert decoded >= 8 * FRAME_SIZE  # the agent's audio, frame after frame
+    assert client.received.audio[0][:4] == b"OggS"

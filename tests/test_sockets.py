@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 import requests
@@ -306,3 +307,59 @@ def test_the_production_command_frees_offline_waits_whose_clients_hung_up(
 
     wait_until(lambda: hung_up() == 20, 5, what="every wait to notice its client left")
     assert job_store.queue_length() == 20  # the jobs go on
+
+
+CONVERSATIONS = 128
+"""Live conversations the production command must hold open at once (issue 13)."""
+
+
+@pytest.mark.slow
+def test_the_production_command_holds_128_live_conversations_and_keeps_answering(
+    gunicorn_web: tuple[str, ServiceProcess],
+    start_worker: Callable[..., Any],
+    redis_client: redis.Redis,
+    speech: np.ndarray,
+) -> None:
+    """128 conversations run at once (a worker with 128 live rows on the tiny model; 20 s each at
+    most, and a frame budget for 128 such rows), each talking, while the API answers
+    in time; then all hang up and nothing is left."""
+    from chat_client import ChatClient
+
+    base, _ = gunicorn_web
+    worker = start_worker(
+        "gpu0",
+        PERSONAPLEX_MAX_LIVE=str(CONVERSATIONS),
+        PERSONAPLEX_MAX_BATCH=str(CONVERSATIONS),
+        PERSONAPLEX_MAX_LIVE_SECONDS="20",
+        PERSONAPLEX_MAX_BATCH_FRAMES=str(CONVERSATIONS * 512),  # 250 frames + the prompt, rounded up
+    )
+    clients: list[ChatClient] = []
+    talking = threading.Event()
+
+    def talk() -> None:  # a frame a second from every connected client: none falls silent
+        while not talking.wait(1.0):
+            for client in list(clients):
+                with contextlib.suppress(simple_websocket.ConnectionClosed):
+                    client.send_pcm(speech[:1920])
+
+    threading.Thread(target=talk, daemon=True).start()
+    with ThreadPoolExecutor(OPENERS) as pool:
+        for client in pool.map(
+            lambda _: ChatClient(base, codec="pcm").connect(timeout=120), range(CONVERSATIONS)
+        ):
+            clients.append(client)
+    try:
+        assert_answered_in_time(api_traffic(base, []))
+        for client in clients:
+            client.wait_for_audio(1, timeout=60)
+        status = requests.get(base + "/api/gpu/status", timeout=5).json()
+        assert status["live_sessions"] == CONVERSATIONS == status["active_connections"]
+        assert not any(client.closed.is_set() for client in clients)
+    finally:
+        talking.set()
+        for client in clients:
+            client.hang_up()
+    wait_until(
+        lambda: not redis_client.keys("personaplex:live:*"), 20, what="every conversation's keys to go"
+    )
+    assert "Traceback" not in worker.log()

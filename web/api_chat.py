@@ -16,8 +16,10 @@ It ends when the client leaves (its row leaves the loop within a frame), when th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from flask_sock import Sock
 from redis.exceptions import RedisError
 from simple_websocket import ConnectionClosed, Server
 from werkzeug.datastructures import MultiDict
+from wsproto.utilities import LocalProtocolError
 
 from personaplex.conversations import (
     CLOSE_NORMAL,
@@ -84,6 +87,8 @@ ALIVE_GRACE_S = 1.0
 HANGUP_WAIT_S = 1.0
 """How long a leaving client's handler waits for the worker to confirm the row left, before it
 deletes the conversation's keys (a later write by the worker would otherwise outlive it)."""
+CLOSE_HANDSHAKE_WAIT_S = 1.0
+"""How long a closing socket waits for the client's half of the closing handshake."""
 WORKER_GONE = "The worker running this conversation stopped (it no longer renews it): call again."
 RESTARTING = "The server is restarting: call again."
 CLOSE_SERVICE_RESTART = 1012
@@ -140,6 +145,13 @@ def chat_params(args: MultiDict[str, str]) -> Any:
 
 @sock.route("/chat", bp=bp)
 def chat(ws: Server) -> None:
+    try:
+        _serve(ws)
+    finally:
+        _finish_close(ws)
+
+
+def _serve(ws: Server) -> None:
     svc = services()
     codec = request.args.get("codec", "opus").strip().lower()
     try:
@@ -162,6 +174,20 @@ def chat(ws: Server) -> None:
         call.run()
     finally:
         calls.discard(call)
+
+
+def _finish_close(ws: Server) -> None:
+    """Let simple-websocket finish the closing handshake, then shut the connection down.
+
+    Under the development server (werkzeug) the socket outlives the handler: werkzeug then writes
+    an HTTP response on it, which a browser reads as a broken frame (close 1006 instead of the
+    clean close it already had). Once the close frames have crossed, nothing more belongs on it.
+    """
+    if ws.connected:
+        _close(ws, None, CLOSE_NORMAL)
+    ws.thread.join(CLOSE_HANDSHAKE_WAIT_S)
+    with contextlib.suppress(OSError):
+        ws.sock.shutdown(socket.SHUT_RDWR)
 
 
 class Call:
@@ -382,7 +408,12 @@ class Call:
         self._send(bytes([METADATA]) + json.dumps({"session_id": self.session_id, **extra}).encode())
 
     def _send(self, message: bytes) -> None:
-        self.ws.send(message)
+        try:
+            self.ws.send(message)
+        except LocalProtocolError as exc:
+            # The client's close arrived between simple-websocket's check and the send (its reader
+            # thread answers it): the client left, as a ConnectionClosed says.
+            raise ConnectionClosed() from exc
 
 
 def _close(ws: Server, error: str | None, code: int) -> None:
@@ -391,7 +422,7 @@ def _close(ws: Server, error: str | None, code: int) -> None:
         if error is not None:
             ws.send(bytes([ERROR]) + error.encode())
         ws.close(reason=code, message=(error or "")[:120])
-    except ConnectionClosed:
+    except (ConnectionClosed, LocalProtocolError):  # the client closed first
         pass
 
 

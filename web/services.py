@@ -45,6 +45,11 @@ REDIS_POOL_WAIT_S = 5.0
 EVENTS_SOCKET_TIMEOUT_S = 5.0
 """Seconds one read on the events subscription may block once Redis has started to answer."""
 
+LIVE_CONNECTIONS = 4096
+"""Redis connections the live conversations of one web process may hold: about three each (the
+relay's blocking read, the input, the alive checks), so some thousand conversations; redis-py's
+default pool stops at 100."""
+
 CLEANUP_INTERVAL_S = 600.0
 """Seconds between two sweeps of expired jobs and blobs from this web process."""
 
@@ -83,7 +88,7 @@ class Services:
     health_redis: redis.Redis
     live_redis: redis.Redis
     """Live conversations' own client: each open one blocks a connection on its output stream, so
-    their pool grows with them (Redis takes 10,000 clients) and never starves the API's."""
+    their pool is large (LIVE_CONNECTIONS; Redis takes 10,000 clients) and never starves the API's."""
     jobs: JobStore
     blobs: BlobStore
     workers: WorkerRegistry
@@ -133,7 +138,9 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         redis=client,
         health_redis=redis_client(settings.redis_url, HEALTH_TIMEOUT_S, HEALTH_TIMEOUT_S, retries=0),
-        live_redis=redis_client(settings.redis_url, EVENTS_SOCKET_TIMEOUT_S),
+        live_redis=redis_client(
+            settings.redis_url, EVENTS_SOCKET_TIMEOUT_S, max_connections=LIVE_CONNECTIONS
+        ),
         jobs=JobStore(client, retention_s=settings.retention_s, dispatch_grace_s=settings.dispatch_grace_s),
         blobs=open_blob_store(settings, client),
         workers=WorkerRegistry(client),
