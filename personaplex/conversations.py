@@ -14,6 +14,7 @@ expires (`LIVE_TTL_S` after its last write), so a conversation whose ends both d
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis
 
+from personaplex.errors import ConversationError
 from personaplex.jobs import Keys, new_job_id
 from personaplex.params import GenerationParams
 
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     import torch
 
     from personaplex.engine.live import LiveSession
+
+log = logging.getLogger(__name__)
 
 LIVE_TTL_S = 300
 """Seconds a conversation's keys live after their last write."""
@@ -213,9 +217,12 @@ class RedisLink:
         self._heard = self._looked = time.monotonic()
         self._hung_up = False
         self._stopped: str | None = None
+        self._broken: ConversationError | None = None
 
     # ---- LiveLink ---------------------------------------------------------------------------------
     def next_input(self) -> torch.Tensor | None:
+        if self._broken is not None:
+            raise self._broken
         user = self.session.next_input()
         if user is None and self._pull(block_ms=None):
             user = self.session.next_input()
@@ -242,8 +249,11 @@ class RedisLink:
         self._pull(block_ms=max(1, int(timeout * 1000)))
 
     def ready(self) -> None:
-        self.session.ready()
-        self.conversations.send_ready(self.session_id)
+        self._heard = self._looked = time.monotonic()  # its silence counts from here, not its prefill
+        try:
+            self.conversations.send_ready(self.session_id)
+        except redis.RedisError as exc:  # its caller would wait for a handshake: end the row instead
+            self._broken = ConversationError(f"The handshake could not be sent ({exc}).")
 
     # ---- the worker's side --------------------------------------------------------------------
     def stop(self, reason: str) -> None:
@@ -271,7 +281,11 @@ class RedisLink:
     def _pull(self, block_ms: int | None) -> bool:
         """Move what arrived on the input stream into the session; True if anything did."""
         self._looked = time.monotonic()
-        entries = self.conversations.read(self._inbox, self._read_after, block_ms)
+        try:
+            entries = self.conversations.read(self._inbox, self._read_after, block_ms)
+        except redis.RedisError as exc:  # no input this time; silence long enough ends the row
+            log.warning("conversation %s: its input is unreadable (%s)", self.session_id, exc)
+            return False
         if entries:
             self._heard = time.monotonic()
         for entry_id, fields in entries:

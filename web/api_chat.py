@@ -36,6 +36,7 @@ from wsproto.utilities import LocalProtocolError
 from personaplex.conversations import (
     CLOSE_NORMAL,
     CLOSE_SERVER_ERROR,
+    CLOSE_SERVICE_RESTART,
     Conversations,
     from_pcm16,
 )
@@ -87,11 +88,12 @@ ALIVE_GRACE_S = 1.0
 HANGUP_WAIT_S = 1.0
 """How long a leaving client's handler waits for the worker to confirm the row left, before it
 deletes the conversation's keys (a later write by the worker would otherwise outlive it)."""
+READER_STOP_S = 1.5
+"""Longest wait for the reader thread to stop (its receive times out every second)."""
 CLOSE_HANDSHAKE_WAIT_S = 1.0
 """How long a closing socket waits for the client's half of the closing handshake."""
 WORKER_GONE = "The worker running this conversation stopped (it no longer renews it): call again."
 RESTARTING = "The server is restarting: call again."
-CLOSE_SERVICE_RESTART = 1012
 CALLS_EXTENSION = "personaplex.calls"
 
 
@@ -205,8 +207,10 @@ class Call:
         self.taken_at = 0.0
         self.next_alive_look = 0.0
         self.confirmed = False
-        self.hung_up = False
         """The worker's end entry was read: the row has left the loop."""
+        self.hung_up = False
+        """The hang-up went onto the input stream."""
+        self.reader: threading.Thread | None = None
         self.gone = threading.Event()
         """The client left (or sent what ends the call)."""
         self.refusal: Ended | None = None
@@ -218,9 +222,10 @@ class Call:
             self._wait_for_worker()
             self._wait_for_prompt()
             self._send(bytes([HANDSHAKE]))
-            threading.Thread(
+            self.reader = threading.Thread(
                 target=self._read_client, name=f"chat-in-{self.session_id[:8]}", daemon=True
-            ).start()
+            )
+            self.reader.start()
             self._relay()
         except Ended as end:
             if end.error is not None:
@@ -231,6 +236,9 @@ class Call:
         except RedisError as exc:
             log.warning("conversation %s lost Redis: %s", self.session_id, exc)
             _close(self.ws, f"Redis is unreachable ({exc}).", CLOSE_SERVER_ERROR)
+        except Exception as exc:  # a bug must still end the call as a failure, and say so
+            log.exception("conversation %s failed", self.session_id)
+            _close(self.ws, f"Internal error: {type(exc).__name__}: {exc}", CLOSE_SERVER_ERROR)
         finally:
             self._leave()
 
@@ -342,7 +350,7 @@ class Call:
             self.gone.set()
 
     def _hang_up(self) -> None:
-        if self.taken and not self.hung_up:
+        if self.taken and not self.hung_up and not self.confirmed:
             self.hung_up = True
             try:
                 self.conversations.hang_up(self.session_id)
@@ -389,6 +397,8 @@ class Call:
                 self.taken = True
                 self._hang_up()
                 self._await_end()
+            if self.reader is not None:  # it may still write input: it stops within its receive timeout
+                self.reader.join(READER_STOP_S)
             self.conversations.forget(self.session_id)
         except RedisError as exc:  # the keys expire on their own
             log.warning("conversation %s: not cleaned up (%s)", self.session_id, exc)

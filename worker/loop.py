@@ -111,7 +111,8 @@ class EngineLoop:
             return len(self.live)
 
     def live_slots_free(self) -> int:
-        if self._stopping.is_set():
+        """Conversations it can take now: none while it stops or an offload waits for the loop."""
+        if self._stopping.is_set() or not self.runtime.admits_jobs:
             return 0
         return max(self.runtime.settings.max_live - self.live_count(), 0)
 
@@ -159,24 +160,25 @@ class EngineLoop:
         with self.runtime.loop_running():
             self._running.set()
             try:
-                rows = self.runtime.settings.max_batch
-                # Conversations alone: take them before the model loads, so they learn at once.
-                first = feed.conversations(rows) if self._handed.empty() else []
-                try:
-                    feed.load_s = self.runtime.ensure_loaded()
-                except Exception as exc:  # the model did not load: every job and conversation taken fails
-                    log.exception("the model did not load")
-                    feed.fail_all(exc)
-                    return
-                first += feed.take(rows - len(first))
-                if first:
-                    try:
-                        self.runtime.engine().process_batch(first, feed)
-                    except Exception as exc:  # the loop broke: every job and conversation left fails
-                        log.exception("the engine loop of %s failed", run.leader)
-                        feed.fail_all(exc)
+                self._run_rows(feed)
+            except Exception as exc:  # the model did not load, the loop broke: every row left fails
+                log.exception("the engine loop of %s failed", run.leader)
+                feed.fail_all(exc)
             finally:
                 self._running.clear()
+                feed.settle_leftovers()
+
+    def _run_rows(self, feed: LoopFeed) -> None:
+        rows = self.runtime.settings.max_batch
+        # Conversations alone are taken first, so they learn at once that a worker has them (their
+        # row's session then loads the model, if it is not resident).
+        first = feed.conversations(rows) if self._handed.empty() else []
+        if not first and self._handed.empty():
+            return  # another worker took the conversation: nothing to load the model for
+        feed.load_s = self.runtime.ensure_loaded()
+        first += feed.take(rows - len(first))
+        if first:
+            self.runtime.engine().process_batch(first, feed)
 
     # ---- conversations --------------------------------------------------------------------------
     def take_conversations(self, count: int) -> list[Admitted]:
@@ -186,7 +188,10 @@ class EngineLoop:
             for admitted in taken:
                 self.live[admitted.session_id] = None
         if taken:
-            self.conversations.keep_alive([admitted.session_id for admitted in taken])
+            try:
+                self.conversations.keep_alive([admitted.session_id for admitted in taken])
+            except RedisError as exc:  # the keepalive thread renews them within 0.5 s
+                log.warning("conversations' alive keys not set yet (%s)", exc)
         return taken
 
     def admit(self, admitted: Admitted) -> BatchRequest | None:
@@ -197,13 +202,12 @@ class EngineLoop:
         try:
             link = RedisLink(self.conversations, admitted.session_id, engine.live_session())
         except Exception as exc:
-            with self._live_lock:
-                self.live.pop(admitted.session_id, None)
-            error = f"The conversation could not start: {exc}"
-            self.conversations.send_end(admitted.session_id, error, CLOSE_SERVER_ERROR)
+            self.not_started(admitted.session_id, exc)
             return None
         with self._live_lock:
             self.live[admitted.session_id] = link
+        if self._stopping.is_set():  # stop() ran while its session was made
+            link.stop(STOPPING)
         log.info("conversation %s joins the loop", admitted.session_id)
 
         def on_done(outcome: EngineResult | Exception) -> None:
@@ -211,6 +215,16 @@ class EngineLoop:
 
         frames = engine.live_frames or math.ceil(self.runtime.settings.max_live_seconds * FRAME_RATE)
         return BatchRequest(None, admitted.params, on_done=on_done, live=link, live_frames=frames)
+
+    def not_started(self, session_id: str, exc: Exception) -> None:
+        """A conversation taken that gets no row: its caller is told why, its slot is free again."""
+        with self._live_lock:
+            self.live.pop(session_id, None)
+        error = f"The conversation could not start: {exc}"
+        try:
+            self.conversations.send_end(session_id, error, CLOSE_SERVER_ERROR)
+        except RedisError as lost:  # its caller sees the alive key go
+            log.warning("conversation %s: its failure was not sent (%s)", session_id, lost)
 
     def _conversation_ended(
         self, session_id: str, link: RedisLink, outcome: EngineResult | Exception
@@ -281,27 +295,36 @@ class LoopFeed:
         """Waiting conversations (their row frames within `max_frames`), then queued jobs."""
         try:
             queued, waiting = self._look(rows)
-            requests = []
-            live_frames = self.runtime.engine().live_frames
-            if waiting and (max_frames is None or live_frames <= max_frames):
-                requests += self.conversations(rows)
-            room = rows - len(requests)
-            if queued and room > 0 and self.runtime.admits_jobs:
-                short_enough = (
-                    None if max_frames is None else (lambda job, _: frames_estimate(job) <= max_frames)
-                )
-                claimed = self.records.claim_queued(room, short_enough, candidates=queued)
-                for job in claimed:
-                    log.info("job %s joins the running loop of %s", job.id, self.run.leader)
-                requests += self._requests(claimed, [Future() for _ in claimed])
-            return requests
         except RedisError as exc:  # the running rows go on; the next look tries again
             log.warning("the loop of %s could not look at the queue (%s)", self.run.leader, exc)
             return []
+        requests = []
+        live_frames = self.runtime.engine().live_frames
+        if waiting and (max_frames is None or live_frames <= max_frames):
+            requests += self.conversations(rows)
+        room = rows - len(requests)
+        if queued and room > 0 and self.runtime.admits_jobs:
+            requests += self._claim(room, max_frames, queued)
+        return requests
+
+    def _claim(self, room: int, max_frames: int | None, queued: list[str]) -> list[BatchRequest]:
+        short_enough = None if max_frames is None else (lambda job, _: frames_estimate(job) <= max_frames)
+        try:
+            claimed = self.records.claim_queued(room, short_enough, candidates=queued)
+        except RedisError as exc:
+            log.warning("the loop of %s could not claim queued jobs (%s)", self.run.leader, exc)
+            return []
+        for job in claimed:
+            log.info("job %s joins the running loop of %s", job.id, self.run.leader)
+        return self._requests(claimed, [Future() for _ in claimed])
 
     def conversations(self, rows: int) -> list[BatchRequest]:
         """Up to `rows` waiting conversations (as many as the free live slots), as requests."""
-        taken = self.loop.take_conversations(min(rows, self.loop.live_slots_free()))
+        try:
+            taken = self.loop.take_conversations(min(rows, self.loop.live_slots_free()))
+        except RedisError as exc:  # they stay in line; the next look takes them
+            log.warning("could not take waiting conversations (%s)", exc)
+            return []
         return [request for request in map(self.loop.admit, taken) if request is not None]
 
     def _look(self, rows: int) -> tuple[list[str], int]:
@@ -329,16 +352,21 @@ class LoopFeed:
         while not self.loop._handed.empty():
             handed = self.loop._handed.get()
             self.taken.append((handed.job, handed.done))
-        for job, done in self.taken:
-            if not done.done():
-                done.set_result(self.records.settle(job, self.run, exc))
+        self._settle_open(exc)
         with self.loop._live_lock:
             links = list(self.loop.live.items())
         for session_id, link in links:
-            if link is not None:
+            if link is None:
+                self.loop.not_started(session_id, exc)
+            else:
                 self.loop._conversation_ended(session_id, link, exc)
-                continue
-            with self.loop._live_lock:
-                self.loop.live.pop(session_id, None)
-            error = f"The conversation could not start: {exc}"
-            self.loop.conversations.send_end(session_id, error, CLOSE_SERVER_ERROR)
+
+    def settle_leftovers(self) -> None:
+        """After a run: a job it took whose outcome never came (an on_done that raised) fails, so its
+        delivery never waits forever."""
+        self._settle_open(RuntimeError("the loop ended without this job's outcome"))
+
+    def _settle_open(self, exc: Exception) -> None:
+        for job, done in self.taken:
+            if not done.done():
+                done.set_result(self.records.settle(job, self.run, exc))

@@ -62,6 +62,9 @@ CANCEL_CHECK_INTERVAL_S = 0.2
 CLAIM_LOOKAHEAD = 4
 """Queued ids read per free batch row when claiming (some may be leased or cancelled meanwhile)."""
 
+UNRECORDED = "unrecorded"
+"""A delivery's status for a job whose outcome could not be written (Redis failed as it ended)."""
+
 LOST = "lost"
 """A delivery's status for a job whose lease it lost: another attempt owns the job now."""
 
@@ -345,7 +348,14 @@ class JobRecords:
             status = self._record(job, run, outcome, load_s)
         except LeaseLost:
             status = self.lost(job).status
-        self.release(job.id)
+        except Exception:  # Redis went away as it ended: its lease expires and it is queued again
+            log.exception("job %s: its outcome was not recorded", job.id)
+            status = UNRECORDED
+        self.runtime.leave_batch(job.id)
+        try:
+            self.jobs.release_lease(job.id, self.runtime.lease_owner)
+        except RedisError as exc:  # it expires within the heartbeat TTL
+            log.warning("job %s: its lease was not released (%s)", job.id, exc)
         log.info("job %s (in the loop of %s) ended %s", job.id, run.leader, status)
         return Outcome(status, ran=True)
 

@@ -142,6 +142,7 @@ class WorkerRuntime:
         finally:
             with self._state:
                 self._running_job = None
+            self.leave_batch(job_id)  # its row settled already, or it never reached the loop
             self._after_use()
 
     @contextmanager
@@ -153,8 +154,7 @@ class WorkerRuntime:
             yield
         finally:
             with self._state:
-                self._loop_active = False
-                self._batch, self._fences, self._lost = {}, {}, set()
+                self._loop_active = False  # each job left the batch as it settled (leave_batch)
             self._after_use()
 
     def _after_use(self) -> None:
@@ -169,13 +169,8 @@ class WorkerRuntime:
             log.info("running the offload deferred while the model was in use")
             self._offload_now(wait_s=None)
 
-    @property
-    def busy(self) -> bool:
-        """Whether the model is in use: a delivery holds the task slot or the loop runs."""
-        with self._state:
-            return self._busy()
-
     def _busy(self) -> bool:
+        """Whether the model is in use: a delivery holds the task slot or the loop runs."""
         return self._running_job is not None or self._loop_active
 
     @property

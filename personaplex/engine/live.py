@@ -48,8 +48,6 @@ class LiveSession:
         self._closing = threading.Event()
         self.frames: queue.SimpleQueue[LiveFrame] = queue.SimpleQueue()
         """Generated frames, in order, as the loop steps them."""
-        self.started = threading.Event()
-        """Set once its row is in the loop, its prompt phase done (the reference's handshake)."""
 
     # ---- the caller's side --------------------------------------------------------------------
     def push(self, samples: np.ndarray) -> None:
@@ -95,4 +93,4 @@ class LiveSession:
         self._arrived.clear()
 
     def ready(self) -> None:
-        self.started.set()
+        """Nothing to do: its caller reads frames as they come."""
