@@ -290,3 +290,28 @@ def test_the_reference_codec_ogg_opus_both_ways(
     decoded = sum(len(reader.append_bytes(page)) for page in client.received.audio)
     assert decoded >= 8 * FRAME_SIZE  # the agent's audio, frame after frame
     assert client.received.audio[0][:4] == b"OggS"
+
+
+def test_an_idle_worker_takes_a_waiting_conversation_within_100_ms(
+    start_worker: StartWorker, start_web: Callable[..., Any], speech: np.ndarray, redis_client: redis.Redis
+) -> None:
+    """No job runs and the loop is idle: the worker still looks for conversations, every 50 ms."""
+    from personaplex.conversations import Conversations
+    from personaplex.params import GenerationParams
+
+    worker = start_worker("gpu0")
+    server = start_web()
+    warm = ChatClient(server.url, codec="pcm").connect()  # the model loads once
+    warm.hang_up()
+    wait_until(lambda: live_sessions(worker) == 0, 5, what="the first conversation to leave")
+    conversations = Conversations(redis_client)
+    waits = []
+    for _ in range(5):
+        asked = time.monotonic()
+        session_id = conversations.open(GenerationParams())
+        wait_until(lambda s=session_id: conversations.position(s) is None, 2, interval=0.002, what="a worker")
+        waits.append(time.monotonic() - asked)
+        conversations.hang_up(session_id)
+        wait_until(lambda: live_sessions(worker) == 0, 5, what="the row to leave")
+        conversations.forget(session_id)
+    assert sorted(waits)[2] < 0.1 and max(waits) < 0.2, waits
