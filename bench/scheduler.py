@@ -38,11 +38,10 @@ import numpy as np
 import torch
 
 from personaplex.audio import encode_wav
-from personaplex.engine.batching import BatchRequest
+from personaplex.engine.batching import REFILL_CHECK_INTERVAL_S, BatchRequest
 from personaplex.engine.core import Engine
 from personaplex.engine.fast import FastLoop
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams
-from worker.loop import REFILL_CHECK_INTERVAL_S
 
 SHORT_MAX_S = 10.0
 

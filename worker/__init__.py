@@ -12,6 +12,7 @@ worker.celery_app, carries none of the worker's machinery.
     worker.signals      worker lifecycle hooks: start and stop housekeeping
     worker.tasks        personaplex.process_audio(job_id)
     worker.runner       one delivery of a job: idempotence, attempts, progress, cancel, outputs
+    worker.loop         the engine loop's own thread: handed jobs, claimed jobs, live conversations
     worker.runtime      the resident engine and the running job, shared by the worker's threads
     worker.housekeeping heartbeat, idle offload and retention cleanup thread
 """

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from personaplex.conversations import CLOSE_SERVER_ERROR, Admitted, Conversations, RedisLink
+from personaplex.engine.batching import REFILL_CHECK_INTERVAL_S
 from personaplex.errors import ConversationError
 from personaplex.jobs import Job, Keys
 from personaplex.params import FRAME_RATE, EngineResult
@@ -39,10 +40,6 @@ if TYPE_CHECKING:
     from personaplex.engine.batching import BatchRequest
 
 log = logging.getLogger(__name__)
-
-REFILL_CHECK_INTERVAL_S = 0.1
-"""A running loop with a free row looks for queued jobs and waiting conversations at most ten times
-a second: a short job waits at most this long to join, and an empty queue costs one round trip."""
 
 IDLE_LOOK_S = 0.05
 """How often an idle loop looks for a waiting conversation (one ZCARD): it takes one within 100 ms."""

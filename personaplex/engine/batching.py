@@ -35,6 +35,11 @@ OnDone = Callable[[Outcome], None]
 PROGRESS_EVERY = 5
 """Frames between progress callbacks."""
 
+REFILL_CHECK_INTERVAL_S = 0.1
+"""The worker's loop with a free row looks for queued jobs and waiting conversations at most ten
+times a second (worker.loop.LoopFeed): a short job waits at most this long to join, and an empty
+queue costs one round trip. Here, not in the worker, so benchmarks replay it without Celery."""
+
 
 def no_progress(phase: str, done: int, total: int) -> None:
     """The progress callback of a caller that passed none."""
