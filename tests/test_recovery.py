@@ -77,7 +77,8 @@ def test_a_paused_worker_writes_nothing_once_another_attempt_took_its_job(
     start_worker: StartWorker, queue: Queue
 ) -> None:
     first = start_worker("gpu0")
-    job = queue.submit(speech_clip(60.0), GenerationParams(seed=5))
+    # Long enough to outlast the second worker's start (seconds on a loaded machine).
+    job = queue.submit(speech_clip(300.0), GenerationParams(seed=5))
     wait_for_job(queue.jobs, job.id, generating)
     second = start_worker("gpu1")  # started after: the job's message went to the first
 
@@ -96,7 +97,7 @@ def test_a_paused_worker_writes_nothing_once_another_attempt_took_its_job(
 def test_a_paused_batch_writes_nothing_once_its_jobs_ran_elsewhere(
     start_worker: StartWorker, queue: Queue
 ) -> None:
-    jobs = [queue.submit(speech_clip(60.0), GenerationParams(seed=s)) for s in (1, 2)]
+    jobs = [queue.submit(speech_clip(240.0), GenerationParams(seed=s)) for s in (1, 2)]
     first = start_worker("gpu0")  # takes the first message and claims the other job into its batch
     wait_until(
         lambda: all(
