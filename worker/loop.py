@@ -335,6 +335,7 @@ class LoopFeed:
         return [i.decode() if isinstance(i, bytes) else i for i in ids], int(waiting)
 
     def _requests(self, jobs: list[Job], outcomes: list[Future[Outcome]]) -> list[BatchRequest]:
+        self.taken = [(job, done) for job, done in self.taken if not done.done()]  # a run may last hours
         requests = []
         for job, done in zip(jobs, outcomes, strict=True):
             self.taken.append((job, done))

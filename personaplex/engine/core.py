@@ -11,6 +11,7 @@ several jobs together in the fast loop (personaplex.engine.fast); each job gets 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import threading
@@ -238,13 +239,15 @@ class Engine:
         nothing more. Those jobs' outcomes reach their `on_done` only.
         """
         count = len(requests)
-        requests = list(requests)
         results: list[Outcome | None] = [None] * count
+        joined: dict[int, BatchRequest] = {}
+        """The feed's requests by index (from `count` on), each dropped once settled: a loop that
+        runs for hours keeps none of its finished jobs."""
 
         def settle(index: int, outcome: Outcome) -> None:
             if index < count:
                 results[index] = outcome
-            callback = requests[index].on_done
+            callback = (requests[index] if index < count else joined.pop(index)).on_done
             if callback is not None:
                 try:
                     callback(outcome)
@@ -268,7 +271,7 @@ class Engine:
                 except Exception as exc:
                     settle(index, exc)
             if feed is not None:
-                self._run_continuous(models, jobs, requests, settle, feed)
+                self._run_continuous(models, jobs, count, joined, settle, feed)
                 self.last_used = time.time()
                 return results  # type: ignore[return-value]
             for group in plan_groups([len(j.plan) for j in jobs], self.max_batch, self.max_batch_frames):
@@ -287,7 +290,8 @@ class Engine:
         self,
         models: LoadedModels,
         jobs: list[BatchRow],
-        requests: list[BatchRequest],
+        count: int,
+        joined: dict[int, BatchRequest],
         settle: Callable[[int, Outcome], None],
         feed: JobFeed,
     ) -> None:
@@ -296,21 +300,23 @@ class Engine:
         A loop is sized for the jobs waiting when it starts (`_continuous_loop`); a later job longer
         than its frame capacity waits until the loop drains, and the next loop is sized for it.
         """
-        settled: set[int] = set()
+        pending = {row.index: row for row in jobs}
+        """The rows not settled yet (a settled one is dropped, with its samples and plan)."""
+        indices = itertools.count(count)
 
         def settle_once(index: int, outcome: Outcome) -> None:
-            settled.add(index)
+            pending.pop(index, None)
             settle(index, outcome)
 
         def prepare(request: BatchRequest) -> BatchRow | None:
-            requests.append(request)
-            index = len(requests) - 1
+            index = next(indices)
+            joined[index] = request
             try:
                 row = self._prepare(index, request, models, 0.0)
             except Exception as exc:
-                settle_once(index, exc)
+                settle(index, exc)
                 return None
-            jobs.append(row)
+            pending[index] = row
             return row
 
         joiner = FeedJoiner(list(jobs), feed, prepare)
@@ -324,9 +330,8 @@ class Engine:
             except Exception as exc:  # the loop broke (out of memory, ...): every job not settled
                 log.exception("a continuous batch failed")
                 self._fast = None
-                for row in jobs:
-                    if row.index not in settled:
-                        settle_once(row.index, exc)
+                for index in list(pending):
+                    settle_once(index, exc)
                 return
 
     def _continuous_loop(self, models: LoadedModels, plans: list[JobPlan]) -> FastLoop:
@@ -410,6 +415,7 @@ class Engine:
                 settle(row.index, exc)
 
         def ended(row: BatchRow, frames: torch.Tensor) -> None:
+            finishing[:] = [future for future in finishing if not future.done()]
             finishing.append(self._finisher.submit(finish, row, frames))
 
         try:
