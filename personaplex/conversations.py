@@ -166,15 +166,18 @@ class Conversations:
             "pcm": to_pcm16(samples),
             "tokens": json.dumps(tokens),
         }
-        self._append(Keys.live_out(session_id), fields)
+        self._append(Keys.live_out(session_id), fields, create=False)
 
-    def send_end(self, session_id: str, error: str | None = None, code: int = CLOSE_NORMAL) -> None:
+    def send_end(
+        self, session_id: str, error: str | None = None, code: int = CLOSE_NORMAL, create: bool = True
+    ) -> None:
         """The conversation is over: cleanly (no `error`), or why not, with the WebSocket close code
-        its caller should use."""
+        its caller should use. `create=False` once its stream exists (after `send_ready`): an end
+        that comes after the caller deleted the keys then leaves nothing behind."""
         fields: dict[str, Any] = {"kind": b"end", "code": str(code)}
         if error is not None:
             fields["error"] = error.encode()
-        self._append(Keys.live_out(session_id), fields)
+        self._append(Keys.live_out(session_id), fields, create=create)
 
     def read(self, stream: str, after: str, block_ms: int | None, count: int = 64) -> list[tuple[str, dict]]:
         """Entries of `stream` after id `after` ("0": from the start), waiting up to `block_ms`
@@ -186,9 +189,11 @@ class Conversations:
                 entries.append((_text(entry_id), {_text(k): v for k, v in fields.items()}))
         return entries
 
-    def _append(self, stream: str, fields: dict[str, Any]) -> None:
+    def _append(self, stream: str, fields: dict[str, Any], create: bool = True) -> None:
+        """Add an entry; with `create=False` only to a stream that still exists (its caller may have
+        deleted it already: a late frame must not bring it back for LIVE_TTL_S)."""
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(stream, fields, maxlen=STREAM_MAX_ENTRIES, approximate=True)
+            pipe.xadd(stream, fields, maxlen=STREAM_MAX_ENTRIES, approximate=True, nomkstream=not create)
             pipe.expire(stream, LIVE_TTL_S)
             pipe.execute()
 
@@ -218,6 +223,7 @@ class RedisLink:
         self._hung_up = False
         self._stopped: str | None = None
         self._broken: ConversationError | None = None
+        self._ready_sent = False
 
     # ---- LiveLink ---------------------------------------------------------------------------------
     def next_input(self) -> torch.Tensor | None:
@@ -252,6 +258,7 @@ class RedisLink:
         self._heard = self._looked = time.monotonic()  # its silence counts from here, not its prefill
         try:
             self.conversations.send_ready(self.session_id)
+            self._ready_sent = True
         except redis.RedisError as exc:  # its caller would wait for a handshake: end the row instead
             self._broken = ConversationError(f"The handshake could not be sent ({exc}).")
 
@@ -276,7 +283,7 @@ class RedisLink:
 
     def finish(self, error: str | None = None, code: int = CLOSE_NORMAL) -> None:
         """Tell the caller the conversation is over (or why it failed)."""
-        self.conversations.send_end(self.session_id, error, code)
+        self.conversations.send_end(self.session_id, error, code, create=not self._ready_sent)
 
     def _pull(self, block_ms: int | None) -> bool:
         """Move what arrived on the input stream into the session; True if anything did."""

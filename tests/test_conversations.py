@@ -59,6 +59,7 @@ def test_a_conversation_whose_record_expired_is_not_taken(
 def test_every_key_expires(conversations: Conversations, redis_client: redis.Redis) -> None:
     session = conversations.open(GenerationParams())
     conversations.send_audio(session, np.zeros(1920, dtype=np.float32))
+    conversations.send_ready(session)
     conversations.send_frame(session, "PAD", np.zeros(1920, dtype=np.float32), [3] * 9)
     for key in (Keys.live(session), Keys.live_in(session), Keys.live_out(session)):
         assert 0 < redis_client.ttl(key) <= LIVE_TTL_S
