@@ -28,8 +28,10 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the protocol client the tests use
+sys.path.insert(0, str(ROOT / "bench"))
 
 from chat_client import ChatClient  # noqa: E402
+from service import _healthy, percentile  # noqa: E402  (bench/service.py)
 
 from personaplex import audio as audio_io  # noqa: E402
 from personaplex.devstack import RedisServer, free_port, wait_until, web_process, worker_process  # noqa: E402
@@ -37,10 +39,6 @@ from personaplex.params import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
 
 SPEECH = ROOT / "tests" / "data" / "recordings" / "input_service.wav"
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def converse(base: str, speech: np.ndarray, seconds: float, index: int) -> list[float]:
@@ -68,8 +66,8 @@ def run_clients(base: str, speech: np.ndarray, args: argparse.Namespace) -> dict
     every = [value for session in latencies for value in session]
     return {
         "frames": len(every),
-        "p50_ms": round(percentile(every, 50) * 1000, 1),
-        "p99_ms": round(percentile(every, 99) * 1000, 1),
+        "p50_ms": round(percentile(every, 0.50) * 1000, 1),
+        "p99_ms": round(percentile(every, 0.99) * 1000, 1),
         "max_ms": round(max(every) * 1000, 1),
         "late_frames": sum(value > FRAME_S for value in every),
     }
@@ -135,7 +133,7 @@ def main() -> int:
         base = f"http://127.0.0.1:{port}"
         try:
             worker.wait_for_log(" ready.", 120)
-            wait_until(lambda: _up(base), 60, interval=0.2, what="the web server")
+            wait_until(lambda: _healthy(base), 60, interval=0.2, what="the web server")
             converse(base, speech, 1.0, 0)  # warm up: the model loads, the loop is built
             alone = run_clients(base, speech, args)
             job_id = submit_job(base, speech, args.batch_seconds)
@@ -161,13 +159,6 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-def _up(base: str) -> bool:
-    try:
-        return requests.get(base + "/health", timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 if __name__ == "__main__":
