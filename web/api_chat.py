@@ -41,7 +41,7 @@ from personaplex.conversations import (
     from_pcm16,
 )
 from personaplex.jobs import Keys
-from personaplex.params import SAMPLE_RATE
+from personaplex.params import SAMPLE_RATE, GenerationParams
 from personaplex.settings import Settings
 from web.api_events import require_websocket_upgrade
 from web.errors import ApiError
@@ -137,7 +137,7 @@ class Ended(Exception):
     code: int = CLOSE_NORMAL
 
 
-def chat_params(args: MultiDict[str, str]) -> Any:
+def chat_params(args: MultiDict[str, str]) -> GenerationParams:
     """The conversation's GenerationParams from the query, as a job's form is read (ApiError 400)."""
     renamed = MultiDict(
         [(QUERY_NAMES[name], value) for name, value in args.items(multi=True) if name in QUERY_NAMES]
