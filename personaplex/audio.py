@@ -255,6 +255,14 @@ def load(
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
 
+def integrated_loudness(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """ITU-R BS.1770 integrated loudness (LUFS) by pyloudnorm's meter, the one the reference
+    normalises voice prompts with; -inf for silence, ValueError under one 400 ms block."""
+    import pyloudnorm  # it imports scipy (a second or so): only voice prompts pay for it
+
+    return float(pyloudnorm.Meter(sample_rate).integrated_loudness(samples))
+
+
 SFC_SET_ADD_PEAK_CHUNK = 0x1050
 """libsndfile's sf_command switch for the PEAK chunk (sndfile.h); soundfile's cdef leaves it out."""
 

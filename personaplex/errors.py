@@ -2,7 +2,7 @@
 
     PersonaPlexError
     ├── AudioError              input audio is empty, undecodable, too long or silent
-    ├── UnknownVoiceError       a voice prompt that is neither in the catalog nor a readable file
+    ├── UnknownVoiceError       a voice prompt neither in the catalog, nor a custom voice, nor a readable file
     ├── ModelNotAvailableError  weights missing, gated, or not downloadable (says what to do)
     ├── CheckpointError         a checkpoint whose keys or shapes do not match the config
     ├── CancelledError          a job was cancelled between frames
@@ -46,11 +46,12 @@ class AudioError(PersonaPlexError, ValueError):
 class UnknownVoiceError(PersonaPlexError, ValueError):
     """The voice prompt is not in the catalog and is not a readable file."""
 
-    def __init__(self, voice: str, valid: list[str] | None = None) -> None:
+    def __init__(self, voice: str, valid: list[str] | None = None, reason: str | None = None) -> None:
         self.voice = voice
         self.valid = valid or []
         hint = f" Valid voices: {', '.join(self.valid)}." if self.valid else ""
-        super().__init__(f"Unknown voice prompt {voice!r}.{hint}")
+        because = f": {reason}" if reason else ""
+        super().__init__(f"Unknown voice prompt {voice!r}{because}.{hint}")
 
 
 class ModelNotAvailableError(PersonaPlexError, RuntimeError):

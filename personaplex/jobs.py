@@ -104,6 +104,13 @@ class Keys:
     def worker(cls, name: str) -> str:
         return f"{cls.PREFIX}worker:{name}"
 
+    VOICES = PREFIX + "voices"  # zset: custom voice id -> created_at (personaplex.custom_voices)
+
+    @classmethod
+    def voice(cls, voice_id: str) -> str:
+        """A custom voice (hash: meta, audio, codes per model); the id is checked by the caller."""
+        return f"{cls.PREFIX}voice:{voice_id}"
+
     LIVE_WAITING = PREFIX + "live:waiting"  # zset: conversation id -> time it asked for a row
 
     @classmethod

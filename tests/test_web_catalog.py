@@ -1,4 +1,5 @@
-"""web/api_catalog.py: GET /api/voices and GET /api/prompts, through Flask's test client."""
+"""GET /api/voices (web/api_voices.py) and GET /api/prompts (web/api_catalog.py), through Flask's
+test client; custom voices are tests/test_web_voices.py's."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def test_voices_and_prompts(app_client: AppClient) -> None:
         "name": "Natural Female 0",
         "category": "natural",
         "filename": "NATF0.pt",
+        "custom": False,
     }
     assert voices["voices"][-1]["name"] == "Variety Male 4"
     prompts = app_client.get("/api/prompts").json

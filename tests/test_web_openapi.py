@@ -10,6 +10,7 @@ from web_helpers import AppClient
 from werkzeug.datastructures import MultiDict
 
 from personaplex import jobs
+from personaplex.custom_voices import VOICE_ID_PATTERN
 from personaplex.params import GenerationParams
 from web import schemas
 from web.errors import ApiError
@@ -24,10 +25,12 @@ def test_openapi_documents_every_route(app_client: AppClient) -> None:
     form = paths["/api/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form == {"$ref": "#/components/schemas/JobUpload"}
     voice_field = components["JobUpload"]["properties"]["voice_prompt"]
-    assert voice_field["default"] == "NATF2.pt" and "NATF2.pt" in voice_field["enum"]
+    catalog, custom = voice_field["anyOf"]
+    assert voice_field["default"] == "NATF2.pt" and "NATF2.pt" in catalog["enum"]
+    assert custom == {"type": "string", "pattern": VOICE_ID_PATTERN}  # a custom voice's id (POST /api/voices)
     assert components["JobUpload"]["required"] == ["file"]
-    voice_schema = components["Voice"]["properties"]["id"]
-    assert voice_schema["enum"] == voice_field["enum"]
+    assert components["Voice"]["properties"]["id"]["anyOf"] == voice_field["anyOf"]
+    assert components["VoiceUpload"]["required"] == ["file", "name", "consent"]
     app = app_client.app
     for rule in app.url_map.iter_rules():
         if rule.endpoint in ("static", "page.index", "page.chat") or rule.endpoint.startswith("docs."):
@@ -66,8 +69,8 @@ def test_a_bad_form_field_is_named_with_what_to_send(form: dict[str, str], messa
     assert caught.value.code == 400 and caught.value.message == message
 
 
-def test_an_unknown_voice_lists_the_voices() -> None:
-    with pytest.raises(ApiError) as caught:
+def test_an_unknown_voice_lists_the_voices(app_client: AppClient) -> None:
+    with app_client.app.app_context(), pytest.raises(ApiError) as caught:
         parse_params(MultiDict({"voice_prompt": "NOPE"}))
     assert caught.value.message == "Unknown voice prompt 'NOPE'. See GET /api/voices."
     assert "NATF2.pt" in caught.value.extra["valid_voices"]

@@ -1,19 +1,13 @@
-"""GET /api/voices and GET /api/prompts: the catalog of voices and example persona prompts."""
+"""GET /api/prompts: example persona prompts (the voices are web/api_voices.py's)."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_VOICE, PROMPTS, VOICES
-from web.schemas import PromptList, VoiceList, answer
+from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_SEED, PROMPTS
+from web.schemas import PromptList, answer
 
 bp = Blueprint("catalog", __name__, url_prefix="/api")
-
-
-@bp.get("/voices")
-def list_voices() -> Response:
-    body = {"voices": [voice.to_dict() for voice in VOICES], "default": DEFAULT_VOICE, "count": len(VOICES)}
-    return jsonify(answer(VoiceList, body))
 
 
 @bp.get("/prompts")

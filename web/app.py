@@ -17,6 +17,7 @@ from web.api_events import bp as events_bp
 from web.api_gpu import bp as gpu_bp
 from web.api_jobs import bp as jobs_bp
 from web.api_offline import bp as offline_bp
+from web.api_voices import bp as voices_bp
 from web.bind import check_app_server
 from web.health import bp as health_bp
 from web.openapi import bp as openapi_bp
@@ -27,6 +28,7 @@ BLUEPRINTS = (
     openapi_bp,
     docs_bp,
     catalog_bp,
+    voices_bp,
     gpu_bp,
     jobs_bp,
     batches_bp,

@@ -19,7 +19,7 @@ from personaplex.jobs import JobStatus
 from personaplex.settings import Settings
 from web.api_batches import MAX_BATCH_FILES
 from web.api_jobs import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
-from web.schemas import RESPONSES, BatchUpload, JobUpload
+from web.schemas import RESPONSES, VOICE_ID_SCHEMA, BatchUpload, JobUpload, VoiceUpload
 from web.services import services
 
 bp = Blueprint("openapi", __name__)
@@ -55,7 +55,11 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 
 CHAT_PARAMETERS = [
-    _query("voice_prompt", {"type": "string"}, "Voice id as GET /api/voices lists it (default NATF2.pt)."),
+    _query(
+        "voice_prompt",
+        {"type": "string"},
+        "Voice id as GET /api/voices lists it, catalog or custom (default NATF2.pt).",
+    ),
     _query("text_prompt", {"type": "string"}, "The persona; empty: none."),
     _query("seed", {"type": "integer"}, "-1: random."),
     _query("greedy", {"type": "boolean"}, "Our extension: take the likeliest tokens."),
@@ -94,6 +98,14 @@ JOB_ID = {
     "required": True,
     "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
     "description": "The job id (32 lower-case hex digits); anything else is 404.",
+}
+
+VOICE_ID = {
+    "name": "voice_id",
+    "in": "path",
+    "required": True,
+    "schema": VOICE_ID_SCHEMA,
+    "description": "A catalog id ('NATF2.pt'; 'NATF2' works too) or a custom voice's ('custom-anna').",
 }
 
 UPLOAD_BODY = {
@@ -135,7 +147,7 @@ SUBMIT_ERRORS = {
 def component_schemas() -> dict[str, Any]:
     """Every body's JSON Schema, written by pydantic from the models in web/schemas.py: the forms as
     they are validated, the responses as they are written (nested models become components too)."""
-    models = [(m, "validation") for m in (JobUpload, BatchUpload)]
+    models = [(m, "validation") for m in (JobUpload, BatchUpload, VoiceUpload)]
     models += [(m, "serialization") for m in RESPONSES]
     _, document = models_json_schema(models, ref_template=REF_TEMPLATE)
     return document["$defs"]
@@ -165,10 +177,54 @@ def _paths() -> dict[str, Any]:
         },
         "/api/voices": {
             "get": {
-                "summary": "The 18 voices",
-                "tags": ["catalog"],
+                "summary": "The 18 catalog voices and the custom ones",
+                "tags": ["voices"],
                 "responses": {"200": _json(_ref("VoiceList"), "Voices and the default.")},
-            }
+            },
+            "post": {
+                "summary": "Upload a custom voice",
+                "tags": ["voices"],
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": _ref(VoiceUpload.__name__)}},
+                },
+                "responses": {
+                    "201": _json(_ref("CustomVoice"), "Stored; use its id as voice_prompt."),
+                    "400": _error(
+                        "Bad recording (not audio, under 1 s or over 60 s, silent, NaN or infinite "
+                        "samples), a bad name, or no consent; `field` names which."
+                    ),
+                    "401": _error("Missing or wrong API key."),
+                    "409": _error("The name (or the id made from it) is taken."),
+                    "413": _error(f"Upload larger than {ENV['max_upload_mb']}."),
+                    "503": _error("Redis is unreachable."),
+                },
+            },
+        },
+        "/api/voices/{voice_id}": {
+            "parameters": [VOICE_ID],
+            "get": {
+                "summary": "One voice",
+                "tags": ["voices"],
+                "responses": {
+                    "200": _json({"anyOf": [_ref("Voice"), _ref("CustomVoice")]}, "The voice."),
+                    "400": _error("Not a voice id: ids are catalog ids or 'custom-' and a slug."),
+                    "404": _error("No such custom voice."),
+                },
+            },
+            "delete": {
+                "summary": "Delete a custom voice",
+                "description": "Jobs already queued with it fail with a reason that says so.",
+                "tags": ["voices"],
+                "responses": {
+                    "200": _json(_ref("VoiceDeleted"), "Deleted: its recording and codes are gone."),
+                    "400": _error("Not a voice id."),
+                    "403": _error(
+                        "A catalog voice (it ships with the model), or uploaded with another client key."
+                    ),
+                    "404": _error("No such custom voice."),
+                },
+            },
         },
         "/api/prompts": {
             "get": {

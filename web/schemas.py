@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import is_typeddict
 
 from personaplex.catalog import DEFAULT_VOICE, normalize_voice_name, voice_ids
+from personaplex.custom_voices import MAX_NAME_CHARS, VOICE_ID_PATTERN, is_custom_voice
 from personaplex.fleet import OffloadStatus, WorkerRecord
 from personaplex.jobs import JobStatus
 from personaplex.params import SEED_RANGE, TEMPERATURE_RANGE, GenerationParams
@@ -75,12 +76,21 @@ def _word_bool(value: Any) -> Any:
 
 
 def _known_voice(value: str) -> str:
+    """A catalog id ('NATF2', 'natf2.pt' -> 'NATF2.pt'), or a custom voice's id in lower case; whether
+    that custom voice exists is checked by web.validation.parse_params, which reads Redis."""
     voice = normalize_voice_name(value)
+    if voice is None and is_custom_voice(value.strip().lower()):
+        voice = value.strip().lower()
     if voice is None:
         message = "Unknown voice prompt {voice}. See GET /api/voices."
         raise PydanticCustomError("unknown_voice", message, {"voice": repr(value[:64])})
     return voice
 
+
+VOICE_ID_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"enum": voice_ids()}, {"type": "string", "pattern": VOICE_ID_PATTERN}]
+}
+"""A catalog id, or the form of a custom voice's id (which must also exist)."""
 
 Temperature = Annotated[float, Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=1)]
@@ -91,12 +101,11 @@ class GenerationForm(Schema):
 
     model_config = ConfigDict(extra="ignore")  # a form's other fields are not parameters
 
-    voice_prompt: Annotated[
-        str,
-        AfterValidator(_known_voice),
-        Field(json_schema_extra={"enum": voice_ids()}),
-    ] = _DEFAULTS.voice_prompt
-    """Voice id as GET /api/voices lists it (e.g. 'NATF2.pt'); 'NATF2' and 'natf2' work too."""
+    voice_prompt: Annotated[str, AfterValidator(_known_voice), Field(json_schema_extra=VOICE_ID_SCHEMA)] = (
+        _DEFAULTS.voice_prompt
+    )
+    """Voice id as GET /api/voices lists it: a catalog voice (e.g. 'NATF2.pt'; 'NATF2' and 'natf2'
+    work too) or a custom one ('custom-<name>', POST /api/voices)."""
     text_prompt: Annotated[str, Field(max_length=MAX_TEXT_PROMPT_CHARS), AfterValidator(str.strip)] = (
         _DEFAULTS.text_prompt
     )
@@ -123,6 +132,18 @@ class JobUpload(GenerationForm):
 
     file: Annotated[bytes, Field(json_schema_extra=BINARY)]
     """Input speech: WAV, FLAC or OGG."""
+
+
+class VoiceUpload(Schema):
+    """POST /api/voices: a recording of the voice, its name and the speaker's consent."""
+
+    file: Annotated[bytes, Field(json_schema_extra=BINARY)]
+    """1-60 s of speech by one speaker, any sample rate and channel count (WAV, FLAC or OGG)."""
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    """Display name; the id is made from it ('Anna (studio)' -> 'custom-anna-studio')."""
+    consent: Annotated[str, Field(json_schema_extra={"enum": sorted(TRUE_WORDS)})]
+    """Attests that the speaker agreed to this use of their voice; recorded with the time and the
+    client's address."""
 
 
 class BatchUpload(GenerationForm):
@@ -382,18 +403,46 @@ class OffloadResult(Schema):
 
 
 class Voice(Schema):
-    id: Annotated[str, Field(json_schema_extra={"enum": voice_ids()})]
-    """The legacy server's id, e.g. 'NATF2.pt'; pass it as voice_prompt."""
-    name: Annotated[str, Field(examples=["Natural Female 2"])]
-    category: Annotated[str, Field(json_schema_extra={"enum": ["natural", "variety"]})]
+    id: Annotated[str, Field(json_schema_extra=VOICE_ID_SCHEMA)]
+    """Pass it as voice_prompt: the legacy server's id for a catalog voice ('NATF2.pt'), or a custom
+    voice's ('custom-anna')."""
+    name: Annotated[str, Field(examples=["Natural Female 2"], max_length=MAX_NAME_CHARS)]
+    category: Annotated[str, Field(json_schema_extra={"enum": ["natural", "variety", "custom"]})]
     filename: str
     """The same as id (kept for older clients)."""
+    custom: bool
+    """Uploaded through POST /api/voices (false: it ships with the model)."""
+    created_at: float | None = None
+    """Custom voices: when it was uploaded (Unix time)."""
+    duration_s: float | None = None
+    """Custom voices: the recording's length."""
+
+
+class VoiceConsent(Schema):
+    at: float
+    """When the uploader attested the speaker's consent (Unix time)."""
+    address: str | None = None
+    """The client address it came from; shown to admin keys and the voice's uploader only."""
+
+
+class CustomVoice(Voice):
+    """A custom voice, as POST /api/voices answers it and GET /api/voices/{voice_id} reads it."""
+
+    loudness_lufs: float
+    """The recording's integrated loudness (it is normalised to -24 LUFS before use)."""
+    consent: VoiceConsent
 
 
 class VoiceList(Schema):
     voices: list[Voice]
+    """The catalog first, then the custom voices, oldest first."""
     default: Annotated[str, Field(json_schema_extra={"const": DEFAULT_VOICE})]
     count: int
+
+
+class VoiceDeleted(Schema):
+    voice_id: str
+    deleted: Annotated[bool, Field(json_schema_extra={"const": True})]
 
 
 class PromptExample(Schema):
@@ -436,6 +485,8 @@ class Error(OpenSchema):
     """Every 4xx and 5xx body: `error` says what went wrong and what to do; some add details."""
 
     error: str
+    field: str | None = None
+    """The request field at fault, where one is ('file', 'voice_prompt', ...)."""
 
 
 class EventType(StrEnum):
@@ -474,6 +525,8 @@ RESPONSES: tuple[type[BaseModel], ...] = (
     GpuStatus,
     OffloadResult,
     VoiceList,
+    CustomVoice,
+    VoiceDeleted,
     PromptList,
     Health,
     Event,

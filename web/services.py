@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from personaplex.batches import BatchStore
+from personaplex.custom_voices import VoiceStore
 from personaplex.jobs import JobStore, WorkerRegistry
 from personaplex.settings import Settings
 from personaplex.storage import BlobStore, delete_expired, open_blob_store
@@ -94,6 +95,7 @@ class Services:
     workers: WorkerRegistry
     batches: BatchStore
     events: EventHub
+    voices: VoiceStore
     _celery: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_cleanup: float = 0.0
@@ -146,6 +148,7 @@ def build_services(settings: Settings) -> Services:
         workers=WorkerRegistry(client),
         batches=BatchStore(client, retention_s=settings.retention_s),
         events=EventHub(events_client),
+        voices=VoiceStore(client),
     )
 
 

@@ -14,10 +14,12 @@ from werkzeug.datastructures import FileStorage, MultiDict
 
 from personaplex.audio import AudioInfo, check_decodes, probe
 from personaplex.catalog import voice_ids
+from personaplex.custom_voices import is_custom_voice
 from personaplex.errors import AudioError
 from personaplex.params import GenerationParams
 from web.errors import ApiError
 from web.schemas import PARAM_FIELDS, GenerationForm, describe
+from web.services import services
 
 DEFAULT_INPUT_NAME = "input.wav"
 MAX_INPUT_NAME_BYTES = 200
@@ -107,8 +109,26 @@ def parse_params(form: MultiDict[str, str]) -> GenerationParams:
         if raw is not None and (name == "text_prompt" or raw.strip()):
             values[name] = raw if name == "text_prompt" else raw.strip()
     try:
-        return GenerationForm.model_validate(values).to_params()
+        params = GenerationForm.model_validate(values).to_params()
     except ValidationError as exc:
         field, message = describe(exc)
-        extra = {"valid_voices": voice_ids()} if field == "voice_prompt" else {}
-        raise ApiError(400, message, **extra) from exc
+        extra = {"valid_voices": known_voices()} if field == "voice_prompt" else {}
+        raise ApiError(400, message, field=field, **extra) from exc
+    _require_custom_voice(params.voice_prompt)
+    return params
+
+
+def known_voices() -> list[str]:
+    """Every id voice_prompt takes now: the catalog's, then the custom voices'."""
+    return voice_ids() + [voice.id for voice in services().voices.list()]
+
+
+def _require_custom_voice(voice_id: str) -> None:
+    """400 for a custom voice id no voice has (one deleted after this check fails its job instead)."""
+    if is_custom_voice(voice_id) and services().voices.get(voice_id) is None:
+        raise ApiError(
+            400,
+            f"Unknown voice prompt {voice_id!r}: no custom voice has this id. See GET /api/voices.",
+            field="voice_prompt",
+            valid_voices=known_voices(),
+        )

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from personaplex.custom_voices import VoiceStore
 from personaplex.fleet import GpuMemory, OffloadReply, OffloadStatus, PromptCacheStats, WorkerRecord
 from personaplex.jobs import Fence, JobStore, WorkerRegistry
 from personaplex.params import FRAME_RATE
@@ -103,6 +104,7 @@ class WorkerRuntime:
                     max_batch_frames=s.max_batch_frames,
                     prompt_cache_mb=s.prompt_cache_mb,
                     live_frames=math.ceil(s.max_live_seconds * FRAME_RATE) if s.max_live else 0,
+                    custom_voices=VoiceStore(self.redis),
                 )
             return self._engine
 

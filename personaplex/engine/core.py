@@ -27,6 +27,7 @@ import torch
 
 from personaplex import audio as audio_io
 from personaplex.catalog import DEFAULT_REPO
+from personaplex.custom_voices import VoiceStore, is_custom_voice
 from personaplex.engine import codec
 from personaplex.engine.batching import (
     PROGRESS_EVERY,
@@ -50,8 +51,15 @@ from personaplex.engine.live import LiveSession
 from personaplex.engine.loaders import LoadedModels, load_models
 from personaplex.engine.prompt import PromptCache, PromptState, prefill
 from personaplex.engine.sampling import make_generator
-from personaplex.engine.voices import VoicePrompt, load_voice_prompt, resolve_voice
-from personaplex.errors import CancelledError, ConversationError
+from personaplex.engine.voices import (
+    VoicePrompt,
+    VoiceSource,
+    codes_key,
+    custom_voice_source,
+    file_voice_source,
+    resolve_voice,
+)
+from personaplex.errors import CancelledError, ConversationError, UnknownVoiceError
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, EngineResult, GenerationParams, Timings
 from personaplex.settings import Settings
 
@@ -98,6 +106,7 @@ class Engine:
         prefill: bool = True,
         prompt_cache_mb: float = Settings.prompt_cache_mb,
         live_frames: int = 0,
+        custom_voices: VoiceStore | None = None,
     ) -> None:
         self.model_name = str(model)
         self.device = torch.device(device) if device else default_device()
@@ -115,6 +124,9 @@ class Engine:
         self.live_frames = live_frames
         """Frames a conversation's row takes: every continuous loop keeps room for one, so a
         conversation joins a running loop instead of waiting for it to drain (0: no conversations)."""
+        self.custom_voices = custom_voices
+        """Where `custom-<slug>` voices are read and their codes kept (None: only catalog and files)."""
+        self._codes_key: str | None = None
         self._fast: FastLoop | None = None  # the last one, reused while jobs fit it
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personaplex-finish")
         """Decodes and settles the rows that end while the loop runs on (`_run_batch`)."""
@@ -157,6 +169,7 @@ class Engine:
             before = self._allocated_mb()
             was_loaded = self._models is not None
             self._models = None
+            self._codes_key = None
             self._fast = None
             self.prompt_cache.clear()
             gc.collect()
@@ -584,24 +597,20 @@ class Engine:
         file and text prompt were seen; timings.prompt_s and prompt_cached say), or with prefill
         off, the voice its frames are stepped with. Raises UnknownVoiceError, AudioError."""
         if not self.prefill:
-            assert self._voices_dir is not None
-            return load_voice_prompt(
-                models, resolve_voice(params.voice_prompt, self._voices_dir, self.voice_prompt_dir)
-            )
+            return self._voice_source(models, params.voice_prompt).load(models)
         return self._prompt_state(models, params, timings)
 
     def _prompt_state(self, models: LoadedModels, params: GenerationParams, timings: Timings) -> PromptState:
         """The job's prompt state, prefilled in one pass or from the cache (see `_prompt_for`)."""
-        assert self._voices_dir is not None and self._info is not None
-        path = resolve_voice(params.voice_prompt, self._voices_dir, self.voice_prompt_dir)
+        assert self._info is not None
+        source = self._voice_source(models, params.voice_prompt)
         clock = time.perf_counter()
         tokens = tuple(self._text_prompt_tokens(models, params.text_prompt))
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, tokens)
+        key = (*source.key, tokens)
         state = self.prompt_cache.get(key)
         timings.prompt_cached = state is not None
         if state is None:
-            voice = load_voice_prompt(models, path)
+            voice = source.load(models)
             no_audio = torch.empty(1, 0, 0, dtype=torch.long, device=models.device)
             state = prefill(models, self._plan(models, no_audio, voice, params), self._info.lm.delays)
             self.prompt_cache.put(key, state)
@@ -714,8 +723,24 @@ class Engine:
         return list(models.tokenizer.encode(wrap_with_system_tags(text_prompt)))
 
     def _voice_prompt(self, models: LoadedModels, name: str) -> VoicePrompt:
+        return self._voice_source(models, name).load(models)
+
+    def _voice_source(self, models: LoadedModels, name: str) -> VoiceSource:
+        """The voice `name` means: a custom voice's id, a catalog id, or a file; UnknownVoiceError."""
+        if is_custom_voice(name):
+            if self.custom_voices is None:
+                raise UnknownVoiceError(
+                    name, reason="custom voices are kept by the service; this engine has no store"
+                )
+            return custom_voice_source(self.custom_voices, name, self._voice_codes_key(models))
         assert self._voices_dir is not None
-        return load_voice_prompt(models, resolve_voice(name, self._voices_dir, self.voice_prompt_dir))
+        return file_voice_source(resolve_voice(name, self._voices_dir, self.voice_prompt_dir))
+
+    def _voice_codes_key(self, models: LoadedModels) -> str:
+        assert self._info is not None
+        if self._codes_key is None:
+            self._codes_key = codes_key(self._info.mimi_weights, models)
+        return self._codes_key
 
     # ---- user audio --------------------------------------------------------------------------
     def _generate(

@@ -1,13 +1,16 @@
-"""Voice prompts: which file a voice name means, and how it conditions the LM.
+"""Voice prompts: what a voice name means, and how it conditions the LM.
 
 A catalog voice (`NATF2.pt`, ...) is a `.pt` of precomputed embeddings and the cache the reference
 saved after replaying them; a `.wav` voice is encoded by Mimi after loudness normalisation, as the
-reference conditions it. Files outside the catalog are for local callers (the CLI, offline); the
-web tier sends catalog ids only.
+reference conditions it. A custom voice (`custom-<slug>`, personaplex.custom_voices) is a WAV voice
+whose samples and codes live in Redis. Files outside the catalog are for local callers (the CLI,
+offline); the web tier sends catalog and custom ids only.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 
 from personaplex import audio as audio_io
 from personaplex.catalog import normalize_voice_name, voice_ids
+from personaplex.custom_voices import VoiceStore
 from personaplex.engine import codec
 from personaplex.engine.loaders import LoadedModels
 from personaplex.errors import AudioError, UnknownVoiceError
@@ -32,6 +36,52 @@ class VoicePrompt:
     embeddings: torch.Tensor | None = None  # [N, 1, 1, D] from a catalog .pt
     cache: torch.Tensor | None = None  # [1, 17, 4]
     codes: torch.Tensor | None = None  # [1, 8, F] from a .wav
+
+
+@dataclass(frozen=True)
+class VoiceSource:
+    """A job's voice before it is loaded: what identifies its content (the prompt cache's key) and
+    how to load it."""
+
+    key: tuple[Hashable, ...]
+    load: Callable[[LoadedModels], VoicePrompt]
+
+
+def file_voice_source(path: Path) -> VoiceSource:
+    """The voice of a `.pt` or `.wav` file, keyed by where it is and its size and mtime."""
+    stat = path.stat()
+    return VoiceSource(
+        key=(str(path.resolve()), stat.st_mtime_ns, stat.st_size), load=lambda m: load_voice_prompt(m, path)
+    )
+
+
+def codes_key(mimi_weights: Path, models: LoadedModels) -> str:
+    """Names the Mimi that encodes WAV voices: its weights (size, first and last MiB, so a hub
+    snapshot and its copy on another host agree without hashing the whole file), device type and
+    dtype. Codes made under one key are what any worker with that key would make."""
+    digest = hashlib.sha256(str(mimi_weights.stat().st_size).encode())
+    with mimi_weights.open("rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, mimi_weights.stat().st_size - 2**20))
+        digest.update(f.read())
+    dtype = str(models.mimi.dtype).removeprefix("torch.")
+    return f"{digest.hexdigest()[:16]}-{models.device.type}-{dtype}"
+
+
+def custom_voice_source(store: VoiceStore, voice_id: str, key: str) -> VoiceSource:
+    """A custom voice (UnknownVoiceError if it is gone), keyed by its content; loading it takes the
+    codes a worker with the same `key` stored, or encodes them and stores them for the next job."""
+    voice = store.require(voice_id)
+
+    def load(models: LoadedModels) -> VoicePrompt:
+        codes = store.codes(voice, key)
+        if codes is not None:
+            return VoicePrompt(codes=torch.from_numpy(codes.astype(np.int64))[None].to(models.device))
+        encoded = encode_voice(models, store.samples(voice), voice.id)
+        store.save_codes(voice, key, encoded[0].cpu().numpy())
+        return VoicePrompt(codes=encoded)
+
+    return VoiceSource(key=("custom", voice.id, voice.digest), load=load)
 
 
 def resolve_voice(name: str, voices_dir: Path, voice_prompt_dir: Path | None = None) -> Path:
@@ -56,19 +106,24 @@ def load_voice_prompt(models: LoadedModels, path: Path) -> VoicePrompt:
     if path.suffix == ".pt":
         state = torch.load(path, map_location=models.device, weights_only=True)
         return VoicePrompt(embeddings=state["embeddings"].to(models.dtype), cache=state["cache"])
-    return VoicePrompt(codes=codec.encode(models.mimi, normalized_voice_audio(path)))
-
-
-def normalized_voice_audio(path: Path) -> np.ndarray:
-    """A voice WAV at SAMPLE_RATE, normalised to VOICE_LOUDNESS_LUFS with pyloudnorm."""
-    import pyloudnorm  # it imports scipy (a second or so): only WAV voices pay for that
-
     samples = audio_io.load(path, SAMPLE_RATE, max_seconds=None)
+    return VoicePrompt(codes=encode_voice(models, samples, path.name))
+
+
+def encode_voice(models: LoadedModels, samples: np.ndarray, label: str) -> torch.Tensor:
+    """Mimi codes [1, 8, F] of voice samples at SAMPLE_RATE, normalised as the reference does."""
+    return codec.encode(models.mimi, normalized_voice_samples(samples, label))
+
+
+def normalized_voice_samples(samples: np.ndarray, label: str) -> np.ndarray:
+    """Voice samples at SAMPLE_RATE normalised to VOICE_LOUDNESS_LUFS with pyloudnorm."""
+    import pyloudnorm
+
     try:
-        loudness = pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(samples)
+        loudness = audio_io.integrated_loudness(samples)
     except ValueError as exc:
-        raise AudioError(f"The voice prompt {path.name} is too short to measure its loudness.") from exc
+        raise AudioError(f"The voice prompt {label} is too short to measure its loudness.") from exc
     if not np.isfinite(loudness):
-        raise AudioError(f"The voice prompt {path.name} is silent: it has no loudness to normalise.")
+        raise AudioError(f"The voice prompt {label} is silent: it has no loudness to normalise.")
     normalized = pyloudnorm.normalize.loudness(samples, loudness, VOICE_LOUDNESS_LUFS)
     return np.asarray(normalized, dtype=np.float32)
