@@ -211,6 +211,16 @@ def test_outputs_exist_only_after_success(live: Live, clip: bytes) -> None:
     assert live.get(f"/api/jobs/{job_id}/audio").status_code == 410
 
 
+def test_the_input_is_served_as_it_was_sent_while_the_job_is_kept(live: Live, clip: bytes) -> None:
+    job_id = queued(live, clip)
+    sent = live.get(f"/api/jobs/{job_id}/input")
+    assert sent.status_code == 200 and sent.content == clip
+    assert sent.headers["Content-Type"] in ("audio/wav", "audio/x-wav")  # Python's mimetypes says either
+    live.blobs.delete(job_id)
+    assert live.get(f"/api/jobs/{job_id}/input").status_code == 410
+    assert live.get(f"/api/jobs/{HEX_ID}/input").status_code == 404
+
+
 def test_job_record_round_trips_through_the_api(live: Live, clip: bytes) -> None:
     job_id = queued(live, clip, text_prompt="Be brief.")
     body = live.get(f"/api/jobs/{job_id}").json()

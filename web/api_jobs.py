@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mimetypes
 from pathlib import PurePath
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, send_file
 
 from personaplex.jobs import Job, JobStatus
-from personaplex.storage import OUTPUT_JSON, OUTPUT_WAV, read_output
+from personaplex.storage import INPUT, OUTPUT_JSON, OUTPUT_WAV, read_output
 from web import schemas
 from web.auth import current_principal
 from web.errors import ApiError
@@ -99,6 +100,19 @@ def get_audio(job_id: str) -> Response:
     job, data = _require_output(services(), job_id, OUTPUT_WAV)
     name = f"{PurePath(job.input_name).stem or 'output'}_personaplex.wav"
     return send_file(io.BytesIO(data), mimetype="audio/wav", download_name=name, max_age=0)
+
+
+@bp.get("/<job_id>/input")
+def get_input(job_id: str) -> Response:
+    """The upload as it was sent, while the job is kept (the console draws it beside the reply)."""
+    svc = services()
+    job = load_job(svc, job_id)
+    try:
+        data = svc.blobs.get(job.id, INPUT)
+    except FileNotFoundError:
+        raise ApiError(410, f"The input of job {job_id} is gone (retention ended).") from None
+    mimetype = mimetypes.guess_type(job.input_name)[0] or "application/octet-stream"
+    return send_file(io.BytesIO(data), mimetype=mimetype, download_name=job.input_name, max_age=0)
 
 
 @bp.get("/<job_id>/text")

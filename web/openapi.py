@@ -311,6 +311,23 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/api/jobs/{job_id}/input": {
+            **job_ops,
+            "get": {
+                "summary": "The uploaded input, as it was sent",
+                "tags": ["jobs"],
+                "responses": {
+                    "200": {
+                        "description": "The upload's bytes; the type from its name (audio/wav, audio/flac, ...).",
+                        "content": {
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                        },
+                    },
+                    "404": _error("Unknown job, or another client's."),
+                    "410": _error("Gone: the job's retention ended."),
+                },
+            },
+        },
         "/api/jobs/{job_id}/audio": {
             **job_ops,
             "get": {
