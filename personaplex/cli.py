@@ -3,6 +3,8 @@
     personaplex submit FILES_OR_DIRS... --out DIR [--voice V] [--prompt TEXT | --prompt-file F] [--seed N]
     personaplex status ID            a job or a batch
     personaplex voices | prompts | workers
+    personaplex voice-add FILE --name NAME --consent    upload a custom voice (1-60 s of one speaker)
+    personaplex voice-rm VOICE_ID                       delete a custom voice
     personaplex gpu [--offload] [--worker NAME]
 
 `submit` writes `<stem>.wav` and `<stem>.json` per input into DIR as each job finishes, with a bar for
@@ -128,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("inputs", nargs="+", metavar="FILES_OR_DIRS", help="audio files or folders of them")
     submit.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    submit.add_argument("--voice", help="voice prompt, e.g. NATF2.pt or NATF2 (see `personaplex voices`)")
+    submit.add_argument(
+        "--voice", help="voice prompt, e.g. NATF2.pt, NATF2 or custom-anna (see `personaplex voices`)"
+    )
     prompt = submit.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="persona text prompt")
     prompt.add_argument("--prompt-file", type=Path, help="read the persona text prompt from a file")
@@ -156,12 +160,36 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print the raw answer")
         sub.set_defaults(run=run)
 
+    add_voice_commands(commands)
+
     gpu = commands.add_parser("gpu", help="GPU status, or --offload to free GPU memory")
     gpu.add_argument("--offload", action="store_true", help="free GPU memory now (or after the running job)")
     gpu.add_argument("--worker", metavar="NAME", help="only this worker (e.g. gpu0@host)")
     gpu.add_argument("--json", action="store_true", help="print the raw answer")
     gpu.set_defaults(run=run_gpu)
     return parser
+
+
+def add_voice_commands(commands: argparse._SubParsersAction) -> None:
+    """voice-add and voice-rm (`voices` lists them with the catalog)."""
+    add = commands.add_parser(
+        "voice-add",
+        help="upload a recording as a custom voice",
+        description="Upload 1-60 s of one speaker as a custom voice; its id (custom-<name>) then "
+        "works as --voice. --consent attests that the speaker agreed to this use of their voice.",
+    )
+    add.add_argument("file", type=Path, metavar="FILE", help="the recording (WAV, FLAC, MP3, ...)")
+    add.add_argument(
+        "--name", required=True, help="display name; the id is made from it (Anna -> custom-anna)"
+    )
+    add.add_argument("--consent", action="store_true", help="the speaker agreed to this use of their voice")
+    add.add_argument("--json", action="store_true", help="print the raw answer")
+    add.set_defaults(run=run_voice_add)
+
+    remove = commands.add_parser("voice-rm", help="delete a custom voice")
+    remove.add_argument("voice_id", metavar="VOICE_ID", help="e.g. custom-anna")
+    remove.add_argument("--json", action="store_true", help="print the raw answer")
+    remove.set_defaults(run=run_voice_rm)
 
 
 def _say(message: str) -> None:
@@ -609,7 +637,42 @@ def _describe_batch(batch: dict[str, Any]) -> str:
 
 def run_voices(client: PersonaPlexClient, args: argparse.Namespace) -> int:
     voices = client.voices()
-    _print(args, voices, lambda vs: "\n".join(f"{v['id']:<10} {v['name']} ({v['category']})" for v in vs))
+    _print(args, voices, _describe_voices)
+    return EXIT_OK
+
+
+def _describe_voices(voices: list[dict[str, Any]]) -> str:
+    """One line per voice, the ids in a column as wide as the longest (custom ids run longer)."""
+    width = max([10, *(len(v["id"]) for v in voices)])
+    return "\n".join(f"{v['id']:<{width}} {_voice_label(v)}" for v in voices)
+
+
+def _voice_label(voice: dict[str, Any]) -> str:
+    """'Natural Female 2 (natural)', or 'Anna (custom, 3.5 s)'."""
+    if not voice.get("custom"):
+        return f"{voice['name']} ({voice['category']})"
+    return f"{voice['name']} (custom, {voice.get('duration_s') or 0:.1f} s)"
+
+
+def run_voice_add(client: PersonaPlexClient, args: argparse.Namespace) -> int:
+    """Checked here first: the service's own refusals speak of form fields, not of options."""
+    if not args.consent:
+        raise CliError(
+            "--consent is required: pass it to attest that the speaker agreed to this use of their "
+            "voice (the service records it with the time and your address)"
+        )
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise CliError(f"{args.file}: cannot read it ({exc.strerror or exc})") from None
+    voice = client.create_voice(data, args.name, consent=True, filename=args.file.name)
+    _print(args, voice, lambda v: f"created {v['id']}  {_voice_label(v)}; use it with --voice {v['id']}")
+    return EXIT_OK
+
+
+def run_voice_rm(client: PersonaPlexClient, args: argparse.Namespace) -> int:
+    answer = client.delete_voice(args.voice_id.strip())
+    _print(args, answer, lambda a: f"deleted {a['voice_id']}")
     return EXIT_OK
 
 

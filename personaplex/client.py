@@ -4,6 +4,7 @@
     job = client.submit_job("question.wav", voice_prompt="NATM1", seed=7)
     done = client.wait(job["job_id"], timeout=600)
     wav = client.download_audio(done["id"])
+    voice = client.create_voice("anna.wav", "Anna", consent=True)  # then voice_prompt=voice["id"]
 
 Every failure raises `ClientError` (a `PersonaPlexError`) carrying the HTTP status and the server's
 `error` text; `WaitTimeoutError` says a wait ran out while the job goes on.
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import requests
 
@@ -36,7 +37,8 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
-AudioInput = str | os.PathLike | bytes
+AudioInput = str | os.PathLike | bytes | IO[bytes]
+"""A path, the bytes themselves, or a binary file open for reading."""
 
 
 class ClientError(PersonaPlexError):
@@ -124,6 +126,25 @@ class PersonaPlexClient:
 
     def voices(self) -> list[dict[str, Any]]:
         return self._json("GET", "/api/voices")["voices"]
+
+    def get_voice(self, voice_id: str) -> dict[str, Any]:
+        """One voice: a catalog one by id ("NATF2.pt", "natf2"), or a custom one with its loudness
+        and consent record."""
+        return self._json("GET", f"/api/voices/{_quote_id(voice_id)}")
+
+    def create_voice(
+        self, audio: AudioInput, name: str, *, consent: bool, filename: str | None = None
+    ) -> dict[str, Any]:
+        """Upload a 1-60 s recording as a custom voice named `name`; returns it (201), its `id` is
+        the voice_prompt for jobs. `consent` attests the speaker agreed: without it nothing is sent
+        as consent, so the server refuses with its 400 naming the field."""
+        form = {"name": name, "consent": True if consent else None}
+        files, data = _upload(audio, filename, form)
+        return self._json("POST", "/api/voices", files=files, data=data)
+
+    def delete_voice(self, voice_id: str) -> dict[str, Any]:
+        """Delete a custom voice (403 for a catalog voice or one uploaded with another key)."""
+        return self._json("DELETE", f"/api/voices/{_quote_id(voice_id)}")
 
     def prompts(self) -> list[dict[str, Any]]:
         return self._json("GET", "/api/prompts")["prompts"]
@@ -277,23 +298,32 @@ def _quote_id(job_id: str) -> str:
 
 
 def _upload(audio: AudioInput, filename: str | None, params: Mapping[str, Any]) -> tuple[dict, dict]:
-    if isinstance(audio, bytes):
-        content, name = audio, filename or "input.wav"
-    else:
-        path = Path(audio)
-        content, name = path.read_bytes(), filename or path.name
+    content, name = _read_audio(audio)
+    name = filename or name
     data = {key: _form_value(value) for key, value in params.items() if value is not None}
     return {"file": (name, content, "application/octet-stream")}, data
+
+
+def _read_audio(audio: AudioInput) -> tuple[bytes, str]:
+    """The bytes to send and the name they came with ("input.wav" for bare bytes)."""
+    if isinstance(audio, bytes):
+        return audio, "input.wav"
+    if isinstance(audio, str | os.PathLike):
+        path = Path(audio)
+        return path.read_bytes(), path.name
+    # An open file's `name` may be a descriptor number or absent: only a path's last part is used.
+    name = getattr(audio, "name", None)
+    return audio.read(), Path(name).name if isinstance(name, str) else "input.wav"
 
 
 def _file_part(item: AudioInput | tuple[str, AudioInput]) -> tuple[str, bytes, str]:
     if isinstance(item, tuple):
         name, audio = item
-        content = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
+        content = _read_audio(audio)[0]
     elif isinstance(item, bytes):
         raise TypeError("pass bytes as a (name, bytes) pair so the input has a name")
     else:
-        name, content = Path(item).name, Path(item).read_bytes()
+        content, name = _read_audio(item)
     return name, content, "application/octet-stream"
 
 

@@ -12,9 +12,10 @@ to the PersonaPlex Queue service through `personaplex.client`. Environment:
                               are refused before they are read
 
 Tools: health_check, get_gpu_status, offload_gpu, list_voices, get_prompt_examples, process_audio,
-and, for clients that cut calls at about 60 s, submit_audio_job, get_job_status, get_job_result and
-cancel_job. Every tool returns a dict (a TypedDict, so each publishes an output schema) and none
-raises: a failure is `{"status": "error", "error": "<what went wrong and what to do>"}`.
+create_voice and delete_voice (custom voices, used by id as voice_prompt), and, for clients that cut
+calls at about 60 s, submit_audio_job, get_job_status, get_job_result and cancel_job. Every tool
+returns a dict (a TypedDict, so each publishes an output schema) and none raises: a failure is
+`{"status": "error", "error": "<what went wrong and what to do>"}`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Required, TypeVar
+from typing import Any, NotRequired, Required, TypeVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -47,6 +48,7 @@ from personaplex.catalog import (
     voice_ids,
 )
 from personaplex.client import FINAL_STATUSES, ClientError, PersonaPlexClient
+from personaplex.custom_voices import is_custom_voice
 from personaplex.params import FRAME_RATE
 from personaplex.settings import DEFAULT_API_URL, ClientSettings
 
@@ -189,13 +191,44 @@ class OffloadResult(TypedDict, total=False):
 
 class VoiceInfo(TypedDict):
     id: str
-    """The legacy server's id and the value for voice_prompt, e.g. "NATF2.pt"."""
+    """The value for voice_prompt: a catalog voice's legacy id ("NATF2.pt") or a custom voice's
+    ("custom-anna")."""
     name: str
     """E.g. "Natural Female 2"."""
     category: str
-    """natural or variety."""
+    """natural, variety or custom."""
     filename: str
     """The same as id (kept for clients that read it)."""
+    custom: NotRequired[bool]
+    """Uploaded with create_voice (false: it ships with the model)."""
+    created_at: NotRequired[float | None]
+    """Custom voices: when it was uploaded (Unix time)."""
+    duration_s: NotRequired[float | None]
+    """Custom voices: the recording's length in seconds."""
+
+
+class CustomVoiceInfo(VoiceInfo, total=False):
+    loudness_lufs: float
+    """The recording's integrated loudness (normalised to -24 LUFS before use)."""
+    consent: dict[str, Any]
+    """When the speaker's consent was attested (`at`, Unix time) and, to the uploader, from where."""
+
+
+class CreateVoiceResult(TypedDict, total=False):
+    status: Required[str]
+    """ok, or error."""
+    error: str
+    message: str
+    voice: CustomVoiceInfo
+
+
+class DeleteVoiceResult(TypedDict, total=False):
+    status: Required[str]
+    """ok, or error."""
+    error: str
+    message: str
+    voice_id: str
+    deleted: bool
 
 
 class VoicesResult(TypedDict, total=False):
@@ -465,13 +498,22 @@ def read_opened(path: Path, max_bytes: int) -> bytes:
     return data
 
 
+def custom_voice_id(raw: str) -> str | None:
+    """`raw` as a custom voice id ("Custom-Anna " -> "custom-anna"), or None if it has not the form;
+    the service spells them in lower case and accepts any case, so the MCP server does too."""
+    candidate = (raw or "").strip().lower()
+    return candidate if is_custom_voice(candidate) else None
+
+
 def check_voice(voice_prompt: str) -> str:
-    """The catalog file name of the voice, or ToolError listing the valid ones."""
-    voice = normalize_voice_name(voice_prompt or "")
+    """The catalog file name of the voice, or a custom voice's id, or ToolError listing the valid ones.
+
+    Whether a custom voice exists is the service's to say: it answers 400 with every valid voice."""
+    voice = normalize_voice_name(voice_prompt or "") or custom_voice_id(voice_prompt)
     if voice is None:
         raise ToolError(
-            f"Unknown voice prompt {voice_prompt!r}. Use one of: {', '.join(voice_ids())} "
-            "(list_voices describes them)."
+            f"Unknown voice prompt {voice_prompt!r}. Use one of: {', '.join(voice_ids())}, or a custom "
+            "voice's id such as 'custom-anna' (list_voices describes them all)."
         )
     return voice
 
@@ -702,7 +744,9 @@ PersonaPlex answers a spoken recording with a spoken reply in a chosen voice and
 Use process_audio(input_file, output_file) with absolute paths for one call that waits (progress is
 reported). If your client cuts tool calls at about 60 s, use submit_audio_job, then poll
 get_job_status and fetch the WAV with get_job_result. list_voices and get_prompt_examples show the
-choices; health_check says whether the service and its GPU workers are up."""
+choices; create_voice adds a custom voice from a 1-60 s recording of a speaker who consented (pass its
+id as voice_prompt) and delete_voice removes it. health_check says whether the service and its GPU
+workers are up."""
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -759,9 +803,12 @@ class Tools:
         return guarded(self.config, "offload_gpu", body)  # type: ignore[return-value]
 
     def list_voices(self) -> VoicesResult:
-        """The 18 voices PersonaPlex can answer in (natural and variety, female and male).
+        """The voices PersonaPlex can answer in: the 18 that ship with the model (natural and variety,
+        female and male), then the custom ones made with create_voice (custom true, with created_at
+        and duration_s).
 
-        Pass a voice's `id` (e.g. "NATF2.pt") as voice_prompt; "NATF2" and "natf2" work too.
+        Pass a voice's `id` (e.g. "NATF2.pt" or "custom-anna") as voice_prompt; "NATF2" and "natf2"
+        work too.
         """
 
         def body() -> dict[str, Any]:
@@ -769,6 +816,56 @@ class Tools:
             return {"status": "ok", "voices": voices, "default": DEFAULT_VOICE, "count": len(voices)}
 
         return guarded(self.config, "list_voices", body)  # type: ignore[return-value]
+
+    def create_voice(self, input_file: str, name: str, consent: bool) -> CreateVoiceResult:
+        """Make a custom voice from a recording of one speaker, to answer in by its id.
+
+        input_file: absolute path of 1-60 s of clear speech (WAV, FLAC, MP3, ...; any rate).
+        name: the voice's display name; its id is made from it ("Anna" -> "custom-anna").
+        consent: true only if the speaker agreed to their voice being used this way (the service
+            records the attestation with the time); without it nothing is uploaded.
+
+        Returns status "ok" with the voice (its `id` is the voice_prompt for process_audio and
+        submit_audio_job), or "error" saying why (silent or too short a recording, a taken name, ...).
+        """
+
+        def body() -> dict[str, Any]:
+            if not consent:
+                raise ToolError(
+                    "Refused: consent must be true. Only upload a voice whose speaker agreed to it being "
+                    "used to generate speech; then call create_voice again with consent=true."
+                )
+            data, filename = read_input(input_file, self.config.max_upload_bytes)
+            voice = self.client().create_voice(data, name, consent=True, filename=filename)
+            return {
+                "status": "ok",
+                "voice": voice,
+                "message": f"Created. Pass voice_prompt='{voice['id']}' to process_audio or submit_audio_job.",
+            }
+
+        return guarded(self.config, "create_voice", body)  # type: ignore[return-value]
+
+    def delete_voice(self, voice_id: str) -> DeleteVoiceResult:
+        """Delete a custom voice (made with create_voice) for good; voices that ship with the model stay.
+
+        Jobs already queued with it fail, saying it was deleted. Only the API key that uploaded it,
+        or an admin key, may delete it.
+        """
+
+        def body() -> dict[str, Any]:
+            if not voice_id.strip():  # the path would name the list of voices, not one
+                raise ToolError(
+                    "voice_id is empty: pass a custom voice's id from list_voices, e.g. 'custom-anna'."
+                )
+            answer = self.client().delete_voice(custom_voice_id(voice_id) or voice_id.strip())
+            return {
+                "status": "ok",
+                "voice_id": answer["voice_id"],
+                "deleted": bool(answer.get("deleted")),
+                "message": f"Deleted {answer['voice_id']}.",
+            }
+
+        return guarded(self.config, "delete_voice", body)  # type: ignore[return-value]
 
     def get_prompt_examples(self) -> PromptsResult:
         """Example persona prompts (assistant, customer service, casual chat, ...) for text_prompt.
@@ -1044,6 +1141,8 @@ TOOLS: tuple[tuple[str, ToolAnnotations], ...] = (
     ("offload_gpu", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True)),
     ("list_voices", READ_ONLY),
     ("get_prompt_examples", READ_ONLY),
+    ("create_voice", ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False)),
+    ("delete_voice", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True)),
     ("process_audio", ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False)),
     (
         "submit_audio_job",

@@ -54,6 +54,14 @@ def speech_clip(seconds: float) -> bytes:
     return encode_wav(np.resize(load(SPEECH_40S), int(seconds * 24_000)))
 
 
+def speaker_recording(seconds: float = 3.5) -> bytes:
+    """`seconds` of one speaker, as 16-bit 24 kHz WAV bytes: a custom voice's recording. The 20 s
+    recording speaks from 5 s to 9 s; its first 5 s are silence, which no voice may be."""
+    from personaplex.audio import encode_wav, load
+
+    return encode_wav(load(SPEECH_20S)[5 * 24_000 : int((5 + seconds) * 24_000)], 24_000, subtype="PCM_16")
+
+
 def worker_environment(settings: Settings, model_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for a worker subprocess: `settings`' Redis and data dir, the model, the CPU.
 

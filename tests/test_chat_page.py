@@ -18,13 +18,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 import requests
-from fixtures import SPEECH_20S, WorkerProcess, wait_until
+from fixtures import SPEECH_20S, WorkerProcess, speaker_recording, wait_until
 
-from personaplex.audio import encode_wav, load
 from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_VOICE
 from personaplex.custom_voices import CODES_FIELD_PREFIX
 from personaplex.jobs import Keys
-from personaplex.params import SAMPLE_RATE
 from worker.control import query_gpu_status
 
 if TYPE_CHECKING:
@@ -116,11 +114,10 @@ def test_a_voice_uploaded_on_the_page_is_listed_talked_in_and_deleted(
 ) -> None:
     worker = start_worker("gpu0")
     server = start_web()
-    speech = load(SPEECH_20S)
-    voice_wav = tmp_path / "speaker.wav"  # the recording's first 5 s are silence: cut where it speaks
-    voice_wav.write_bytes(encode_wav(speech[5 * SAMPLE_RATE : int(8.5 * SAMPLE_RATE)]))
+    voice_wav = tmp_path / "speaker.wav"
+    voice_wav.write_bytes(speaker_recording())
     short_wav = tmp_path / "short.wav"
-    short_wav.write_bytes(encode_wav(speech[5 * SAMPLE_RATE : int(5.5 * SAMPLE_RATE)]))
+    short_wav.write_bytes(speaker_recording(0.5))
     not_audio = b"These are my notes, not a recording.\n" * 20
 
     with chat_page(server.url) as (page, errors):

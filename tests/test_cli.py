@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from fixtures import REPO_ROOT, SPEECH_40S, free_port, speech_clip, wait_until
+from fixtures import REPO_ROOT, SPEECH_40S, free_port, speaker_recording, speech_clip, wait_until
 
 from personaplex.audio import encode_wav, load, probe
 from personaplex.client import PersonaPlexClient
@@ -160,6 +161,52 @@ def test_workers_without_a_live_worker_is_exit_3(start_web: Callable[..., Any]) 
     assert none.returncode == 3 and "no live workers" in none.stderr
     as_json = personaplex("workers", "--json", url=url)
     assert as_json.returncode == 3 and json.loads(as_json.stdout) == []
+
+
+def test_voice_add_lists_the_voice_and_voice_rm_deletes_it(
+    start_web: Callable[..., Any], tmp_path: Path
+) -> None:
+    """No worker needed: custom voices live in the web tier and Redis."""
+    url = start_web().url
+    voice = tmp_path / "anna.wav"
+    voice.write_bytes(speaker_recording())
+
+    added = personaplex("voice-add", voice, "--name", "Anna (studio)", "--consent", url=url)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.startswith("created custom-anna-studio  Anna (studio) (custom, 3.5 s)")
+    assert "--voice custom-anna-studio" in added.stdout
+
+    listed = personaplex("voices", url=url)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 19 and lines[-1] == "custom-anna-studio Anna (studio) (custom, 3.5 s)"
+    assert lines[2] == "NATF2.pt           Natural Female 2 (natural)"  # the ids in one column
+    as_json = json.loads(personaplex("voices", "--json", url=url).stdout)
+    assert as_json[-1]["id"] == "custom-anna-studio" and as_json[-1]["custom"] is True
+
+    removed = personaplex("voice-rm", "custom-anna-studio", url=url)
+    assert removed.returncode == 0 and removed.stdout.strip() == "deleted custom-anna-studio"
+    assert len(personaplex("voices", url=url).stdout.splitlines()) == 18
+
+
+def test_voice_add_and_voice_rm_errors_are_exit_2(start_web: Callable[..., Any], tmp_path: Path) -> None:
+    url = start_web().url
+    silent = tmp_path / "silent.wav"
+    silent.write_bytes(encode_wav(np.zeros(3 * 24_000, np.float32), 24_000, subtype="PCM_16"))
+    no_consent = personaplex("voice-add", silent, "--name", "Anna", url=url)
+    assert no_consent.returncode == 2 and "--consent is required" in no_consent.stderr
+    missing = personaplex("voice-add", tmp_path / "nope.wav", "--name", "Anna", "--consent", url=url)
+    assert (
+        missing.returncode == 2 and "nope.wav: cannot read it (No such file or directory)" in missing.stderr
+    )
+    refused = personaplex("voice-add", silent, "--name", "Anna", "--consent", url=url)
+    assert refused.returncode == 2 and "(400): The voice recording is silent" in refused.stderr
+    unknown = personaplex("voice-rm", "custom-nobody", url=url)
+    assert unknown.returncode == 2 and "(404)" in unknown.stderr and "custom-nobody" in unknown.stderr
+    catalog = personaplex("voice-rm", "NATF2.pt", url=url)
+    assert catalog.returncode == 2 and "ships with the model" in catalog.stderr
+    down = personaplex("voice-rm", "custom-nobody", url=f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 3 and "Cannot reach" in down.stderr
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures import SPEECH_20S, RedisServer, free_port
+from fixtures import SPEECH_20S, RedisServer, free_port, speaker_recording
 
 from personaplex.audio import encode_wav, load, probe
 from personaplex.client import ClientError, OfflineResult, PersonaPlexClient, WaitTimeoutError
@@ -20,6 +20,14 @@ API_KEY = "client-key"
 @pytest.fixture(scope="module")
 def clip() -> bytes:
     return encode_wav(load(SPEECH_20S)[: 2 * 24000], 24000, subtype="PCM_16")
+
+
+@pytest.fixture(scope="module")
+def voice_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3.5 s of one speaker: the 20 s recording from 5 s on (its first 5 s are silent)."""
+    path = tmp_path_factory.mktemp("voice") / "anna.wav"
+    path.write_bytes(speaker_recording())
+    return path
 
 
 @pytest.fixture
@@ -67,6 +75,41 @@ def test_errors_carry_the_status_and_the_servers_text(client: PersonaPlexClient,
     with pytest.raises(ClientError) as not_ready:
         client.download_audio(client.submit_job(clip)["job_id"])
     assert not_ready.value.status == 409
+
+
+def test_create_get_and_delete_a_custom_voice(client: PersonaPlexClient, voice_wav: Path) -> None:
+    with voice_wav.open("rb") as handle:  # an open file works as a path or bytes do
+        created = client.create_voice(handle, "Anna (studio)", consent=True)
+    assert created["id"] == "custom-anna-studio" and created["custom"] is True
+    assert created["duration_s"] == pytest.approx(3.5, abs=0.01) and created["consent"]["at"]
+    assert client.get_voice("custom-anna-studio") == created
+    assert client.get_voice("natf2")["id"] == "NATF2.pt"
+    assert [v["id"] for v in client.voices() if v["custom"]] == ["custom-anna-studio"]
+    job = client.submit_job(voice_wav, voice_prompt="custom-anna-studio")
+    assert job["job"]["params"]["voice_prompt"] == "custom-anna-studio"
+    assert client.delete_voice("custom-anna-studio") == {"voice_id": "custom-anna-studio", "deleted": True}
+    with pytest.raises(ClientError) as gone:
+        client.get_voice("custom-anna-studio")
+    assert gone.value.status == 404 and gone.value.payload["field"] == "voice_id"
+    assert len(client.voices()) == 18
+
+
+def test_voice_errors_carry_the_status_and_the_field(client: PersonaPlexClient, voice_wav: Path) -> None:
+    with pytest.raises(ClientError) as no_consent:
+        client.create_voice(voice_wav.read_bytes(), "Anna", consent=False)
+    assert no_consent.value.status == 400 and no_consent.value.payload["field"] == "consent"
+    assert "consent is required" in str(no_consent.value)
+    client.create_voice(voice_wav, "Anna", consent=True)
+    with pytest.raises(ClientError) as taken:
+        client.create_voice(voice_wav, "ANNA", consent=True)
+    assert taken.value.status == 409 and taken.value.payload["voice_id"] == "custom-anna"
+    with pytest.raises(ClientError) as catalog:
+        client.delete_voice("NATF2.pt")
+    assert catalog.value.status == 403
+    with pytest.raises(ClientError) as malformed:  # quoted into the path, it reaches the voice route
+        client.delete_voice("custom anna")
+    assert malformed.value.status == 400 and malformed.value.payload["field"] == "voice_id"
+    assert [v["id"] for v in client.voices() if v["custom"]] == ["custom-anna"]
 
 
 def test_wrong_key_full_queue_and_unreachable_server(serve: Callable[..., str], clip: bytes) -> None:

@@ -147,7 +147,7 @@ def test_a_taken_name_is_a_conflict(voices: Live, speech: np.ndarray) -> None:
     [
         ("/api/voices/custom-..", 400),
         ("/api/voices/custom-a.b", 400),
-        ("/api/voices/custom-A", 400),
+        ("/api/voices/custom-A", 404),  # custom-a, which no voice is
         ("/api/voices/..%2F..%2Fetc%2Fpasswd", 404),
         ("/api/voices/custom-nobody", 404),
     ],

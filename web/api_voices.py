@@ -108,6 +108,7 @@ def delete_voice(voice_id: str) -> Response:
 
 
 def _load_custom(voice_id: str) -> CustomVoice:
+    voice_id = voice_id.strip().lower()  # as voice_prompt takes it: 'Custom-Anna' is custom-anna
     try:
         check_voice_id(voice_id)
     except ValueError as exc:
