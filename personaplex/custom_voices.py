@@ -110,7 +110,12 @@ def check_voice_recording(data: bytes) -> Recording:
     samples, integrated loudness above MIN_LOUDNESS_LUFS. Raises AudioError saying what is wrong."""
     if not data:
         raise AudioError("The uploaded voice recording is empty.")
-    samples = audio_io.load(data, SAMPLE_RATE, max_seconds=MAX_SECONDS)  # NaN, inf and length checked
+    length = audio_io.probe(data, max_seconds=None).duration_s
+    if length > MAX_SECONDS:
+        raise AudioError(
+            f"The voice recording is too long: {length:.1f} s; a voice takes {MAX_SECONDS:g} s at most."
+        )
+    samples = audio_io.load(data, SAMPLE_RATE, max_seconds=MAX_SECONDS)  # NaN and inf checked
     duration = len(samples) / SAMPLE_RATE
     if duration < MIN_SECONDS:
         raise AudioError(
@@ -205,7 +210,7 @@ class VoiceStore:
             )
         return voice
 
-    def list(self) -> list[CustomVoice]:
+    def list_voices(self) -> list[CustomVoice]:
         """Every custom voice, oldest first."""
         ids = [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(Keys.VOICES, 0, -1)]
         if not ids:

@@ -262,7 +262,7 @@ def gunicorn_web(
             raise RuntimeError(f"gunicorn exited:\n{process.log()[-4000:]}")
         try:
             return requests.get(base + "/health", timeout=1).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # still booting (slow on a loaded host)
             return False
 
     try:

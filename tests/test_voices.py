@@ -145,6 +145,13 @@ def test_a_custom_voice_job_equals_the_offline_cli_with_that_wav_and_its_codes_a
     voice_id = upload_voice(live, voice_44k_stereo.read_bytes(), name="Anna")
     form = {"voice_prompt": voice_id, "greedy": "true", "text_prompt": "You are Anna."}
     assert run_job(live, question.read_bytes(), **form) == expected
+    offline = live.post(
+        "/api/offline", files={"file": ("q.wav", question.read_bytes())}, data=form, timeout=150
+    )
+    assert offline.status_code == 200 and offline.content == expected[0], offline.text[:200]
+    assert json.loads(offline.headers["X-Text-Output"]) == [
+        t for t in expected[1] if t not in ("PAD", "EPAD")
+    ]
 
     # A batch row with the voice, beside a row with a catalog voice, gives the same bytes.
     batch = live.post(

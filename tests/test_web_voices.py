@@ -108,11 +108,11 @@ def _nan_recording(speech: np.ndarray) -> bytes:
 BAD_UPLOADS = {
     "not audio": (lambda s: b"this is a text file, not a recording\n" * 50, {}, 400, "file"),
     "empty": (lambda s: b"", {}, 400, "file"),
-    "silent": (lambda s: audio_io.encode_wav(np.zeros(48_000, np.float32)), {}, 400, "file"),
+    "silent": (lambda s: audio_io.encode_wav(np.zeros(48_000, np.float32)), {}, 400, "file", "silent"),
     "nearly silent": (lambda s: audio_io.encode_wav(np.resize(s, 48_000) * 1e-5), {}, 400, "file"),
-    "too short": (lambda s: recording(s, 0.5), {}, 400, "file"),
-    "too long": (lambda s: recording(s, 61.0, rate=8_000), {}, 400, "file"),
-    "NaN samples": (_nan_recording, {}, 400, "file"),
+    "too short": (lambda s: recording(s, 0.5), {}, 400, "file", "too short"),
+    "too long": (lambda s: recording(s, 61.0, rate=8_000), {}, 400, "file", "too long: 61.0 s"),
+    "NaN samples": (_nan_recording, {}, 400, "file", "NaN"),
     "no consent": (lambda s: recording(s, 2.0), {"consent": None}, 400, "consent"),
     "consent refused": (lambda s: recording(s, 2.0), {"consent": "false"}, 400, "consent"),
     "no name": (lambda s: recording(s, 2.0), {"name": None}, 400, "name"),
@@ -125,11 +125,12 @@ BAD_UPLOADS = {
 def test_a_bad_upload_is_refused_naming_its_field_and_stores_nothing(
     case: str, voices: Live, speech: np.ndarray, redis_client: Any
 ) -> None:
-    make, form, status, field = BAD_UPLOADS[case]
+    make, form, status, field, *words = BAD_UPLOADS[case]
     answer = upload(voices, make(speech), **form)
     assert answer.status_code == status, answer.text
     body = answer.json()
     assert body["field"] == field and body["error"], body
+    assert all(word in body["error"] for word in words), body
     assert custom_ids(voices) == [] and not redis_client.keys(Keys.PREFIX + "voice*")
 
 

@@ -16,10 +16,8 @@ It ends when the client leaves (its row leaves the loop within a frame), when th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ from personaplex.conversations import (
 from personaplex.jobs import Keys
 from personaplex.params import SAMPLE_RATE, GenerationParams
 from personaplex.settings import Settings
-from web.api_events import require_websocket_upgrade
+from web.api_events import finish_close, require_websocket_upgrade
 from web.errors import ApiError
 from web.services import services
 from web.validation import parse_params
@@ -90,8 +88,6 @@ HANGUP_WAIT_S = 1.0
 deletes the conversation's keys (a later write by the worker would otherwise outlive it)."""
 READER_STOP_S = 1.5
 """Longest wait for the reader thread to stop (its receive times out every second)."""
-CLOSE_HANDSHAKE_WAIT_S = 1.0
-"""How long a closing socket waits for the client's half of the closing handshake."""
 WORKER_GONE = "The worker running this conversation stopped (it no longer renews it): call again."
 RESTARTING = "The server is restarting: call again."
 CALLS_EXTENSION = "personaplex.calls"
@@ -150,7 +146,7 @@ def chat(ws: Server) -> None:
     try:
         _serve(ws)
     finally:
-        _finish_close(ws)
+        finish_close(ws)
 
 
 def _serve(ws: Server) -> None:
@@ -176,20 +172,6 @@ def _serve(ws: Server) -> None:
         call.run()
     finally:
         calls.discard(call)
-
-
-def _finish_close(ws: Server) -> None:
-    """Let simple-websocket finish the closing handshake, then shut the connection down.
-
-    Under the development server (werkzeug) the socket outlives the handler: werkzeug then writes
-    an HTTP response on it, which a browser reads as a broken frame (close 1006 instead of the
-    clean close it already had). Once the close frames have crossed, nothing more belongs on it.
-    """
-    if ws.connected:
-        _close(ws, None, CLOSE_NORMAL)
-    ws.thread.join(CLOSE_HANDSHAKE_WAIT_S)
-    with contextlib.suppress(OSError):
-        ws.sock.shutdown(socket.SHUT_RDWR)
 
 
 class Call:

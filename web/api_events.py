@@ -9,8 +9,10 @@ between are lost); after OUTAGE_GRACE_S without Redis it closes with 1011.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import time
 from typing import Any
 
@@ -18,8 +20,10 @@ from flask import Blueprint, request
 from flask_sock import Sock
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from simple_websocket import Server
+from simple_websocket import ConnectionClosed, Server
+from wsproto.utilities import LocalProtocolError
 
+from personaplex.conversations import CLOSE_NORMAL
 from personaplex.jobs import Job, is_valid_job_id
 from web import schemas
 from web.api_jobs import job_view
@@ -40,6 +44,9 @@ WAIT_SLICE_S = 1.0
 OUTAGE_GRACE_S = 30.0
 """Seconds a socket waits for the events subscription to come back before it gives up with 1011."""
 
+CLOSE_HANDSHAKE_WAIT_S = 1.0
+"""How long a closing socket waits for the client's half of the closing handshake."""
+
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_SERVER_ERROR = 1011
 
@@ -54,8 +61,31 @@ def require_websocket_upgrade() -> None:
         )
 
 
+def finish_close(ws: Server) -> None:
+    """Close cleanly (1000, unless the handler closed already), let simple-websocket finish the
+    closing handshake, then shut the connection down.
+
+    Under the development server (werkzeug) the socket outlives the handler: werkzeug then writes
+    an HTTP response on it, which a browser reads as a broken frame (close 1006 instead of the
+    clean close it already had). Once the close frames have crossed, nothing more belongs on it.
+    """
+    if ws.connected:
+        with contextlib.suppress(ConnectionClosed, LocalProtocolError):  # the client closed first
+            ws.close(reason=CLOSE_NORMAL)
+    ws.thread.join(CLOSE_HANDSHAKE_WAIT_S)
+    with contextlib.suppress(OSError):
+        ws.sock.shutdown(socket.SHUT_RDWR)
+
+
 @sock.route("/<job_id>/events", bp=bp)
 def job_events(ws: Server, job_id: str) -> None:
+    try:
+        _serve(ws, job_id)
+    finally:
+        finish_close(ws)
+
+
+def _serve(ws: Server, job_id: str) -> None:
     if not is_valid_job_id(job_id):
         _fail(ws, CLOSE_POLICY_VIOLATION, _missing(job_id))
         return

@@ -55,7 +55,7 @@ def _voice_detail(voice: CustomVoice) -> dict[str, Any]:
 @bp.get("")
 def list_voices() -> Response:
     catalog = [{**voice.to_dict(), "custom": False} for voice in VOICES]
-    custom = [custom_voice_view(voice) for voice in services().voices.list()]
+    custom = [custom_voice_view(voice) for voice in services().voices.list_voices()]
     body = {"voices": catalog + custom, "default": DEFAULT_VOICE, "count": len(catalog) + len(custom)}
     return jsonify(answer(schemas.VoiceList, body))
 

@@ -120,7 +120,7 @@ def parse_params(form: MultiDict[str, str]) -> GenerationParams:
 
 def known_voices() -> list[str]:
     """Every id voice_prompt takes now: the catalog's, then the custom voices'."""
-    return voice_ids() + [voice.id for voice in services().voices.list()]
+    return voice_ids() + [voice.id for voice in services().voices.list_voices()]
 
 
 def _require_custom_voice(voice_id: str) -> None:
