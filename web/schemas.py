@@ -212,6 +212,8 @@ class JobUrls(Schema):
     self_: str = Field(alias="self")
     audio: str
     text: str
+    input: str
+    """The upload as it was sent."""
     events: str
     """A WebSocket."""
 

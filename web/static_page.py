@@ -1,5 +1,5 @@
-"""GET /: a minimal upload page; GET /chat: a live conversation page (static HTML that calls the API
-from the browser)."""
+"""GET /: the web console (jobs, batches, fleet, conversation, voices); GET /chat: the live
+conversation page. Static HTML and ES modules under web/static that call the API from the browser."""
 
 from __future__ import annotations
 

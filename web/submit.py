@@ -130,5 +130,6 @@ def job_urls(job_id: str) -> dict[str, str]:
         "self": base,
         "audio": url_for("jobs.get_audio", job_id=job_id),
         "text": url_for("jobs.get_text", job_id=job_id),
+        "input": url_for("jobs.get_input", job_id=job_id),
         "events": f"{base}/events",  # a WebSocket (url_for would give an absolute ws:// URL)
     }
