@@ -1,6 +1,6 @@
 """Ops per frame of the fast loop's step, counted on the CPU: a proxy for CUDA kernels per graph replay.
 
-    python bench/kernels.py            # real layer counts (32 temporal, 6 depth), tiny widths, bf16
+    python bench/op_counts.py            # real layer counts (32 temporal, 6 depth), tiny widths, bf16
 
 Counts every aten op that computes (views, empty allocations and metadata ops are left out) in one
 generate frame (`_step(True)`) and one prompt frame (`_step(False)`), by part: the temporal
