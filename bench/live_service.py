@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the protocol client the tests use
 sys.path.insert(0, str(ROOT / "bench"))
 
 from chat_client import ChatClient  # noqa: E402
-from service import _healthy, percentile  # noqa: E402  (bench/service.py)
+from service import percentile  # noqa: E402  (bench/service.py)
 
 from personaplex import audio as audio_io  # noqa: E402
-from personaplex.devstack import RedisServer, free_port, wait_until, web_process, worker_process  # noqa: E402
+from personaplex.devstack import local_service, wait_until  # noqa: E402
 from personaplex.params import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
 
 SPEECH = ROOT / "tests" / "data" / "recordings" / "input_service.wav"
@@ -108,42 +108,23 @@ def main() -> int:
     args = parser.parse_args()
 
     speech = audio_io.load(SPEECH, SAMPLE_RATE)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model = args.model
-        if model is None:
-            from personaplex.engine.tiny import write_tiny_checkpoint
-
-            model = str(write_tiny_checkpoint(work / "tiny", seed=0))
-        redis_server = RedisServer(work / "redis").start()
-        env = {
-            "REDIS_URL": redis_server.url,
-            "PERSONAPLEX_MODEL": model,
-            "PERSONAPLEX_DATA_DIR": str(work / "data"),
-            "DEVICE": args.device,
-            "PERSONAPLEX_MAX_LIVE": str(args.sessions),
-            "PERSONAPLEX_MAX_BATCH": str(args.sessions + 1),
-            "PERSONAPLEX_MAX_LIVE_SECONDS": str(args.seconds + 10),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
-        }
-        port = free_port()
-        worker = worker_process("bench", env, work / "logs").start()
-        web = web_process(port, env, work / "logs").start()
-        base = f"http://127.0.0.1:{port}"
-        try:
-            worker.wait_for_log(" ready.", 120)
-            wait_until(lambda: _healthy(base), 60, interval=0.2, what="the web server")
-            converse(base, speech, 1.0, 0)  # warm up: the model loads, the loop is built
-            alone = run_clients(base, speech, args)
-            job_id = submit_job(base, speech, args.batch_seconds)
-            beside = run_clients(base, speech, args)
-            beside_throughput = job_throughput(base, job_id)
-            job_alone = job_throughput(base, submit_job(base, speech, args.batch_seconds))
-        finally:
-            web.stop()
-            worker.stop()
-            redis_server.stop()
+    environment = {
+        "DEVICE": args.device,
+        "PERSONAPLEX_MAX_LIVE": str(args.sessions),
+        "PERSONAPLEX_MAX_BATCH": str(args.sessions + 1),
+        "PERSONAPLEX_MAX_LIVE_SECONDS": str(args.seconds + 10),
+        "OMP_NUM_THREADS": "1",
+    }
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        local_service(Path(tmp), args.model, "bench", **environment) as base,
+    ):
+        converse(base, speech, 1.0, 0)  # warm up: the model loads, the loop is built
+        alone = run_clients(base, speech, args)
+        job_id = submit_job(base, speech, args.batch_seconds)
+        beside = run_clients(base, speech, args)
+        beside_throughput = job_throughput(base, job_id)
+        job_alone = job_throughput(base, submit_job(base, speech, args.batch_seconds))
 
     results = {
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}",

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from personaplex.demo import test_recording  # noqa: E402
-from personaplex.devstack import RedisServer, free_port, wait_until, web_process, worker_process  # noqa: E402
+from personaplex.devstack import local_service  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -74,36 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=".bench-service")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
-    started: list = []
-    try:
-        from personaplex.engine.tiny import write_tiny_checkpoint
-
-        redis = RedisServer(workdir / "redis").start()
-        started.append(redis)
-        model = write_tiny_checkpoint(workdir / "tiny-model")
-        port = free_port()
-        env = {
-            "REDIS_URL": redis.url,
-            "PERSONAPLEX_MODEL": str(model),
-            "PERSONAPLEX_DATA_DIR": str(workdir / "data"),
-            "DEVICE": "cpu",
-            "PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "GPU_IDLE_TIMEOUT": "0",
-        }
-        worker = worker_process("bench-gpu0", env, workdir / "logs").start()
-        started.append(worker)
-        web = web_process(port, env, workdir / "logs").start()
-        started.append(web)
-        worker.wait_for_log(" ready.", timeout=120)
-        base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _healthy(base), timeout=60, what="the web server")
+    environment = {"OMP_NUM_THREADS": "1", "GPU_IDLE_TIMEOUT": "0"}
+    with local_service(workdir, worker="bench-gpu0", **environment) as base:
         audio = test_recording(args.seconds)
         run_job(base, audio, args.poll)  # warm-up: loads the model, first imports
         samples = [run_job(base, audio, args.poll) for _ in range(args.jobs)]
-    finally:
-        for service in reversed(started):
-            service.stop()
     overhead_ms = [s["overhead_s"] * 1000 for s in samples]
     report = {
         "jobs": args.jobs,
@@ -123,13 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=1))
     return 0
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/health", timeout=2).json().get("status") == "healthy"
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
 
 
 def _commit() -> str:

@@ -1,7 +1,9 @@
 """Run the whole service on one machine: a private Redis, a Celery worker, the web server.
 
-Used by the demo (`python -m personaplex.demo`) and by the integration tests, so both start the
-stack the same way: real processes on free loopback ports, logs in a work folder.
+Used by the demo (`python -m personaplex.demo`), the integration tests, the service benchmarks and
+the console's screenshots, so all start the stack the same way: real processes on free loopback
+ports, logs in a work folder (`local_service` starts the whole of it). `chromium_args` is how the
+browser tests and the screenshots launch Chromium.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+import requests
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -156,3 +160,66 @@ def web_process(port: int, env: Mapping[str, str], logdir: Path) -> ServiceProce
     return ServiceProcess(
         "web", [sys.executable, "-m", "web", "--host", "127.0.0.1", "--port", str(port)], env, logdir
     )
+
+
+def service_healthy(base_url: str) -> bool:
+    """Whether the web server at `base_url` answers /health with "healthy" (not up yet: False)."""
+    try:
+        return requests.get(f"{base_url}/health", timeout=2).json().get("status") == "healthy"
+    except (requests.RequestException, ValueError):
+        return False
+
+
+@contextmanager
+def local_service(
+    workdir: Path, model: str | os.PathLike | None = None, worker: str = "gpu0", **environment: str
+) -> Iterator[str]:
+    """The base URL of a private stack: a redis-server, one worker on `model` (None: the tiny random
+    model, written under `workdir`) and `python -m web`, on free loopback ports with their logs in
+    `workdir/logs`; stopped on exit. `environment` adds to (or overrides, DEVICE=...) both processes'
+    settings. Yields once the worker is ready and /health says healthy."""
+    workdir = Path(workdir)
+    started: list[RedisServer | ServiceProcess] = []
+    try:
+        redis_server = RedisServer(workdir / "redis").start()
+        started.append(redis_server)
+        if model is None:
+            from personaplex.engine.tiny import write_tiny_checkpoint
+
+            model = write_tiny_checkpoint(workdir / "tiny-model")
+        port = free_port()
+        env = {
+            "REDIS_URL": redis_server.url,
+            "PERSONAPLEX_MODEL": str(model),
+            "PERSONAPLEX_DATA_DIR": str(workdir / "data"),
+            "DEVICE": "cpu",
+            "PORT": str(port),
+            **environment,
+        }
+        worker_service = worker_process(worker, env, workdir / "logs").start()
+        started.append(worker_service)
+        started.append(web_process(port, env, workdir / "logs").start())
+        worker_service.wait_for_log(" ready.", timeout=120)
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: service_healthy(base_url), timeout=60, interval=0.2, what="the web server")
+        yield base_url
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+"""Debian's Chromium (scripts/setup.sh installs it): playwright drives it, as it cannot download its
+own browsers here."""
+
+
+def chromium_args(microphone: Path) -> list[str]:
+    """Launch arguments for headless Chromium with a fake microphone that plays `microphone` (a WAV)
+    and media permissions granted, so a page can capture and play audio unattended."""
+    return [
+        "--no-sandbox",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]

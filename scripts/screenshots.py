@@ -28,60 +28,13 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from personaplex.devstack import (  # noqa: E402 - after the path: run as a script from anywhere
-    RedisServer,
-    free_port,
-    wait_until,
-    web_process,
-    worker_process,
-)
+from personaplex.devstack import CHROMIUM, chromium_args, local_service  # noqa: E402 - after the path
 
 RECORDINGS = REPO_ROOT / "tests" / "data" / "recordings"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LONG_SECONDS = 160
 """The long job's input: long enough that the tiny model is still at it after two screenshots."""
 MAX_HEIGHT = 1100
 """Tallest screenshot, CSS px: a view longer than this is cut at the bottom."""
-
-
-# -- the stack -------------------------------------------------------------------------------------
-
-
-@contextmanager
-def stack(workdir: Path) -> Iterator[str]:
-    """The base URL of a private redis-server, worker and web server, stopped on exit."""
-    from personaplex.engine.tiny import write_tiny_checkpoint
-
-    started = []
-    try:
-        redis = RedisServer(workdir / "redis").start()
-        started.append(redis)
-        port = free_port()
-        env = {
-            "REDIS_URL": redis.url,
-            "PERSONAPLEX_MODEL": str(write_tiny_checkpoint(workdir / "tiny-model")),
-            "PERSONAPLEX_DATA_DIR": str(workdir / "data"),
-            "DEVICE": "cpu",
-            "PORT": str(port),
-        }
-        worker = worker_process("gpu0", env, workdir / "logs").start()
-        started.append(worker)
-        web = web_process(port, env, workdir / "logs").start()
-        started.append(web)
-        worker.wait_for_log(" ready.", timeout=120)
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _answers(url), timeout=60, what="the web server")
-        yield url
-    finally:
-        for service in reversed(started):
-            service.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url + "/health", timeout=2).json().get("status") == "healthy"
-    except (requests.RequestException, ValueError):
-        return False
 
 
 def write_clips(folder: Path) -> dict[str, Path]:
@@ -115,13 +68,7 @@ def write_clips(folder: Path) -> dict[str, Path]:
 def browser_page(width: int) -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
-    args = [
-        "--no-sandbox",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={RECORDINGS / 'input_service.wav'}",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
+    args = chromium_args(RECORDINGS / "input_service.wav")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:
@@ -264,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="console-shots-") as scratch:
         workdir = (args.workdir or Path(scratch)).resolve()
         clips = write_clips(workdir / "clips")
-        with stack(workdir) as url, browser_page(args.width) as page:
+        with local_service(workdir) as url, browser_page(args.width) as page:
             take_all(page, url, args.out.resolve(), clips)
     return 0
 

@@ -203,7 +203,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
     """Base URL of the real stack: its own redis-server, a worker subprocess on the tiny model, the web
     server. Private to the module (other tests' flushes never reach it); the worker's log is printed
     at teardown."""
-    from fixtures import REPO_ROOT, WorkerProcess
+    from fixtures import WorkerProcess, tiny_service_env
 
     from web import create_app
     from web.server_thread import ServerThread
@@ -211,14 +211,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
     root = tmp_path_factory.mktemp("live-service")
     redis_server = RedisServer(root / "redis")
     redis_server.start()
-    env = {
-        "REDIS_URL": redis_server.url,
-        "PERSONAPLEX_MODEL": str(tiny_checkpoint),
-        "PERSONAPLEX_DATA_DIR": str(root / "data"),
-        "DEVICE": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
+    env = tiny_service_env(redis_server.url, tiny_checkpoint, root / "data")
     worker = WorkerProcess("live", env, root / "logs").start()
     try:
         app = create_app({"redis_url": redis_server.url, "data_dir": root / "data"}, environ={})

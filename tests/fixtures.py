@@ -62,6 +62,19 @@ def speaker_recording(seconds: float = 3.5) -> bytes:
     return encode_wav(load(SPEECH_20S)[5 * 24_000 : int((5 + seconds) * 24_000)], 24_000, subtype="PCM_16")
 
 
+def tiny_service_env(redis_url: str, model_dir: Path, data_dir: Path) -> dict[str, str]:
+    """Environment for a module's own worker (or web server) on `model_dir`, its own Redis and data
+    dir, on the CPU with one torch thread."""
+    return {
+        "REDIS_URL": redis_url,
+        "PERSONAPLEX_MODEL": str(model_dir),
+        "PERSONAPLEX_DATA_DIR": str(data_dir),
+        "DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+
+
 def worker_environment(settings: Settings, model_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for a worker subprocess: `settings`' Redis and data dir, the model, the CPU.
 

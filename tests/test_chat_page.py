@@ -9,7 +9,6 @@ own browsers here: `executable_path` points at the system one.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,13 +21,13 @@ from fixtures import SPEECH_20S, WorkerProcess, speaker_recording, wait_until
 
 from personaplex.catalog import DEFAULT_PROMPT, DEFAULT_VOICE
 from personaplex.custom_voices import CODES_FIELD_PREFIX
+from personaplex.devstack import CHROMIUM, chromium_args
 from personaplex.jobs import Keys
 from worker.control import query_gpu_status
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CATALOG_VOICES = 18
 VOICE_ID = "custom-page-voice"  # what the server makes of the name "Page voice"
 
@@ -39,13 +38,7 @@ def chat_page(url: str) -> Iterator[tuple[Page, list[str]]]:
     it already given), and the uncaught errors of its scripts, which a test asserts empty."""
     from playwright.sync_api import sync_playwright
 
-    args = [
-        "--no-sandbox",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={SPEECH_20S}",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
+    args = chromium_args(SPEECH_20S)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:

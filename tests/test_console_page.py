@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from fixtures import REPO_ROOT, SPEECH_20S, SPEECH_40S, RedisServer, WorkerProcess, wait_until
+from fixtures import SPEECH_20S, SPEECH_40S, RedisServer, WorkerProcess, tiny_service_env, wait_until
+from test_chat_page import hold_conversation
 
 from personaplex.audio import encode_wav, load
+from personaplex.devstack import CHROMIUM, chromium_args
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "console-test-key"
 """The server's one key (PERSONAPLEX_API_KEY): an admin key, so offload is allowed."""
 WORKER = "gpu0@test"
@@ -71,14 +72,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> It
     root = tmp_path_factory.mktemp("console")
     redis_server = RedisServer(root / "redis")
     redis_server.start()
-    env = {
-        "REDIS_URL": redis_server.url,
-        "PERSONAPLEX_MODEL": str(tiny_checkpoint),
-        "PERSONAPLEX_DATA_DIR": str(root / "data"),
-        "DEVICE": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
+    env = tiny_service_env(redis_server.url, tiny_checkpoint, root / "data")
     worker = WorkerProcess("gpu0", env, root / "logs").start()
     clips = root / "clips"
     clips.mkdir()
@@ -103,13 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> It
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
-    args = [
-        "--no-sandbox",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={SPEECH_20S}",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
+    args = chromium_args(SPEECH_20S)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         yield chromium
@@ -453,16 +441,7 @@ def test_the_fleet_lists_the_worker_loaded_refreshes_and_offloads_it(stack: Stac
 def test_the_conversation_tab_talks_with_the_fake_microphone(stack: Stack, page: Any) -> None:
     open_console(page, stack, "#talk")
     page.wait_for_function("document.getElementById('voice')?.options.length >= 18", timeout=15_000)
-    page.select_option("#voice", "NATM1.pt")
-    page.click("#call")
-    page.wait_for_function("window.chatState.handshake", timeout=60_000)
-    page.wait_for_function("window.chatState.audioFrames >= 25", timeout=60_000)
-    page.wait_for_function("window.chatState.text.length > 0", timeout=30_000)
-    assert page.text_content("#transcript")
-    page.click("#hangup")
-    page.wait_for_function("window.chatState.closed", timeout=10_000)
-    state = page.evaluate("window.chatState")
-    assert state["closeCode"] == 1000 and not state["errors"], state
+    hold_conversation(page, "NATM1.pt")
 
 
 def test_a_voice_added_in_the_voices_tab_is_offered_for_jobs(stack: Stack, page: Any) -> None:

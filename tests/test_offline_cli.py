@@ -34,7 +34,7 @@ def input_16k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(args: list[str], cwd: Path, **environ: str) -> subprocess.CompletedProcess[str]:
+def run_offline_cli(args: list[str], cwd: Path, **environ: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **environ}
     env.pop("PERSONAPLEX_MODEL", None)
     return subprocess.run(
@@ -65,7 +65,7 @@ def test_cli_writes_wav_and_per_frame_text(
         model=str(tiny_checkpoint),
         device="cpu",
     )
-    done = _run([*args, "--greedy"], cwd=tmp_path)
+    done = run_offline_cli([*args, "--greedy"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "generate" in done.stderr  # the progress bar goes to stderr
     assert done.stdout == ""
@@ -100,7 +100,7 @@ def test_cli_bad_voice_exits_with_a_clear_message(
         model=str(tiny_checkpoint),
         device="cpu",
     )
-    done = _run(args, cwd=tmp_path)
+    done = run_offline_cli(args, cwd=tmp_path)
     assert done.returncode != 0
     assert "Unknown voice prompt 'NOBODY.pt'" in done.stderr
     assert "NATF2.pt" in done.stderr  # lists the valid voices
@@ -122,7 +122,7 @@ def test_cli_runs_with_the_same_seed_write_the_same_bytes(
             model=str(tiny_checkpoint),
             device="cpu",
         )
-        done = _run(args, cwd=tmp_path)
+        done = run_offline_cli(args, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         return out_wav.read_bytes()
 
@@ -140,7 +140,7 @@ def test_a_malformed_setting_is_the_services_start_up_error(input_16k: Path, tmp
         output_text=str(tmp_path / "never.json"),
         voice_prompt="NATF2.pt",
     )
-    done = _run(args, cwd=tmp_path, CPU_OFFLOAD="maybe")
+    done = run_offline_cli(args, cwd=tmp_path, CPU_OFFLOAD="maybe")
     assert done.returncode == 2
     assert "CPU_OFFLOAD" in done.stderr and "'maybe'" in done.stderr
     assert "Traceback" not in done.stderr

@@ -11,9 +11,6 @@ job with a reason.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +19,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from chat_client import ChatClient
-from fixtures import REPO_ROOT, SPEECH_20S, WorkerProcess, wait_for_job
+from fixtures import SPEECH_20S, WorkerProcess, wait_for_job
 from test_chat import case_query
 from test_golden import CASES, GoldenCase
+from test_offline_cli import run_offline_cli
 from web_helpers import Live
 
 from personaplex import audio as audio_io
@@ -112,17 +110,10 @@ def offline_cli(
 ) -> tuple[bytes, list[str]]:
     """`python -m personaplex.offline --voice-prompt voice --greedy`: its WAV's bytes and its text."""
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     args = ["--model", str(checkpoint), "--device", "cpu", "--greedy", "--text-prompt", persona]
     args += ["--input-wav", str(question), "--voice-prompt", str(voice)]
     args += ["--output-wav", str(out / "a.wav"), "--output-text", str(out / "a.json")]
-    run = subprocess.run(
-        [sys.executable, "-m", "personaplex.offline", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_offline_cli(args, out)
     assert run.returncode == 0, run.stderr
     return (out / "a.wav").read_bytes(), json.loads((out / "a.json").read_text())
 

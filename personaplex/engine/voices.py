@@ -59,10 +59,11 @@ def codes_key(mimi_weights: Path, models: LoadedModels) -> str:
     """Names the Mimi that encodes WAV voices: its weights (size, first and last MiB, so a hub
     snapshot and its copy on another host agree without hashing the whole file), device type and
     dtype. Codes made under one key are what any worker with that key would make."""
-    digest = hashlib.sha256(str(mimi_weights.stat().st_size).encode())
+    size = mimi_weights.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
     with mimi_weights.open("rb") as f:
         digest.update(f.read(2**20))
-        f.seek(max(0, mimi_weights.stat().st_size - 2**20))
+        f.seek(max(0, size - 2**20))
         digest.update(f.read())
     dtype = str(models.mimi.dtype).removeprefix("torch.")
     return f"{digest.hexdigest()[:16]}-{models.device.type}-{dtype}"
