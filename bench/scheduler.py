@@ -5,7 +5,10 @@
 
 Jobs of mixed lengths (`--short` of 1-10 s, `--long` of 30-120 s) arrive at random times (a
 Poisson stream, `--rate` per second, seeded). Each runs first alone, to measure its solo engine
-time (`Engine.process_batch([job])`). Then the stream is replayed twice through one engine:
+time: `Engine.process_batch([job])` (a loop sized for it), and alone in the worker's loop (a
+continuous batch with nothing else queued, which keeps `--live-seconds` of room for a
+conversation as a worker with conversations on does). Then the stream is replayed through one engine in each
+mode, `--rounds` times (alternating; each figure reported is its median over the rounds):
 
 - static: what a worker did before continuous batching. When the engine is free it takes every job
   that has arrived (up to PERSONAPLEX_MAX_BATCH) and runs that batch to its end; a job arriving
@@ -14,7 +17,8 @@ time (`Engine.process_batch([job])`). Then the stream is replayed twice through 
   arrived, looked at every `worker.runner.REFILL_CHECK_INTERVAL_S`, as the worker's `LoopFeed` does.
 
 Per job: latency = end - arrival, relative latency = latency / solo time; p50 and p95 of the
-relative latency for short jobs and long ones. Throughput = audio seconds / (last end - first
+relative latency for short jobs and long ones (and for short jobs against their solo time in the
+worker's loop, `*_vs_loop_solo`: what sharing the loop costs them, without the cost of its room). Throughput = audio seconds / (last end - first
 arrival). Occupancy = busy row-frames / (rows x frames stepped). Results go to
 bench/results/<commit>_scheduler_<device>.json.
 """
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +47,10 @@ from personaplex.engine.batching import REFILL_CHECK_INTERVAL_S, BatchRequest
 from personaplex.engine.core import Engine
 from personaplex.engine.fast import FastLoop
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams
+from personaplex.settings import Settings
 
 SHORT_MAX_S = 10.0
+MODES = ("static", "continuous")
 
 
 @dataclass
@@ -55,6 +62,9 @@ class Arrival:
     audio: bytes
     params: GenerationParams
     solo_s: float = 0.0
+    """The job alone: `Engine.process_batch([job])`, in a loop sized for it."""
+    loop_solo_s: float = 0.0
+    """The job alone in the worker's loop: a continuous batch with nothing else to take."""
     ended: float = field(default=0.0)
 
 
@@ -109,14 +119,29 @@ def request(job: Arrival) -> BatchRequest:
 
 
 def measure_solo(engine: Engine, jobs: list[Arrival], repeat: int) -> None:
-    """Each job's solo engine time: the best of `repeat` runs alone (the least disturbed one)."""
+    """Each job's solo engine times: the best of `repeat` runs alone (the least disturbed one)."""
     for job in jobs:
-        times = []
-        for _ in range(repeat):
-            clock = time.perf_counter()
-            engine.process_batch([BatchRequest(job.audio, job.params)])
-            times.append(time.perf_counter() - clock)
-        job.solo_s = min(times)
+        job.solo_s = best_time(engine, job, None, repeat)
+        job.loop_solo_s = best_time(engine, job, NothingMore(), repeat)
+
+
+def best_time(engine: Engine, job: Arrival, feed: NothingMore | None, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        clock = time.perf_counter()
+        engine.process_batch([BatchRequest(job.audio, job.params)], feed)
+        times.append(time.perf_counter() - clock)
+    return min(times)
+
+
+class NothingMore:
+    """The JobFeed of a worker with nothing queued: the job runs alone in a continuous loop."""
+
+    def due(self) -> bool:
+        return False
+
+    def take(self, rows: int, max_frames: int | None = None) -> list[BatchRequest]:
+        return []
 
 
 def arrived(jobs: list[Arrival], start: float, taken: set[int]) -> list[Arrival]:
@@ -165,21 +190,32 @@ def replay(engine: Engine, jobs: list[Arrival], mode: str) -> dict[str, float]:
 
 
 def summarize(jobs: list[Arrival], start: float, occupancy: float) -> dict[str, float]:
-    def relative(selected: list[Arrival]) -> list[float]:
-        return sorted((job.ended - start - job.at) / job.solo_s for job in selected)
+    def relative(
+        selected: list[Arrival], solo: Callable[[Arrival], float] = lambda job: job.solo_s
+    ) -> list[float]:
+        return sorted((job.ended - start - job.at) / solo(job) for job in selected)
 
-    short = relative([job for job in jobs if job.seconds <= SHORT_MAX_S])
+    short_jobs = [job for job in jobs if job.seconds <= SHORT_MAX_S]
+    short = relative(short_jobs)
+    short_in_loop = relative(short_jobs, lambda job: job.loop_solo_s)
     long = relative([job for job in jobs if job.seconds > SHORT_MAX_S])
     makespan = max(job.ended for job in jobs) - start
     return {
         "short_p50": statistics.median(short),
         "short_p95": _p95(short),
+        "short_p50_vs_loop_solo": statistics.median(short_in_loop),
+        "short_p95_vs_loop_solo": _p95(short_in_loop),
         "long_p50": statistics.median(long) if long else 0.0,
         "long_p95": _p95(long) if long else 0.0,
         "throughput_audio_s_per_s": sum(job.seconds for job in jobs) / makespan,
         "occupancy": occupancy,
         "makespan_s": makespan,
     }
+
+
+def median_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds (one replay of the stream each)."""
+    return {name: statistics.median(figures[name] for figures in rounds) for name in rounds[0]}
 
 
 def _p95(values: list[float]) -> float:
@@ -190,12 +226,14 @@ def build_engine(args: argparse.Namespace, workdir: Path) -> Engine:
     if args.size == "tiny":
         from personaplex.engine.tiny import write_tiny_checkpoint
 
-        return Engine(write_tiny_checkpoint(workdir / "tiny"), device=args.device, max_batch=args.max_batch)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from engine import build_random_engine  # bench/engine.py: real-size modules, random weights
+        engine = Engine(write_tiny_checkpoint(workdir / "tiny"), device=args.device)
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from engine import build_random_engine  # bench/engine.py: real-size modules, random weights
 
-    engine = build_random_engine(torch.device(args.device), workdir)
+        engine = build_random_engine(torch.device(args.device), workdir)
     engine.max_batch = args.max_batch
+    engine.live_frames = math.ceil(args.live_seconds * FRAME_RATE)
     return engine
 
 
@@ -214,8 +252,16 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=3, help="jobs of 30-120 s")
     parser.add_argument("--rate", type=float, default=1.0, help="arrivals per second")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument(
+        "--live-seconds",
+        type=float,
+        default=Settings().max_live_seconds,
+        help="room every continuous loop keeps for a conversation, as a worker with conversations on"
+        " does (PERSONAPLEX_MAX_LIVE_SECONDS); 0: loops sized for their jobs alone",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=2, help="solo runs per job (the best counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="replays of both modes (medians reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a test worker's: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -225,11 +271,18 @@ def main() -> None:
         jobs = workload(args)
         measure_solo(engine, jobs[:1], 1)  # warm-up
         measure_solo(engine, jobs, args.repeat)
-        report = {mode: replay(engine, jobs, mode) for mode in ("static", "continuous")}
+        rounds = [{mode: replay(engine, jobs, mode) for mode in MODES} for _ in range(args.rounds)]
+        report = {mode: median_figures([figures[mode] for figures in rounds]) for mode in MODES}
     machine = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     )
-    document = {"args": vars(args), "machine": machine, "torch": torch.__version__, "results": report}
+    document = {
+        "args": vars(args),
+        "machine": machine,
+        "torch": torch.__version__,
+        "results": report,
+        "rounds": rounds,
+    }
     out = Path(__file__).parent / "results" / f"{commit()}_scheduler_{args.device.replace(':', '')}.json"
     out.write_text(json.dumps(document, indent=2))
     for mode, figures in report.items():

@@ -274,7 +274,8 @@ def assert_same_as_alone(engine: Engine, audio: bytes, params: GenerationParams,
 def test_jobs_that_join_a_running_batch_equal_each_job_alone(
     tiny_engine: Engine, speech: np.ndarray, greedy: bool
 ) -> None:
-    long, *short = mixed_jobs(speech, greedy)[::-1]  # the 3.1 s job first, then three shorter ones
+    longest, *short = mixed_jobs(speech, greedy)[::-1]  # three shorter ones join the longest
+    long = (clip(speech, 2, 8.0), longest[1])  # long enough to outlast their preparation (in wall time)
     order: list[int] = []
     first, *later = finishing_order([long, *short], order)
     feed = ScriptedFeed([[later[0]], [], [], [later[1], later[2]]])
@@ -333,6 +334,49 @@ def test_a_feed_that_fails_does_not_stop_the_running_rows(tiny_engine: Engine, s
     (result,) = tiny_engine.process_batch([BatchRequest(audio, params)], feed)
     assert len(feed.takes) >= 1
     assert_same_as_alone(tiny_engine, audio, params, result)
+
+
+class SlowToPrepare:
+    """should_cancel of a joining job whose preparation (its first check) takes until the running
+    job has reported progress `reports` more times (one per PROGRESS_EVERY frames), or `timeout`
+    seconds if it never does."""
+
+    def __init__(self, running: list[int], reports: int, timeout: float = 30.0) -> None:
+        self.running, self.reports, self.timeout = running, reports, timeout
+        self.calls = 0
+        self.moved_on: bool | None = None
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        if self.calls == 1:
+            start = len(self.running)
+            try:
+                self.moved_on = bool(
+                    wait_until(lambda: len(self.running) >= start + self.reports, self.timeout)
+                )
+            except TimeoutError:
+                self.moved_on = False
+        return False
+
+
+def test_a_joining_job_is_prepared_while_the_running_rows_step_on(
+    tiny_engine: Engine, speech: np.ndarray
+) -> None:
+    """Decoding, encoding and prefilling a joining job run beside the loop, not in it: the running
+    row steps on meanwhile (on the loop's thread this would stall it until the timeout), and both
+    results are still exactly what each job gets alone."""
+    running = (clip(speech, 3, 8.0), GenerationParams(seed=4))
+    joining = (clip(speech, 21, 1.5), GenerationParams(seed=7))
+    order: list[int] = []
+    first, later = finishing_order([running, joining], order)
+    frames: list[int] = []
+    first.progress = lambda phase, done, total: frames.append(done)
+    slow = later.should_cancel = SlowToPrepare(frames, reports=4, timeout=20.0)
+    tiny_engine.process_batch([first], ScriptedFeed([[], [later]]))
+    assert slow.moved_on is True, "the running row stood still while the joining job was prepared"
+    assert order == [1, 0], "the 1.5 s job joined the running 8 s one"
+    for (audio, params), request in zip([running, joining], [first, later], strict=True):
+        assert_same_as_alone(tiny_engine, audio, params, request.result)  # type: ignore[attr-defined]
 
 
 # ---- the worker -----------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -190,9 +192,12 @@ class Joiner(Protocol):
         """Whether asking for more is worth it now; cheap, called before frames while a row is free."""
         ...
 
-    def join(self, free: int, fits: Callable[[JobPlan], bool], horizon: int) -> list[BatchRow]:
+    def join(
+        self, free: int, fits: Callable[[JobPlan], bool], horizon: int, wait: bool = False
+    ) -> list[BatchRow]:
         """Up to `free` prepared rows, oldest first, each of which `fits` the loop; [] if none.
-        `horizon`: frames until the loop's busy rows have all ended (see `FeedJoiner`)."""
+        `horizon`: frames until the loop's busy rows have all ended (see `FeedJoiner`). `wait`: the
+        loop has no busy row, so block for jobs still being prepared rather than return []."""
         ...
 
 
@@ -218,7 +223,7 @@ def step_rows(
         _join(row, slot, 0)
     while True:
         if joiner is not None and loop.free_rows() and (not live or joiner.due()):
-            _admit(loop, live, done, joiner)
+            _admit(loop, live, done, joiner, wait=not live)
         for row in _closed_live_rows(loop, live):
             frames = loop.row_result(row.slot)[: loop.t_host[row.slot] - row.plan.prompt_frames]
             _leave(loop, live, row)
@@ -313,8 +318,9 @@ def _broken(exc: Exception) -> ConversationError:
     return ConversationError(f"The conversation broke off: {exc}")
 
 
-def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner) -> None:
-    for row in joiner.join(len(loop.free_rows()), lambda plan: loop.fits([plan]), loop.horizon()):
+def _admit(loop: FastLoop, live: list[BatchRow], done: int, joiner: Joiner, wait: bool) -> None:
+    free = len(loop.free_rows())
+    for row in joiner.join(free, lambda plan: loop.fits([plan]), loop.horizon(), wait):
         slot = loop.free_rows()[0]
         loop.load_row(slot, row.plan)
         _join(row, slot, done)
@@ -375,6 +381,11 @@ class FeedJoiner:
     """The `Joiner` of a continuous batch: rows prepared and waiting (`queue`, oldest first), then
     jobs taken from a `JobFeed` and prepared (`prepare` settles one that cannot start, returning None).
 
+    With a `preparer` (one thread), jobs taken are prepared there while the loop runs on: decoding
+    a recording, encoding it with Mimi and prefilling its prompt take a long job's arrival seconds
+    of CPU (or a GPU's encode), which would otherwise stall every running row. They join in the
+    order they were taken, once prepared.
+
     First come, first served, with backfilling: when the oldest waiting row does not fit the running
     loop (longer than its frame capacity), it is `held` for the next loop, which starts when this one
     drains and is sized for it. Until then a newer row may pass it only if it ends within the
@@ -388,29 +399,60 @@ class FeedJoiner:
         queue: list[BatchRow],
         feed: JobFeed | None,
         prepare: Callable[[BatchRequest], BatchRow | None],
+        preparer: Executor | None = None,
     ) -> None:
         self.queue = queue
         self.feed = feed
         self.prepare = prepare
+        self.preparer = preparer
+        self.preparing: deque[Future[BatchRow | None]] = deque()
+        """Jobs taken and being prepared, in the order taken."""
         self.held = False
 
     def due(self) -> bool:
         if self.feed is not None and self.feed.due():
             return True
+        if self.preparing and self.preparing[0].done():
+            return True
         return bool(self.queue) and not self.held  # rows left waiting behind a held one wait for a look
 
-    def join(self, free: int, fits: Callable[[JobPlan], bool], horizon: int) -> list[BatchRow]:
+    def join(
+        self, free: int, fits: Callable[[JobPlan], bool], horizon: int, wait: bool = False
+    ) -> list[BatchRow]:
         rows: list[BatchRow] = []
         fetched = False
         while len(rows) < free:
+            self._collect(block=False)
             row = self._next(fits, horizon)
             if row is not None:
                 rows.append(row)
                 continue
-            if fetched or not self._fetch(free - len(rows), horizon if self.held else None):
-                break
+            room = free - len(rows) - len(self.preparing)
+            if not fetched and room > 0 and self._fetch(room, horizon if self.held else None):
+                fetched = True
+                continue
             fetched = True
+            if not (wait and not rows and self.preparing):
+                break
+            self._collect(block=True)
         return rows
+
+    def drain(self) -> None:
+        """Wait for every job being prepared: each is then in `queue`, or settled."""
+        while self.preparing:
+            self._collect(block=True)
+
+    def _collect(self, block: bool) -> None:
+        """Move prepared jobs, in the order taken, into the queue; with `block`, wait for the next."""
+        while self.preparing and (block or self.preparing[0].done()):
+            block = False
+            try:
+                row = self.preparing.popleft().result()
+            except Exception:  # `prepare` settles what fails; this is a bug of its own
+                log.exception("preparing a job that joins the batch failed")
+                continue
+            if row is not None:
+                self.queue.append(row)
 
     def _next(self, fits: Callable[[JobPlan], bool], horizon: int) -> BatchRow | None:
         """The oldest waiting row that may join now, out of the queue; holds the oldest if it cannot."""
@@ -432,7 +474,15 @@ class FeedJoiner:
             log.exception("the batch's feed failed")
             return False
         for request in requests:
-            row = self.prepare(request)
-            if row is not None:
-                self.queue.append(row)
+            if self.preparer is None:
+                self.preparing.append(_done(self.prepare(request)))
+            else:
+                self.preparing.append(self.preparer.submit(self.prepare, request))
+        self._collect(block=False)
         return bool(requests)
+
+
+def _done(row: BatchRow | None) -> Future[BatchRow | None]:
+    future: Future[BatchRow | None] = Future()
+    future.set_result(row)
+    return future

@@ -130,6 +130,8 @@ class Engine:
         self._fast: FastLoop | None = None  # the last one, reused while jobs fit it
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personaplex-finish")
         """Decodes and settles the rows that end while the loop runs on (`_run_batch`)."""
+        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personaplex-prepare")
+        """Prepares the jobs that join a running loop, while it runs on (`FeedJoiner`)."""
         self._lock = threading.RLock()
         self._models: LoadedModels | None = None
         self._info: CheckpointInfo | None = None
@@ -321,19 +323,23 @@ class Engine:
             pending.pop(index, None)
             settle(index, outcome)
 
-        def prepare(request: BatchRequest) -> BatchRow | None:
+        def prepare(request: BatchRequest) -> BatchRow | None:  # on the preparer's thread
             index = next(indices)
             joined[index] = request
             try:
-                row = self._prepare(index, request, models, 0.0)
+                with torch.inference_mode():
+                    row = self._prepare(index, request, models, 0.0)
             except Exception as exc:
                 settle(index, exc)
                 return None
             pending[index] = row
             return row
 
-        joiner = FeedJoiner(list(jobs), feed, prepare)
-        while joiner.queue:
+        joiner = FeedJoiner(list(jobs), feed, prepare, self._preparer)
+        while True:
+            joiner.drain()
+            if not joiner.queue:
+                return
             joiner.held = False
             loop = self._continuous_loop(models, [row.plan for row in joiner.queue])
             first, joiner.queue = joiner.queue[: loop.batch], joiner.queue[loop.batch :]
@@ -343,6 +349,7 @@ class Engine:
             except Exception as exc:  # the loop broke (out of memory, ...): every job not settled
                 log.exception("a continuous batch failed")
                 self._fast = None
+                joiner.drain()
                 for index in list(pending):
                     settle_once(index, exc)
                 return
