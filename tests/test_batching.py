@@ -287,6 +287,33 @@ def test_jobs_that_join_a_running_batch_equal_each_job_alone(
         assert_same_as_alone(tiny_engine, audio, params, request.result)  # type: ignore[attr-defined]
 
 
+def test_a_continuous_loop_has_room_for_what_its_rows_can_hold(
+    tiny_engine: Engine, speech: np.ndarray
+) -> None:
+    """A loop started by a 0.7 s job has room for a 24 s one (the frame budget's share of each of
+    its rows): the long job joins it at once instead of waiting for it to drain."""
+    short = (clip(speech, 5, 0.7), GenerationParams(text_prompt="", seed=5))
+    long = (clip(speech, 10, 24.0), GenerationParams(seed=6))
+    order: list[int] = []
+    requests = finishing_order([short, long], order)
+    loops = []
+    requests[0].progress = lambda phase, done, total: loops.append(tiny_engine._fast)
+    tiny_engine.process_batch(requests[:1], ScriptedFeed([[requests[1]]]))
+    loop = tiny_engine._fast
+    assert loop is not None and loop.frames >= tiny_engine.row_room > 24 * 12.5
+    assert loop.batch == tiny_engine.max_batch and order == [0, 1]
+    assert loops[-1] is loop, "the long job needed a loop of its own"
+    for (audio, params), request in zip([short, long], requests, strict=True):
+        assert_same_as_alone(tiny_engine, audio, params, request.result)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def small_rows(tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame budget whose share per row is 256 frames (20.5 s): longer jobs need a bigger loop."""
+    monkeypatch.setattr(tiny_engine, "max_batch_frames", tiny_engine.max_batch * 256)
+
+
+@pytest.mark.usefixtures("small_rows")
 def test_a_job_longer_than_the_running_loop_waits_for_it_to_drain(
     tiny_engine: Engine, speech: np.ndarray
 ) -> None:
@@ -305,6 +332,7 @@ def test_a_job_longer_than_the_running_loop_waits_for_it_to_drain(
         assert_same_as_alone(tiny_engine, audio, params, request.result)  # type: ignore[attr-defined]
 
 
+@pytest.mark.usefixtures("small_rows")
 def test_a_short_job_passes_a_held_one_when_it_ends_before_the_loop_drains(
     tiny_engine: Engine, speech: np.ndarray
 ) -> None:

@@ -355,14 +355,15 @@ class Engine:
                 return
 
     def _continuous_loop(self, models: LoadedModels, plans: list[JobPlan]) -> FastLoop:
-        """A loop for a continuous batch: frames for the longest of `plans` or a conversation
-        (`live_frames`), rounded up, as many
-        rows as `max_batch` and `max_batch_frames` allow at that length (one row at least), top-k
-        room for the default sampling, so a later job of up to that length can join.
+        """A loop for a continuous batch: frames for the longest of `plans`, a conversation
+        (`live_frames`) or `row_room` (the most every row can hold), rounded up, as many rows as
+        `max_batch` and `max_batch_frames` allow at that length (one row at least), top-k room for
+        the default sampling, so a later job of up to that length can join.
 
         The last loop is reused when it has those rows and at least those frames (no new capture).
         """
-        frames = _round_up(max(self.live_frames, *(len(p) for p in plans)), FAST_FRAMES_BUCKET)
+        needed = max(self.live_frames, self.row_room, *(len(p) for p in plans))
+        frames = _round_up(needed, FAST_FRAMES_BUCKET)
         rows = max(1, min(self.max_batch, self.max_batch_frames // frames))
         loop = self._fast
         if loop is not None and loop.batch == rows and loop.fits(plans[:rows]):
@@ -371,6 +372,15 @@ class Engine:
         return self._new_fast_loop(
             models, plans[:rows], frames, batch=rows, topk=(defaults.topk_text, defaults.topk_audio)
         )
+
+    @property
+    def row_room(self) -> int:
+        """Frames each of `max_batch` rows can hold within `max_batch_frames` (rounded down to the
+        loop's bucket): a continuous loop has at least this much room, so a job that arrives while it
+        runs fits unless it is longer (with the defaults, 286 s); a loop sized for its first, short
+        job would make every longer one wait for it to drain."""
+        share = self.max_batch_frames // self.max_batch
+        return share // FAST_FRAMES_BUCKET * FAST_FRAMES_BUCKET
 
     def _batches(self) -> bool:
         """Whether process_batch steps jobs together (the fast loop), or runs them one by one."""
