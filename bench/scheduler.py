@@ -8,7 +8,8 @@ Poisson stream, `--rate` per second, seeded). Each runs first alone, to measure 
 time: `Engine.process_batch([job])` (a loop sized for it), and alone in the worker's loop (a
 continuous batch with nothing else queued, which keeps `--live-seconds` of room for a
 conversation as a worker with conversations on does). Then the stream is replayed through one engine in each
-mode, `--rounds` times (alternating; each figure reported is its median over the rounds):
+mode, `--rounds` times (each round measures the solo times again, then replays both modes; each
+figure reported is its median over the rounds):
 
 - static: what a worker did before continuous batching. When the engine is free it takes every job
   that has arrived (up to PERSONAPLEX_MAX_BATCH) and runs that batch to its end; a job arriving
@@ -213,6 +214,13 @@ def summarize(jobs: list[Arrival], start: float, occupancy: float) -> dict[str, 
     }
 
 
+def one_round(engine: Engine, jobs: list[Arrival], repeat: int) -> dict[str, dict[str, float]]:
+    """Solo times, then both modes: each round's ratios use solo times measured minutes, not a
+    quarter of an hour, from its replays (a shared VM's speed drifts)."""
+    measure_solo(engine, jobs, repeat)
+    return {mode: replay(engine, jobs, mode) for mode in MODES}
+
+
 def median_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Each figure's median over the rounds (one replay of the stream each)."""
     return {name: statistics.median(figures[name] for figures in rounds) for name in rounds[0]}
@@ -270,8 +278,7 @@ def main() -> None:
         engine.load()
         jobs = workload(args)
         measure_solo(engine, jobs[:1], 1)  # warm-up
-        measure_solo(engine, jobs, args.repeat)
-        rounds = [{mode: replay(engine, jobs, mode) for mode in MODES} for _ in range(args.rounds)]
+        rounds = [one_round(engine, jobs, args.repeat) for _ in range(args.rounds)]
         report = {mode: median_figures([figures[mode] for figures in rounds]) for mode in MODES}
     machine = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"

@@ -214,7 +214,8 @@ class Settings(EnvSettings):
         "PERSONAPLEX_MAX_BATCH_FRAMES",
         30000,
         _positive(int),
-        "Memory bound per batch: rows x longest job's frames (12.5/s, prompt included)",
+        "Memory bound per batch: rows x frame capacity (12.5/s, prompt included); a loop's capacity"
+        " is at least this / PERSONAPLEX_MAX_BATCH",
     )
     prompt_cache_mb: float = option(
         "PERSONAPLEX_PROMPT_CACHE_MB",
