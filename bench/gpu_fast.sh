@@ -58,7 +58,8 @@ if [ -n "${WITH_SERVICE:-}" ]; then  # WITH_SERVICE=1: issue 12's scheduler and 
     echo "== $script"
     args=(--size "$SIZE" --device cuda)
     [ "$script" = live ] && args+=(--sessions "${LIVE_SESSIONS:-64}" --json "$OUT/live.json")
-    timeout -k 10 240 python3 "bench/$script.py" "${args[@]}" >"$OUT/$script.log" 2>&1
+    [ "$script" = scheduler ] && args+=(--rounds 1 --repeat 1)  # two solo passes and two replays
+    timeout -k 10 300 python3 "bench/$script.py" "${args[@]}" >"$OUT/$script.log" 2>&1
     echo "$script rc=$? $((SECONDS - start))s" | tee -a "$OUT/steps.txt"
     tail -n 8 "$OUT/$script.log"
   done
