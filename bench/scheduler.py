@@ -7,9 +7,9 @@ Jobs of mixed lengths (`--short` of 1-10 s, `--long` of 30-120 s) arrive at rand
 Poisson stream, `--rate` per second, seeded). Each runs first alone, to measure its solo engine
 time: `Engine.process_batch([job])` (a loop sized for it), and alone in the worker's loop (a
 continuous batch with nothing else queued, which keeps `--live-seconds` of room for a
-conversation as a worker with conversations on does). Then the stream is replayed through one engine in each
-mode, `--rounds` times (each round measures the solo times again, then replays both modes; each
-figure reported is its median over the rounds):
+conversation as a worker with conversations on does). Then the stream is replayed through one
+engine in each mode, `--rounds` times (each round measures the solo times again, then replays
+both modes; each figure reported is its median over the rounds):
 
 - static: what a worker did before continuous batching. When the engine is free it takes every job
   that has arrived (up to PERSONAPLEX_MAX_BATCH) and runs that batch to its end; a job arriving
@@ -19,9 +19,9 @@ figure reported is its median over the rounds):
 
 Per job: latency = end - arrival, relative latency = latency / solo time; p50 and p95 of the
 relative latency for short jobs and long ones (and for short jobs against their solo time in the
-worker's loop, `*_vs_loop_solo`: what sharing the loop costs them, without the cost of its room). Throughput = audio seconds / (last end - first
-arrival). Occupancy = busy row-frames / (rows x frames stepped). Results go to
-bench/results/<commit>_scheduler_<device>.json.
+worker's loop, `*_vs_loop_solo`: what sharing the loop costs them, without the cost of its
+room). Throughput = audio seconds / (last end - first arrival). Occupancy = busy row-frames /
+(rows x frames stepped). Results go to bench/results/<commit>_scheduler_<device>.json.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from personaplex.audio import encode_wav
-from personaplex.engine.batching import REFILL_CHECK_INTERVAL_S, BatchRequest
+from personaplex.engine.batching import REFILL_CHECK_INTERVAL_S, BatchRequest, JobFeed
 from personaplex.engine.core import Engine
 from personaplex.engine.fast import FastLoop
 from personaplex.params import FRAME_RATE, SAMPLE_RATE, GenerationParams
@@ -126,7 +126,7 @@ def measure_solo(engine: Engine, jobs: list[Arrival], repeat: int) -> None:
         job.loop_solo_s = best_time(engine, job, NothingMore(), repeat)
 
 
-def best_time(engine: Engine, job: Arrival, feed: NothingMore | None, repeat: int) -> float:
+def best_time(engine: Engine, job: Arrival, feed: JobFeed | None, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         clock = time.perf_counter()

@@ -381,7 +381,7 @@ class FeedJoiner:
     """The `Joiner` of a continuous batch: rows prepared and waiting (`queue`, oldest first), then
     jobs taken from a `JobFeed` and prepared (`prepare` settles one that cannot start, returning None).
 
-    With a `preparer` (one thread), jobs taken are prepared there while the loop runs on: decoding
+    Jobs taken are prepared on the `preparer` (one thread) while the loop runs on: decoding
     a recording, encoding it with Mimi and prefilling its prompt take a long job's arrival seconds
     of CPU (or a GPU's encode), which would otherwise stall every running row. They join in the
     order they were taken, once prepared.
@@ -399,7 +399,7 @@ class FeedJoiner:
         queue: list[BatchRow],
         feed: JobFeed | None,
         prepare: Callable[[BatchRequest], BatchRow | None],
-        preparer: Executor | None = None,
+        preparer: Executor,
     ) -> None:
         self.queue = queue
         self.feed = feed
@@ -474,15 +474,6 @@ class FeedJoiner:
             log.exception("the batch's feed failed")
             return False
         for request in requests:
-            if self.preparer is None:
-                self.preparing.append(_done(self.prepare(request)))
-            else:
-                self.preparing.append(self.preparer.submit(self.prepare, request))
+            self.preparing.append(self.preparer.submit(self.prepare, request))
         self._collect(block=False)
         return bool(requests)
-
-
-def _done(row: BatchRow | None) -> Future[BatchRow | None]:
-    future: Future[BatchRow | None] = Future()
-    future.set_result(row)
-    return future
