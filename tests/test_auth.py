@@ -49,7 +49,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def answers_health(port: int) -> bool:
     try:
         return requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):  # gunicorn listens before its worker has booted
         return False
 
 
