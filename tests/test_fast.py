@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from fixtures import SPEECH_40S
 
 from personaplex import audio as audio_io
 from personaplex.engine import codec
 from personaplex.engine.batching import reuses_rows
 from personaplex.engine.core import Engine
-from personaplex.engine.fast import FastLoop, JobPlan
+from personaplex.engine.fast import SLOT_ALIGN, FastLoop, JobPlan
 from personaplex.params import SAMPLE_RATE, GenerationParams
 
 CONTEXT = 16
@@ -260,6 +261,57 @@ def test_a_rows_products_do_not_depend_on_the_batch_size() -> None:
     x = torch.randn(8, 1, 64, generator=generator)
     alone = torch.nn.functional.linear(x[:1], weight)  # what the reference's one-row loop computes
     assert all(torch.equal(_row_linear(x[:rows], weight)[:1], alone) for rows in range(1, 9))
+
+
+@pytest.mark.parametrize(("heads", "head_dim"), [(4, 16), (2, 32), (32, 128)], ids=["tiny", "depth", "real"])
+def test_masked_slots_past_an_aligned_boundary_do_not_change_attention(heads: int, head_dim: int) -> None:
+    """Why an eager CPU step attends over the KV slots rows have written, not the loop's whole window
+    (`FastLoop._first_slots`): attention over any multiple of SLOT_ALIGN slots that holds a query's
+    keys, the rest masked, gives the same bits, so a row's sums do not depend on the window."""
+    generator = torch.Generator().manual_seed(0)
+    rows, slots = 3, 3008
+    q = torch.randn(rows, heads, 1, head_dim, generator=generator)
+    k = torch.randn(rows, heads, slots, head_dim, generator=generator)
+    v = torch.randn(rows, heads, slots, head_dim, generator=generator)
+    for written in (1, 5, 16, 17, 100, 192, 511, 513, 1500, 2999):
+        spans = range(-(-written // SLOT_ALIGN) * SLOT_ALIGN, slots + 1, 5 * SLOT_ALIGN)
+        outputs = []
+        for span in [*spans, slots]:
+            mask = torch.zeros(rows, 1, 1, span).masked_fill(torch.arange(span) >= written, float("-inf"))
+            outputs.append(F.scaled_dot_product_attention(q, k[:, :, :span], v[:, :, :span], attn_mask=mask))
+        assert all(torch.equal(outputs[0], other) for other in outputs[1:]), written
+
+
+def test_rows_attend_over_the_slots_they_wrote(
+    tiny_engine: Engine, samples: np.ndarray, voice_wav: str
+) -> None:
+    """A continuous loop's window is thousands of slots; rows a few seconds in attend over their own
+    few, and get exactly what attending over the whole window gives."""
+    models = tiny_engine._models
+    assert models is not None and tiny_engine._info is not None
+    jobs = _jobs(samples, voice_wav, greedy=False)[:3]
+
+    def run(whole_window: bool) -> tuple[list[list[list[int]]], list[int]]:
+        plans = [_plan(tiny_engine, s, p) for s, p in jobs]  # each with a fresh generator
+        loop = FastLoop(models, plans[:2], tiny_engine._info.lm.delays, frames=3584, batch=4, sampling=True)
+        assert loop.slots > 3000
+        spans: list[int] = []
+        written = loop._written_span
+
+        def span() -> int:
+            spans.append(loop.slots if whole_window else written())
+            return spans[-1]
+
+        loop._written_span = span  # type: ignore[method-assign]
+        loop.run(9)
+        loop.load_row(2, plans[2])
+        loop.run(loop.horizon())
+        return [frames.tolist() for frames in loop.results()], spans
+
+    sliced, spans = run(whole_window=False)
+    whole, _ = run(whole_window=True)
+    assert sliced == whole
+    assert max(spans) < 300
 
 
 @pytest.mark.parametrize(

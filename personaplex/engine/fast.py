@@ -26,7 +26,9 @@ CUDA graph can hold, with as few kernels per frame as the same results allow:
   captured, alone or batched; columns past a row's top-k hold +inf, so the race needs no masks;
 - no host synchronisation: outputs accumulate on the device and are read once at the end.
 
-On a CPU the step runs eagerly (the tests compare it with `FrameLoop`); on CUDA `capture=True`
+On a CPU the step runs eagerly (the tests compare it with `FrameLoop`), over the rows up to the last
+busy one and the KV slots rows have written (`_first_rows`, `_first_slots`), since there an idle
+row or an empty slot costs as much as a used one; on CUDA `capture=True`
 warms it up on a side stream and records two graphs, the full step and a temporal-only step for
 frames where every row is in its prompt (all tokens forced, so nothing is sampled).
 """
@@ -487,6 +489,8 @@ class FastLoop:
         self.paused = torch.zeros(B, dtype=torch.bool, device=device)
         """Rows that do not step this frame (a live conversation whose next input has not arrived)."""
         self.slot_position = torch.empty(B, self.slots, **long)
+        self.attend_slots = self.slots
+        """The KV slots a step attends over: all of them, except in an eager CPU step (`_first_slots`)."""
         H, hd, layers = self.temporal_model.heads, self.temporal_model.head_dim, self.temporal_model.layers
         self.k_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in layers]
         self.v_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in layers]
@@ -731,7 +735,7 @@ class FastLoop:
             if self.graphs:
                 self.graphs[depth].replay()
             elif self._linear is _row_linear:
-                with self._first_rows(self._busy_span()):
+                with self._first_rows(self._busy_span()), self._first_slots(self._written_span()):
                     self._step(depth)
             else:
                 self._step(depth)
@@ -742,6 +746,31 @@ class FastLoop:
         """Rows 0 .. the last with a job: the rows an eager step computes (at least one)."""
         busy = [b for b, plan in enumerate(self.plans) if plan is not None]
         return busy[-1] + 1 if busy else 1
+
+    def _written_span(self) -> int:
+        """KV slots [0, span) that hold every slot a row can attend to this frame, SLOT_ALIGN-rounded.
+
+        A row has stepped at most `t_host` positions before this frame, and a ring writes position p
+        at slot `p % window`, so no row holds a slot past the largest `t_host` (all of them once a
+        row has wrapped around).
+        """
+        longest = max(
+            (t for plan, t in zip(self.plans, self.t_host, strict=True) if plan is not None), default=0
+        )
+        return min(self.slots, -(-(longest + 1) // SLOT_ALIGN) * SLOT_ALIGN)
+
+    @contextmanager
+    def _first_slots(self, span: int) -> Iterator[None]:
+        """Attend over KV slots [0, span) only: the slots past it are empty in every row, masked
+        out, and on the CPU masked slots past a SLOT_ALIGN boundary do not change attention's sums
+        (tests/test_fast_loop.py checks it), so a short job beside nothing long attends over its own
+        few slots, not the loop's whole window."""
+        saved = self.attend_slots
+        self.attend_slots = span
+        try:
+            yield
+        finally:
+            self.attend_slots = saved
 
     @contextmanager
     def _first_rows(self, span: int) -> Iterator[None]:
@@ -902,7 +931,9 @@ class FastLoop:
         cos, sin = (r[:, None, None, None, :] for r in model.rotary(position, self.dtype))  # [B, 1, 1, 1, hd]
         slot = torch.where(run, position % self.window, self.window)  # rows that do not run: scratch
         self.slot_position.scatter_(1, slot[:, None], torch.where(run, position, -1)[:, None])
-        valid = (self.slot_position >= 0) & (self.slot_position > position[:, None] - self.sliding_window)
+        span = self.attend_slots
+        held = self.slot_position[:, :span]
+        valid = (held >= 0) & (held > position[:, None] - self.sliding_window)
         # The additive mask SDPA would build from a boolean one in every layer, built once per frame.
         mask = torch.where(valid | ~run[:, None], self.mask_open, self.mask_shut)[:, None, None, :]
         write = slot[:, None, None, None].expand(B, H, 1, hd)
@@ -915,7 +946,7 @@ class FastLoop:
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # [B, H, 1, hd]
             k_cache.scatter_(2, write, k)
             v_cache.scatter_(2, write, v)
-            a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+            a = F.scaled_dot_product_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask)
             h = h + self._linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
             h = h + _gated_mlp(self._linear, _rms(h, layer.norm2, model.eps), layer, model.act)
         h = _rms(h, model.out_norm, model.eps)
