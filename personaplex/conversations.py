@@ -23,7 +23,7 @@ import numpy as np
 import redis
 
 from personaplex.errors import ConversationError
-from personaplex.jobs import Keys, new_job_id
+from personaplex.jobs import Keys, announce_work, new_job_id
 from personaplex.params import GenerationParams
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class Conversations:
             pipe.hset(record, mapping={"params": json.dumps(params.to_dict()), "status": "waiting"})
             pipe.expire(record, LIVE_TTL_S)
             pipe.zadd(Keys.LIVE_WAITING, {session_id: time.time()})
+            announce_work(pipe)
             pipe.execute()
         return session_id
 

@@ -112,6 +112,9 @@ class Keys:
         return f"{cls.PREFIX}voice:{voice_id}"
 
     LIVE_WAITING = PREFIX + "live:waiting"  # zset: conversation id -> time it asked for a row
+    ARRIVALS = PREFIX + "work:arrivals"
+    """Channel: a job was queued or a conversation asked for a row (`announce_work`); running loops
+    with a free row look for it at their next frame (worker.arrivals)."""
 
     @classmethod
     def live(cls, session_id: str) -> str:
@@ -142,6 +145,13 @@ class Keys:
             cls.live_out(session_id),
             cls.live_alive(session_id),
         ]
+
+
+def announce_work(client: redis.Redis | redis.client.Pipeline) -> None:
+    """Tell the workers' running loops that work is waiting (`Keys.ARRIVALS`): with a free row,
+    one looks at once instead of at its next fallback look. Fire and forget: a loop that missed it
+    finds the work at that look."""
+    client.publish(Keys.ARRIVALS, "1")
 
 
 @dataclass
@@ -395,6 +405,8 @@ class JobStore:
             raise QueueFullError(queued, incoming, int(limit))
         for job in jobs:
             self.publish(job.id, {"type": "queued", "status": job.status.value})
+        if incoming:
+            announce_work(self.redis)
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None if the id is malformed, unknown or expired."""
@@ -594,6 +606,8 @@ class JobStore:
         for job_id in requeued:
             job = self.get(job_id)
             self.publish(job_id, {"type": "requeued", "status": "queued", "note": job.note if job else None})
+        if requeued:
+            announce_work(self.redis)
         return requeued
 
     def due_for_dispatch(self, limit: int = 100) -> list[str]:

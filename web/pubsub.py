@@ -35,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from personaplex.jobs import JobStatus, Keys
+from personaplex.subscription import POLL_S, relay
 
 if TYPE_CHECKING:
     from web.services import Services
@@ -47,13 +48,6 @@ EVENTS_CHANNEL_PREFIX = Keys.PREFIX + "events:"
 
 SUBSCRIBE_WAIT_S = 2.0
 """Seconds `subscribe` waits for the hub's subscription to be live before it counts as Redis down."""
-
-POLL_S = 0.5
-"""Seconds the hub thread blocks on its connection before it checks for keepalive and idleness."""
-
-KEEPALIVE_S = 10.0
-"""Seconds between the hub's pings; a connection silent for 3 x this is dropped (a half-open TCP
-connection to a vanished Redis would otherwise leave the hub deaf forever)."""
 
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
@@ -169,18 +163,7 @@ class EventHub:
             pubsub.psubscribe(EVENTS_PATTERN)
             self._await_confirmation(pubsub)
             self._resume()
-            last_heard = last_ping = time.monotonic()
-            while not self._stop_if_idle():
-                message = pubsub.get_message(timeout=POLL_S)
-                now = time.monotonic()
-                if message is not None:
-                    last_heard = now
-                    self._dispatch(message)
-                elif now - last_heard > 3 * KEEPALIVE_S:
-                    raise RedisConnectionError(f"no answer from Redis for {3 * KEEPALIVE_S:g} s")
-                if now - last_ping > KEEPALIVE_S:
-                    pubsub.ping()  # its pong counts as hearing from Redis
-                    last_ping = now
+            relay(pubsub, self._dispatch, self._stop_if_idle)
         finally:
             pubsub.close()
 

@@ -13,6 +13,7 @@ worker.celery_app, carries none of the worker's machinery.
     worker.tasks        personaplex.process_audio(job_id)
     worker.runner       one delivery of a job: idempotence, attempts, progress, cancel, outputs
     worker.loop         the engine loop's own thread: handed jobs, claimed jobs, live conversations
+    worker.arrivals     the subscription that tells a running loop work was queued
     worker.runtime      the resident engine and the running job, shared by the worker's threads
     worker.housekeeping heartbeat, idle offload and retention cleanup thread
 """

@@ -4,8 +4,9 @@ Every row of this GPU runs in one continuous `Engine.process_batch` on this thre
 - a delivery of `process_audio` hands its job (and the queued jobs it claimed beside it) in with
   `run_jobs` and waits for its own job's outcome, so a delivery that arrives while the loop runs
   joins it at the next frame boundary instead of waiting for the engine;
-- while the loop runs, rows that free up claim queued jobs through their records (`LoopFeed`, at most
-  every REFILL_CHECK_INTERVAL_S, one Redis round trip a look);
+- while the loop runs, rows that free up claim queued jobs through their records (`LoopFeed`, one
+  Redis round trip a look): at the next frame once work is announced (worker.arrivals), and every
+  REFILL_CHECK_INTERVAL_S without news;
 - live conversations waiting in Redis (personaplex.conversations) are taken into free live slots
   (`PERSONAPLEX_MAX_LIVE`), the loop running or not: an idle loop looks every IDLE_LOOK_S, so the
   loop needs no batch job to exist.
@@ -33,6 +34,7 @@ from personaplex.engine.batching import REFILL_CHECK_INTERVAL_S
 from personaplex.errors import ConversationError
 from personaplex.jobs import Job, Keys
 from personaplex.params import FRAME_RATE, EngineResult
+from worker.arrivals import ArrivalWatch
 from worker.runner import CLAIM_LOOKAHEAD, BatchRun, JobRecords, Outcome, frames_estimate
 from worker.runtime import WorkerRuntime
 
@@ -72,6 +74,7 @@ class EngineLoop:
         self._live_lock = threading.Lock()
         self._handed: queue.SimpleQueue[Handed] = queue.SimpleQueue()
         self._wake = threading.Event()
+        self.arrivals = ArrivalWatch(runtime.redis, on_heard=self._wake.set)
         self._stopping = threading.Event()
         self._running = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"engine-loop-{worker}", daemon=True)
@@ -86,6 +89,7 @@ class EngineLoop:
                 self._started = True
                 self._thread.start()
                 self._keepalive.start()
+                self.arrivals.start()
 
     @property
     def running(self) -> bool:
@@ -123,6 +127,7 @@ class EngineLoop:
         self._wake.set()
         if self._started:
             self._thread.join(timeout)
+            self.arrivals.stop()
 
     # ---- the loop's thread ----------------------------------------------------------------------
     def _serve(self) -> None:
@@ -272,13 +277,15 @@ class LoopFeed:
     def due(self) -> bool:
         if not self.loop._handed.empty():
             return True
-        return time.monotonic() >= self.next_look and self._admitting()
+        heard = self.loop.arrivals.heard() or time.monotonic() >= self.next_look
+        return heard and self._admitting()
 
     def _admitting(self) -> bool:
         return self.runtime.admits_jobs and not self.loop._stopping.is_set()
 
     def take(self, rows: int, max_frames: int | None = None) -> list[BatchRequest]:
         self.next_look = time.monotonic() + REFILL_CHECK_INTERVAL_S
+        self.loop.arrivals.clear()
         requests: list[BatchRequest] = []
         while len(requests) < rows and not self.loop._handed.empty():
             handed = self.loop._handed.get()

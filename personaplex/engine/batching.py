@@ -37,10 +37,11 @@ OnDone = Callable[[Outcome], None]
 PROGRESS_EVERY = 5
 """Frames between progress callbacks."""
 
-REFILL_CHECK_INTERVAL_S = 0.1
-"""The worker's loop with a free row looks for queued jobs and waiting conversations at most ten
-times a second (worker.loop.LoopFeed): a short job waits at most this long to join, and an empty
-queue costs one round trip. Here, not in the worker, so benchmarks replay it without Celery."""
+REFILL_CHECK_INTERVAL_S = 0.5
+"""How often the worker's loop with a free row looks for queued jobs and waiting conversations
+without news (worker.loop.LoopFeed): work that is announced (worker.arrivals) is looked for at the
+next frame; this look finds what an announcement lost while the worker's subscription was down
+missed. A look is one round trip. Here, not in the worker, so benchmarks replay it without Celery."""
 
 
 def no_progress(phase: str, done: int, total: int) -> None:
