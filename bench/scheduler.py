@@ -15,7 +15,8 @@ both modes; each figure reported is its median over the rounds):
   that has arrived (up to PERSONAPLEX_MAX_BATCH) and runs that batch to its end; a job arriving
   meanwhile waits for the whole batch, its longest row included.
 - continuous: `Engine.process_batch(jobs, feed)` with a feed that hands over the jobs that have
-  arrived, looked at every `worker.runner.REFILL_CHECK_INTERVAL_S`, as the worker's `LoopFeed` does.
+  arrived, looked for as soon as one has (the worker hears each job's arrival announced,
+  worker.arrivals) and every `REFILL_CHECK_INTERVAL_S` without news, as the worker's `LoopFeed` does.
 
 Per job: latency = end - arrival, relative latency = latency / solo time; p50 and p95 of the
 relative latency for short jobs and long ones (and for short jobs against their solo time in the
@@ -158,14 +159,15 @@ def wait_for_next(jobs: list[Arrival], start: float, taken: set[int]) -> None:
 
 
 class StreamFeed:
-    """The continuous mode's JobFeed: the jobs that have arrived, looked at on the worker's cadence."""
+    """The continuous mode's JobFeed: the jobs that have arrived, looked for as the worker's loop does."""
 
     def __init__(self, jobs: list[Arrival], start: float, taken: set[int]) -> None:
         self.jobs, self.start, self.taken = jobs, start, taken
         self.next_look = time.perf_counter() + REFILL_CHECK_INTERVAL_S
 
     def due(self) -> bool:
-        return time.perf_counter() >= self.next_look
+        announced = bool(arrived(self.jobs, self.start, self.taken))  # announced: the worker hears it at once
+        return announced or time.perf_counter() >= self.next_look
 
     def take(self, rows: int, max_frames: int | None = None) -> list[BatchRequest]:
         self.next_look = time.perf_counter() + REFILL_CHECK_INTERVAL_S
