@@ -64,6 +64,26 @@ def from_pcm16(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / PCM_SCALE
 
 
+_TAKE_LUA = """
+-- KEYS[1]: the waiting line. ARGV: count, worker, the records' TTL, the records' key prefix.
+-- Returns id, params, id, params, ... of the conversations taken (one whose record expired while
+-- it waited is dropped: its caller is gone).
+local taken = {}
+local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
+for i = 1, #popped, 2 do
+  local record = ARGV[4] .. popped[i]
+  local params = redis.call('HGET', record, 'params')
+  if params then
+    redis.call('HSET', record, 'status', 'running', 'worker', ARGV[2])
+    redis.call('EXPIRE', record, ARGV[3])
+    taken[#taken + 1] = popped[i]
+    taken[#taken + 1] = params
+  end
+end
+return taken
+"""
+
+
 @dataclass(frozen=True)
 class Admitted:
     """A conversation a worker took: its id and parameters."""
@@ -77,6 +97,7 @@ class Conversations:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._take = client.register_script(_TAKE_LUA)
 
     # ---- admission ------------------------------------------------------------------------------
     def open(self, params: GenerationParams) -> str:
@@ -123,21 +144,17 @@ class Conversations:
         return None if rank is None else int(rank)
 
     def take(self, worker: str, count: int) -> list[Admitted]:
-        """Up to `count` waiting conversations, oldest first, now `worker`'s (status running)."""
+        """Up to `count` waiting conversations, oldest first, now `worker`'s (status running).
+
+        One script: a conversation leaves the waiting line and names its worker at once, so its
+        caller, which reads the record when it sees it leave the line, always finds the worker."""
         if count <= 0:
             return []
-        admitted = []
-        for raw_id, _ in self.redis.zpopmin(Keys.LIVE_WAITING, count):
-            session_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            params = self.redis.hget(Keys.live(session_id), "params")
-            if params is None:  # it expired while waiting: its caller is gone
-                continue
-            with self.redis.pipeline() as pipe:
-                pipe.hset(Keys.live(session_id), mapping={"status": "running", "worker": worker})
-                pipe.expire(Keys.live(session_id), LIVE_TTL_S)
-                pipe.execute()
-            admitted.append(Admitted(session_id, GenerationParams.from_dict(json.loads(params))))
-        return admitted
+        taken = self._take(keys=[Keys.LIVE_WAITING], args=[count, worker, LIVE_TTL_S, Keys.LIVE_RECORD])
+        return [
+            Admitted(_text(session_id), GenerationParams.from_dict(json.loads(params)))
+            for session_id, params in zip(taken[::2], taken[1::2], strict=True)
+        ]
 
     def status(self, session_id: str) -> dict[str, str]:
         raw = self.redis.hgetall(Keys.live(session_id))

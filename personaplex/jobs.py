@@ -112,6 +112,7 @@ class Keys:
         return f"{cls.PREFIX}voice:{voice_id}"
 
     LIVE_WAITING = PREFIX + "live:waiting"  # zset: conversation id -> time it asked for a row
+    LIVE_RECORD = PREFIX + "live:"  # + conversation id: its record (`live`)
     ARRIVALS = PREFIX + "work:arrivals"
     """Channel: a job was queued or a conversation asked for a row (`announce_work`); running loops
     with a free row look for it at their next frame (worker.arrivals)."""
@@ -119,7 +120,7 @@ class Keys:
     @classmethod
     def live(cls, session_id: str) -> str:
         """A live conversation's record (hash: params, status, worker); ids are job ids' form."""
-        return f"{cls.PREFIX}live:{check_job_id(session_id)}"
+        return cls.LIVE_RECORD + check_job_id(session_id)
 
     @classmethod
     def live_in(cls, session_id: str) -> str:

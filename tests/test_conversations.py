@@ -10,6 +10,7 @@ format) are run, so nothing is resampled or requantized on the way.
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -54,6 +55,33 @@ def test_a_conversation_whose_record_expired_is_not_taken(
     gone, waiting = conversations.open(GenerationParams()), conversations.open(GenerationParams())
     redis_client.delete(Keys.live(gone))
     assert [a.session_id for a in conversations.take("gpu0@host", 5)] == [waiting]
+
+
+def test_a_conversation_out_of_the_line_already_names_its_worker(
+    conversations: Conversations, redis_client: redis.Redis
+) -> None:
+    """Its caller reads the record as soon as it sees it leave the waiting line (web/api_chat.py)."""
+    sessions = [conversations.open(GenerationParams()) for _ in range(100)]
+    seen_without_worker: list[str] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        watcher = Conversations(redis.Redis(connection_pool=redis_client.connection_pool))
+        watching.set()
+        for session in sessions:
+            while conversations.position(session) is not None:
+                pass
+            if "worker" not in watcher.status(session):
+                seen_without_worker.append(session)
+
+    observer = threading.Thread(target=watch)
+    observer.start()
+    watching.wait()
+    while len(conversations.take("gpu0@host", 1)) == 1:
+        pass
+    observer.join(30)
+    assert not observer.is_alive()
+    assert seen_without_worker == []
 
 
 def test_every_key_expires(conversations: Conversations, redis_client: redis.Redis) -> None:
