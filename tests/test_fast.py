@@ -89,8 +89,8 @@ def test_text_logits_match_frame_loop_as_the_window_slides(
         logits["eager"].append(text_logits.clone())
         return hidden, text_logits
 
-    def record_fast(self, x, run):
-        hidden, text_logits = fast_temporal(self, x, run)
+    def record_fast(self, x, run, slots):
+        hidden, text_logits = fast_temporal(self, x, run, slots)
         if bool(run[0]):
             logits["fast"].append(text_logits.clone())
         return hidden, text_logits
@@ -266,7 +266,7 @@ def test_a_rows_products_do_not_depend_on_the_batch_size() -> None:
 @pytest.mark.parametrize(("heads", "head_dim"), [(4, 16), (2, 32), (32, 128)], ids=["tiny", "depth", "real"])
 def test_masked_slots_past_an_aligned_boundary_do_not_change_attention(heads: int, head_dim: int) -> None:
     """Why an eager CPU step attends over the KV slots rows have written, not the loop's whole window
-    (`FastLoop._first_slots`): attention over any multiple of SLOT_ALIGN slots that holds a query's
+    (`FastLoop._written_slots`): attention over any multiple of SLOT_ALIGN slots that holds a query's
     keys, the rest masked, gives the same bits, so a row's sums do not depend on the window."""
     generator = torch.Generator().manual_seed(0)
     rows, slots = 3, 3008
@@ -296,13 +296,13 @@ def test_rows_attend_over_the_slots_they_wrote(
         loop = FastLoop(models, plans[:2], tiny_engine._info.lm.delays, frames=3584, batch=4, sampling=True)
         assert loop.slots > 3000
         spans: list[int] = []
-        written = loop._written_span
+        written = loop._written_slots
 
         def span() -> int:
             spans.append(loop.slots if whole_window else written())
             return spans[-1]
 
-        loop._written_span = span  # type: ignore[method-assign]
+        loop._written_slots = span  # type: ignore[method-assign]
         loop.run(9)
         loop.load_row(2, plans[2])
         loop.run(loop.horizon())

@@ -27,7 +27,7 @@ CUDA graph can hold, with as few kernels per frame as the same results allow:
 - no host synchronisation: outputs accumulate on the device and are read once at the end.
 
 On a CPU the step runs eagerly (the tests compare it with `FrameLoop`), over the rows up to the last
-busy one and the KV slots rows have written (`_first_rows`, `_first_slots`), since there an idle
+busy one and the KV slots rows have written (`_first_rows`, `_written_slots`), since there an idle
 row or an empty slot costs as much as a used one; on CUDA `capture=True`
 warms it up on a side stream and records two graphs, the full step and a temporal-only step for
 frames where every row is in its prompt (all tokens forced, so nothing is sampled).
@@ -195,6 +195,11 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         return y * weight
     return torch.mul(y, weight, out=torch.empty_like(x))
+
+
+def _aligned(slots: int) -> int:
+    """`slots` rounded up to a multiple of SLOT_ALIGN."""
+    return -(-slots // SLOT_ALIGN) * SLOT_ALIGN
 
 
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
@@ -446,7 +451,7 @@ class FastLoop:
         S = self.ring_slots = self.max_delay + 3
         self.sliding_window = int(config.sliding_window)
         self.window = min(self.sliding_window, T)
-        self.slots = -(-(self.window + 1) // SLOT_ALIGN) * SLOT_ALIGN  # +1: a scratch slot
+        self.slots = _aligned(self.window + 1)  # +1: a scratch slot
         text_vocab, audio_vocab = config.vocab_size, config.audio_vocab_size
         self.text_vocab, self.audio_vocab = text_vocab, audio_vocab
         least_text, least_audio = topk or (0, 0)  # capacities for jobs that join later
@@ -489,8 +494,6 @@ class FastLoop:
         self.paused = torch.zeros(B, dtype=torch.bool, device=device)
         """Rows that do not step this frame (a live conversation whose next input has not arrived)."""
         self.slot_position = torch.empty(B, self.slots, **long)
-        self.attend_slots = self.slots
-        """The KV slots a step attends over: all of them, except in an eager CPU step (`_first_slots`)."""
         H, hd, layers = self.temporal_model.heads, self.temporal_model.head_dim, self.temporal_model.layers
         self.k_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in layers]
         self.v_cache = [torch.zeros(B, H, self.slots, hd, dtype=dtype, device=device) for _ in layers]
@@ -735,8 +738,8 @@ class FastLoop:
             if self.graphs:
                 self.graphs[depth].replay()
             elif self._linear is _row_linear:
-                with self._first_rows(self._busy_span()), self._first_slots(self._written_span()):
-                    self._step(depth)
+                with self._first_rows(self._busy_span()):
+                    self._step(depth, self._written_slots())
             else:
                 self._step(depth)
             self.t_host = [t + (b not in self.paused_rows) for b, t in enumerate(self.t_host)]
@@ -747,30 +750,21 @@ class FastLoop:
         busy = [b for b, plan in enumerate(self.plans) if plan is not None]
         return busy[-1] + 1 if busy else 1
 
-    def _written_span(self) -> int:
-        """KV slots [0, span) that hold every slot a row can attend to this frame, SLOT_ALIGN-rounded.
+    def _written_slots(self) -> int:
+        """KV slots [0, n) that hold every slot a row can attend to this frame, SLOT_ALIGN-rounded:
+        what an eager CPU step attends over, so a short job beside nothing long attends over its own
+        few slots, not the loop's whole window.
 
         A row has stepped at most `t_host` positions before this frame, and a ring writes position p
         at slot `p % window`, so no row holds a slot past the largest `t_host` (all of them once a
-        row has wrapped around).
+        row has wrapped around). The slots past n are empty in every row and masked out, and on the
+        CPU masked slots past a SLOT_ALIGN boundary do not change attention's sums (tests/test_fast.py
+        checks it).
         """
         longest = max(
             (t for plan, t in zip(self.plans, self.t_host, strict=True) if plan is not None), default=0
         )
-        return min(self.slots, -(-(longest + 1) // SLOT_ALIGN) * SLOT_ALIGN)
-
-    @contextmanager
-    def _first_slots(self, span: int) -> Iterator[None]:
-        """Attend over KV slots [0, span) only: the slots past it are empty in every row, masked
-        out, and on the CPU masked slots past a SLOT_ALIGN boundary do not change attention's sums
-        (tests/test_fast_loop.py checks it), so a short job beside nothing long attends over its own
-        few slots, not the loop's whole window."""
-        saved = self.attend_slots
-        self.attend_slots = span
-        try:
-            yield
-        finally:
-            self.attend_slots = saved
+        return min(self.slots, _aligned(longest + 1))
 
     @contextmanager
     def _first_rows(self, span: int) -> Iterator[None]:
@@ -827,7 +821,8 @@ class FastLoop:
             self.load([plan for plan in self.plans if plan is not None])
 
     # ---- one frame (all on the device, no host sync) ---------------------------------------------
-    def _step(self, depth: bool) -> None:
+    def _step(self, depth: bool, slots: int | None = None) -> None:
+        """One frame for every row; attention over KV slots [0, slots) (default: all of them)."""
         B, T, N = self.batch, self.frames, self.replay
         t = self.t
         active = (t < self.length) & ~self.paused
@@ -863,7 +858,7 @@ class FastLoop:
         x = self._embed(model_input)
         replayed = self.s_embeddings[self.rows, t.clamp(max=N)]
         x = torch.where(replay[:, None], replayed, x)
-        hidden, text_logits = self._temporal(x, run)
+        hidden, text_logits = self._temporal(x, run, slots or self.slots)
 
         target = self.offset % self.ring_slots
         forced = self._at_slot(self.tokens, target)[:, :GEN]
@@ -923,7 +918,7 @@ class FastLoop:
             total = total + F.embedding(tokens[:, i], table)
         return total + F.embedding(tokens[:, 0], self.text_table)
 
-    def _temporal(self, x: torch.Tensor, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _temporal(self, x: torch.Tensor, run: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One temporal step per row at its own position: normed hidden [B, 1, D], text logits [B, V]."""
         model = self.temporal_model
         B, H, hd = self.batch, model.heads, model.head_dim
@@ -931,8 +926,7 @@ class FastLoop:
         cos, sin = (r[:, None, None, None, :] for r in model.rotary(position, self.dtype))  # [B, 1, 1, 1, hd]
         slot = torch.where(run, position % self.window, self.window)  # rows that do not run: scratch
         self.slot_position.scatter_(1, slot[:, None], torch.where(run, position, -1)[:, None])
-        span = self.attend_slots
-        held = self.slot_position[:, :span]
+        held = self.slot_position[:, :slots]
         valid = (held >= 0) & (held > position[:, None] - self.sliding_window)
         # The additive mask SDPA would build from a boolean one in every layer, built once per frame.
         mask = torch.where(valid | ~run[:, None], self.mask_open, self.mask_shut)[:, None, None, :]
@@ -946,7 +940,9 @@ class FastLoop:
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # [B, H, 1, hd]
             k_cache.scatter_(2, write, k)
             v_cache.scatter_(2, write, v)
-            a = F.scaled_dot_product_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask)
+            a = F.scaled_dot_product_attention(
+                q, k_cache[:, :, :slots], v_cache[:, :, :slots], attn_mask=mask
+            )
             h = h + self._linear(a.transpose(1, 2).reshape(B, 1, H * hd), layer.o)
             h = h + _gated_mlp(self._linear, _rms(h, layer.norm2, model.eps), layer, model.act)
         h = _rms(h, model.out_norm, model.eps)
